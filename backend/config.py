@@ -1,0 +1,58 @@
+"""Settings for imsrc, read once from the environment and `.env`."""
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every field here is documented in `.env.example`."""
+
+    model_config = SettingsConfigDict(env_file=PROJECT_ROOT / ".env", extra="ignore")
+
+    # Database: DATABASE_URL wins; else DB_HOST selects an external server; else the embedded one.
+    database_url: str | None = None
+    db_host: str | None = None
+    db_port: int = 5432
+    db_name: str = "imsrc"
+    db_user: str = "postgres"
+    db_password: str = ""
+    data_dir: Path = PROJECT_ROOT / "data"
+    embedded_pg_dir: Path | None = None
+
+    # Embedding model
+    model_name: str = "resnet50"
+    model_weights_path: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1, le=1024)
+    embed_precision: Literal["fp32", "bf16"] = "fp32"
+
+    # Datasets
+    cifar10_dir: Path | None = None
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    hub_timeout: float = Field(5.0, gt=0)
+
+    @property
+    def pg_data_dir(self) -> Path:
+        """Data directory of the embedded PostgreSQL server."""
+        return self.embedded_pg_dir or self.data_dir / "postgres"
+
+    @property
+    def external_database_url(self) -> str | None:
+        """The configured server's SQLAlchemy URL, or None when the embedded server is used."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            from sqlalchemy.engine import URL
+
+            return URL.create(
+                "postgresql+psycopg2", username=self.db_user, password=self.db_password or None,
+                host=self.db_host, port=self.db_port, database=self.db_name,
+            ).render_as_string(hide_password=False)
+        return None
+
+
+settings = Settings()

@@ -1,0 +1,121 @@
+"""One engine per process for the configured or embedded PostgreSQL, plus migrations."""
+import functools
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
+
+from backend.config import PROJECT_ROOT, settings
+from backend.errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _embedded_server():
+    from backend.pg_server import EmbeddedPostgres
+
+    return EmbeddedPostgres(settings.pg_data_dir)
+
+
+def database_url() -> str:
+    """The SQLAlchemy URL in use: the configured server, else the embedded one (started on demand)."""
+    external = settings.external_database_url
+    if external:
+        return external
+    server_url = make_url(_embedded_server().acquire())
+    _create_database_if_missing(server_url, settings.db_name)
+    return server_url.set(database=settings.db_name).render_as_string(hide_password=False)
+
+
+def is_embedded() -> bool:
+    """True when imsrc runs on its own embedded server rather than a configured one."""
+    return settings.external_database_url is None
+
+
+def _create_database_if_missing(server_url, name: str) -> None:
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+
+
+def create_engine_checked(url: str) -> sa.Engine:
+    """An engine for `url`, after checking the server answers and offers pgvector."""
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    where = make_url(url).render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            has_vector = conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {str(exc.orig).strip()}") from None
+    if not has_vector:
+        engine.dispose()
+        raise DatabaseError(
+            f"the PostgreSQL server at {where} does not have the pgvector extension installed. "
+            "Install pgvector on that server (https://github.com/pgvector/pgvector#installation), "
+            "or unset DATABASE_URL/DB_HOST to use imsrc's embedded PostgreSQL, which ships with it."
+        )
+    return engine
+
+
+@functools.cache
+def get_engine() -> sa.Engine:
+    """The process-wide engine."""
+    return create_engine_checked(database_url())
+
+
+@functools.cache
+def session_factory() -> sessionmaker:
+    """Sessions on the process-wide engine (migrated to head on first use)."""
+    engine = get_engine()
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Upgrade the schema to `revision`; safe to repeat."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), revision)
+
+
+def downgrade(engine: sa.Engine, revision: str = "base") -> None:
+    """Downgrade the schema to `revision`."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), revision)
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The schema's Alembic revision, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def require_schema(engine: sa.Engine) -> None:
+    """Fail clearly when the database has not been migrated to head."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(Path(PROJECT_ROOT / "migrations"))).get_current_head()
+    current = current_revision(engine)
+    if current != head:
+        raise DatabaseError(f"the database schema is at {current or 'nothing'}, not {head}: run `python -m backend init-db`")

@@ -1,0 +1,21 @@
+"""Errors imsrc reports to a person: each carries a message that says what to do."""
+
+
+class ImsrcError(Exception):
+    """Base class: the command line prints the message and exits non-zero; the API maps it to a 4xx/503."""
+
+
+class DatabaseError(ImsrcError):
+    """The database cannot be reached or lacks what imsrc needs (pgvector, the schema)."""
+
+
+class ModelUnavailable(ImsrcError):
+    """An embedding model's weights cannot be obtained."""
+
+
+class DatasetUnavailable(ImsrcError):
+    """A dataset cannot be found locally nor downloaded."""
+
+
+class InvalidImage(ImsrcError):
+    """Bytes that do not decode to a usable image."""

@@ -1,0 +1,82 @@
+"""SQLAlchemy models: the schema Alembic migrates to (see migrations/versions)."""
+from datetime import datetime
+
+from pgvector.sqlalchemy import VECTOR
+from sqlalchemy import (BigInteger, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Integer,
+                        LargeBinary, String, Text, UniqueConstraint, func)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Category(Base):
+    __tablename__ = "categories"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    original_name: Mapped[str | None] = mapped_column(Text)
+    source_dataset: Mapped[str | None] = mapped_column(String(64))
+    source_split: Mapped[str | None] = mapped_column(String(32))
+    label: Mapped[int | None] = mapped_column(Integer)
+    category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id", ondelete="RESTRICT"), index=True)
+    metadata_: Mapped[dict] = mapped_column("metadata", JSONB, server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class EmbeddingModel(Base):
+    """One row per model that has vectors; pins the dimension all its vectors share."""
+
+    __tablename__ = "embedding_models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer, CheckConstraint("dim > 0"))
+    __table_args__ = (UniqueConstraint("name", "dim"),)
+
+
+class Embedding(Base):
+    __tablename__ = "embeddings"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[list] = mapped_column(VECTOR())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The composite key to (name, dim) plus the check makes the database itself refuse a vector
+    # of the wrong size for its model.
+    __table_args__ = (
+        ForeignKeyConstraint(["model_name", "dim"], ["embedding_models.name", "embedding_models.dim"]),
+        CheckConstraint("vector_dims(vector) = dim", name="embedding_dim_matches"),
+    )
+
+
+class Prototype(Base):
+    """Per category and model: the re-normalised mean of the members' vectors, plus their running sum."""
+
+    __tablename__ = "prototypes"
+
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[list] = mapped_column(VECTOR())
+    vector_sum: Mapped[list] = mapped_column(VECTOR())
+    member_count: Mapped[int] = mapped_column(Integer, CheckConstraint("member_count > 0"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (
+        ForeignKeyConstraint(["model_name", "dim"], ["embedding_models.name", "embedding_models.dim"]),
+        CheckConstraint("vector_dims(vector) = dim AND vector_dims(vector_sum) = dim", name="prototype_dim_matches"),
+    )

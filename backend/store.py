@@ -1,0 +1,154 @@
+"""Reads and writes of images, embeddings and prototypes in PostgreSQL (the source of truth)."""
+from dataclasses import dataclass
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image to store, with its vector for one model."""
+
+    sha256: str
+    data: bytes
+    width: int
+    height: int
+    format: str
+    category: str | None
+    label: int | None = None
+    original_name: str | None = None
+    source_dataset: str | None = None
+    source_split: str | None = None
+    metadata: dict | None = None
+
+
+def ensure_model(session: Session, model_name: str, dim: int) -> None:
+    """Register a model and its dimension (the database then refuses vectors of another size)."""
+    session.execute(insert(EmbeddingModel).values(name=model_name, dim=dim).on_conflict_do_nothing())
+    stored = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
+    if stored != dim:
+        raise ValueError(f"model {model_name} is registered with dimension {stored}, not {dim}")
+
+
+def category_ids(session: Session, names: set[str]) -> dict[str, int]:
+    """Ids of the named categories, creating the missing ones."""
+    if not names:
+        return {}
+    session.execute(insert(Category).values([{"name": n} for n in sorted(names)]).on_conflict_do_nothing())
+    rows = session.execute(sa.select(Category.name, Category.id).where(Category.name.in_(names)))
+    return dict(rows.all())
+
+
+def existing_images(session: Session, shas: list[str], model_name: str) -> dict[str, tuple[int, bool]]:
+    """For the given hashes already stored: sha -> (image id, has a vector for model_name)."""
+    if not shas:
+        return {}
+    has_vector = sa.exists().where(Embedding.image_id == Image.id, Embedding.model_name == model_name)
+    rows = session.execute(sa.select(Image.sha256, Image.id, has_vector).where(Image.sha256.in_(shas)))
+    return {sha: (image_id, bool(has)) for sha, image_id, has in rows}
+
+
+def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
+    """Insert images not yet stored; returns sha -> id for those this call inserted."""
+    if not images:
+        return {}
+    ids = category_ids(session, {im.category for im in images if im.category})
+    rows = [dict(sha256=im.sha256, data=im.data, width=im.width, height=im.height, format=im.format,
+                 original_name=im.original_name, source_dataset=im.source_dataset, source_split=im.source_split,
+                 label=im.label, category_id=ids.get(im.category), metadata_=im.metadata or {})
+            for im in images]
+    stmt = insert(Image).values(rows).on_conflict_do_nothing(index_elements=["sha256"]).returning(Image.sha256, Image.id)
+    return dict(session.execute(stmt).all())
+
+
+def insert_embeddings(session: Session, model_name: str, image_ids: list[int], vectors: np.ndarray) -> list[int]:
+    """Store vectors (n, d) for images and fold them into their categories' prototypes; returns ids stored."""
+    if not image_ids:
+        return []
+    ensure_model(session, model_name, vectors.shape[1])
+    rows = [dict(image_id=i, model_name=model_name, dim=vectors.shape[1], vector=v) for i, v in zip(image_ids, vectors)]
+    stmt = insert(Embedding).values(rows).on_conflict_do_nothing().returning(Embedding.image_id)
+    stored = list(session.scalars(stmt))
+    _add_to_prototypes(session, model_name, stored)
+    return stored
+
+
+def _member_sums(model_name: str | None, image_ids: list[int]):
+    """Per (category, model): sum and count of the given images' vectors."""
+    e, i = Embedding.__table__, Image.__table__
+    query = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.sum(e.c.vector).label("s"),
+                       sa.func.count().label("n"))
+             .join(i, i.c.id == e.c.image_id)
+             .where(e.c.image_id.in_(image_ids), i.c.category_id.is_not(None))
+             .group_by(i.c.category_id, e.c.model_name, e.c.dim))
+    return query.where(e.c.model_name == model_name) if model_name else query
+
+
+def _add_to_prototypes(session: Session, model_name: str, image_ids: list[int]) -> None:
+    # The update runs in SQL so that two writers adding to one category never lose each other's sums.
+    if not image_ids:
+        return
+    sums = _member_sums(model_name, image_ids).subquery()
+    stmt = insert(Prototype).from_select(
+        ["category_id", "model_name", "dim", "vector", "vector_sum", "member_count"],
+        sa.select(sums.c.category_id, sums.c.model_name, sums.c.dim, sa.func.l2_normalize(sums.c.s), sums.c.s, sums.c.n))
+    new_sum = Prototype.vector_sum + stmt.excluded.vector_sum
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["category_id", "model_name"],
+        set_=dict(vector_sum=new_sum, vector=sa.func.l2_normalize(new_sum),
+                  member_count=Prototype.member_count + stmt.excluded.member_count, updated_at=sa.func.now())))
+
+
+def delete_images(session: Session, image_ids: list[int]) -> int:
+    """Delete images with their vectors, taking them out of their prototypes; returns how many were deleted."""
+    if not image_ids:
+        return 0
+    sums = _member_sums(None, image_ids).subquery()
+    same = sa.and_(Prototype.category_id == sums.c.category_id, Prototype.model_name == sums.c.model_name)
+    # A prototype whose last members go is deleted; the others lose the members' sum.
+    session.execute(sa.delete(Prototype).where(same, Prototype.member_count <= sums.c.n))
+    remaining = Prototype.vector_sum - sums.c.s
+    session.execute(sa.update(Prototype).where(same).values(
+        vector_sum=remaining, vector=sa.func.l2_normalize(remaining),
+        member_count=Prototype.member_count - sums.c.n, updated_at=sa.func.now()))
+    return session.execute(sa.delete(Image).where(Image.id.in_(image_ids))).rowcount
+
+
+def rebuild_prototypes(session: Session, model_name: str) -> int:
+    """Recompute every prototype of a model from its members (float64 mean); returns how many there are."""
+    e, i = Embedding.__table__, Image.__table__
+    session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
+    members = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.l2_normalize(sa.func.avg(e.c.vector)),
+                         sa.func.sum(e.c.vector), sa.func.count())
+               .join(i, i.c.id == e.c.image_id)
+               .where(e.c.model_name == model_name, i.c.category_id.is_not(None))
+               .group_by(i.c.category_id, e.c.model_name, e.c.dim))
+    session.execute(insert(Prototype).from_select(
+        ["category_id", "model_name", "dim", "vector", "vector_sum", "member_count"], members))
+    return session.scalar(sa.select(sa.func.count()).select_from(Prototype).where(Prototype.model_name == model_name))
+
+
+def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.ndarray, list[int]]:
+    """(category ids, prototype vectors (c, d) float32, member counts) of a model, ordered by category id."""
+    rows = session.execute(sa.select(Prototype.category_id, Prototype.vector, Prototype.member_count)
+                           .where(Prototype.model_name == model_name).order_by(Prototype.category_id)).all()
+    if not rows:
+        return [], np.zeros((0, 0), np.float32), []
+    return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]
+
+
+def counts(session: Session) -> dict:
+    """Numbers for `status`: images, categories, and embeddings and prototypes per model."""
+    scalar = lambda q: session.scalar(q) or 0  # noqa: E731
+    per_model = lambda col: dict(session.execute(sa.select(col, sa.func.count()).group_by(col)).all())  # noqa: E731
+    return {
+        "images": scalar(sa.select(sa.func.count()).select_from(Image)),
+        "categories": scalar(sa.select(sa.func.count()).select_from(Category)),
+        "embeddings": per_model(Embedding.model_name),
+        "prototypes": per_model(Prototype.model_name),
+        "dims": dict(session.execute(sa.select(EmbeddingModel.name, EmbeddingModel.dim)).all()),
+    }

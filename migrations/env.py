@@ -1,0 +1,29 @@
+"""Alembic environment: migrates the database backend.database resolves (embedded or configured)."""
+from alembic import context
+
+from backend.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:  # handed in by backend.database.migrate
+        _run(connection)
+        return
+    from backend.database import get_engine
+
+    with get_engine().connect() as connection:
+        _run(connection)
+
+
+def _run(connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported; run `python -m backend init-db`")
+run_migrations_online()
