@@ -87,6 +87,8 @@ def load_fashion_mnist(split: str, data_dir: Path | None) -> list[Item]:
     hint = (f"no Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) in "
             f"{directory}. Install them with `apt-get install dataset-fashion-mnist` (they land in "
             f"/usr/share/datasets/fashion-mnist), or pass --data-dir / set FASHION_MNIST_DIR")
+    if data_dir is not None:  # a local copy was named: don't go to the hub behind the user's back
+        raise DatasetUnavailable(hint)
     return _hub_items("fashion-mnist", split, "image", FASHION_MNIST_CLASSES, hint)
 
 
@@ -106,6 +108,8 @@ def load_cifar10(split: str, data_dir: Path | None) -> list[Item]:
     hint = (f"no local CIFAR-10 in {directory} (looked for cifar-10-batches-py/ or {split}-*.parquet). "
             "Download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it and "
             "pass --data-dir PATH (or set CIFAR10_DIR); or use --dataset fashion-mnist, which works offline")
+    if data_dir is not None:
+        raise DatasetUnavailable(hint)
     return _hub_items("cifar10", split, "img", CIFAR10_CLASSES, hint)
 
 

@@ -33,15 +33,12 @@ def _pg_install() -> Path:
     return Path(spec.origin).parent / "pginstall"
 
 
-def _bin(name: str) -> str:
-    return str(_pg_install() / "bin" / name)
-
-
 class EmbeddedPostgres:
     """A handle on the embedded server for one data directory; `acquire()` returns its URL."""
 
-    def __init__(self, pgdata: Path):
+    def __init__(self, pgdata: Path, install_dir: Path | None = None):
         self.pgdata = Path(pgdata).expanduser().resolve()
+        self.install_dir = Path(install_dir) if install_dir else _pg_install()
         self._users_fd: int | None = None
         self.url: str | None = None
 
@@ -101,6 +98,9 @@ class EmbeddedPostgres:
             pass  # alive, owned by another user
         return lines[4] if len(lines) > 7 and lines[7].strip() == "ready" else None
 
+    def _bin(self, name: str) -> str:
+        return str(self.install_dir / "bin" / name)
+
     def _as_user(self) -> dict:
         return {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
 
@@ -111,7 +111,7 @@ class EmbeddedPostgres:
         if (self.pgdata / "PG_VERSION").exists():
             return
         log.info("initialising embedded PostgreSQL data directory %s", self.pgdata)
-        self._run([_bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8",
+        self._run([self._bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8",
                    "-U", "postgres", "--no-instructions"])
 
     def _grant_system_user(self) -> None:
@@ -123,10 +123,10 @@ class EmbeddedPostgres:
         except KeyError:
             subprocess.run(["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True)
             entry = pwd.getpwnam(SYSTEM_USER)
-        for path in (self.pgdata, _pg_install()):
+        for path in (self.pgdata, self.install_dir):
             for parent in path.parents:  # o+x so the server user can traverse to it
                 parent.chmod(parent.stat().st_mode | 0o011)
-        for root, dirs, files in os.walk(_pg_install()):
+        for root, dirs, files in os.walk(self.install_dir):
             for name in dirs + files:
                 p = Path(root, name)
                 p.chmod(p.stat().st_mode | 0o055)
@@ -154,7 +154,7 @@ class EmbeddedPostgres:
         return running
 
     def _pg_ctl(self, *args: str) -> None:
-        self._run([_bin("pg_ctl"), "-D", str(self.pgdata), *args])
+        self._run([self._bin("pg_ctl"), "-D", str(self.pgdata), *args])
 
     def _run(self, cmd: list[str]) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", **self._as_user())

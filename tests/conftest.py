@@ -1,0 +1,88 @@
+"""A real PostgreSQL for the whole test run (imsrc's embedded server), migrated once into a template;
+each test that needs a database gets a fresh copy of it."""
+import itertools
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
+
+from backend.database import create_engine_checked, migrate
+from backend.pg_server import EmbeddedPostgres
+
+TEMPLATE = "imsrc_template"
+OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """The embedded PostgreSQL server for this test run, in its own data directory."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    url = make_url(server.acquire())
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {TEMPLATE}"))
+    template = create_engine_checked(url.set(database=TEMPLATE).render_as_string(hide_password=False))
+    migrate(template)
+    template.dispose()
+    yield server, url, admin
+    admin.dispose()
+    server.release()
+
+
+def _new_database(pg_server, template: str | None) -> str:
+    _, url, admin = pg_server
+    name = f"t{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")))
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def db_url(pg_server):
+    """URL of a fresh database migrated to head."""
+    return _new_database(pg_server, TEMPLATE)
+
+
+@pytest.fixture
+def empty_db_url(pg_server):
+    """URL of a fresh, empty database (no schema)."""
+    return _new_database(pg_server, None)
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = create_engine_checked(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sessions(engine):
+    """A session factory on a fresh migrated database."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def output_dir():
+    """Where tests leave artefacts for people to look at (screenshots, logs)."""
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    return OUTPUT_DIR
+
+
+@pytest.fixture
+def cli_env(db_url, tmp_path):
+    """Environment for running `python -m backend` against the test database, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_"))}
+    env.update(DATABASE_URL=db_url, DATA_DIR=str(tmp_path / "data"), MODEL_NAME="efficientnet_lite0",
+               BATCH_SIZE="16", PYTHONUNBUFFERED="1")
+    return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")

@@ -1,0 +1,56 @@
+"""The command line, run as a person would: real model (efficientnet_lite0), real PostgreSQL, no network."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(env, *args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_populate_then_status_then_rerun(cli_env, tmp_path):
+    write_fashion_mnist(tmp_path / "fm", n_per_class=5)
+    first = run(cli_env, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--num-images", "30",
+                "--data-dir", str(tmp_path / "fm"))
+    assert first.returncode == 0, first.stderr
+    assert "added 30, embedded 0 already stored, skipped 0 duplicates, failed 0" in first.stdout
+    assert "img/s" in first.stderr  # the progress bar
+    status = run(cli_env, "-m", "backend", "status")
+    assert status.returncode == 0, status.stderr
+    assert "images:     30" in status.stdout and "categories: 10" in status.stdout
+    assert "efficientnet_lite0 (1280-d): 30 embeddings, 10 prototypes" in status.stdout
+    again = run(cli_env, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--num-images", "30",
+                "--data-dir", str(tmp_path / "fm"))
+    assert "added 0, embedded 0 already stored, skipped 30 duplicates" in again.stdout
+    seed = run(cli_env, "db/init_system.py", "--all")
+    assert seed.returncode == 0 and "rebuilt 10 prototypes for efficientnet_lite0" in seed.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["populate", "--dataset", "folder"], "needs --data-dir"),
+    (["populate", "--dataset", "folder", "--data-dir", "/nonexistent"], "is not a folder"),
+    (["populate", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "dataset-fashion-mnist"),
+])
+def test_bad_input_gives_a_message_and_non_zero_exit(cli_env, args, message):
+    proc = run(cli_env, "-m", "backend", *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_argument_errors_exit_non_zero(cli_env):
+    proc = run(cli_env, "-m", "backend", "populate", "--num-images", "0")
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+    proc = run(cli_env, "db/init_system.py")
+    assert proc.returncode == 2 and "choose --setup-db" in proc.stderr
+
+
+def test_init_db_is_repeatable(cli_env):
+    for _ in range(2):
+        proc = run(cli_env, "-m", "backend", "init-db")
+        assert proc.returncode == 0 and "revision 0001" in proc.stdout

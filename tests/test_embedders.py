@@ -1,0 +1,98 @@
+"""Each embedder: unit-norm float32 (n, d), deterministic; weights from files, packages or a clear error."""
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from backend.embedders import MODELS, create_embedder, l2_normalize, model_dim
+from backend.errors import ModelUnavailable
+from backend.images import decode
+from tests.helpers import messy_image_bytes
+
+IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Real messy inputs: a photo, tiny greyscale, RGBA, palette, a wide image."""
+    from skimage import data
+
+    return [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())] + \
+        [decode(b).image for b in messy_image_bytes()]
+
+
+@pytest.fixture(scope="module")
+def resnet_weight_files(tmp_path_factory):
+    """State-dict files for resnet50/18 written by the test (random init: no ImageNet weights offline)."""
+    torch.manual_seed(0)
+    files = {}
+    for arch in ("resnet50", "resnet18"):
+        path = tmp_path_factory.mktemp("weights") / f"{arch}.pth"
+        model = getattr(torchvision.models, arch)(weights=None).eval()
+        torch.save(model.state_dict(), path)
+        files[arch] = (path, model)
+    return files
+
+
+def _embedder(name, files):
+    return create_embedder(name, weights_path=files[name][0] if name in files else None, batch_size=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_embedder_returns_unit_norm_float32_deterministically(name, images, resnet_weight_files):
+    embedder = _embedder(name, resnet_weight_files)
+    first = embedder.embed(images)
+    assert first.dtype == np.float32 and first.shape == (len(images), model_dim(name))
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(embedder.embed(images), first)
+    assert np.isfinite(first).all()
+    assert not np.allclose(first[0], first[1]), "different photos must get different vectors"
+
+
+@pytest.mark.slow
+def test_resnet50_loads_weights_from_a_local_file(images, resnet_weight_files):
+    path, reference = resnet_weight_files["resnet50"]
+    embedder = create_embedder("resnet50", weights_path=path)
+    preprocess = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    with torch.inference_mode():
+        expected_logits = reference(preprocess(images[0])[None]).numpy()
+    np.testing.assert_allclose(embedder.logits(images[:1]), expected_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_efficientnet_lite0_packaged_weights_recognise_a_cat(images):
+    embedder = create_embedder("efficientnet_lite0")
+    assert int(embedder.logits(images[:1]).argmax()) in IMAGENET_CATS  # scikit-image's chelsea
+
+
+def test_missing_resnet_weights_fail_fast_naming_the_fixes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(ModelUnavailable) as err:
+        create_embedder("resnet50").load()
+    message = str(err.value)
+    assert "MODEL_WEIGHTS_PATH" in message and "efficientnet_lite0" in message and "network unreachable" in message
+
+
+def test_bad_weights_file_and_unknown_model_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelUnavailable, match="cannot read weights"):
+        create_embedder("resnet18", weights_path=bad).load()
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        create_embedder("resnet18", weights_path=tmp_path / "missing.pth").load()
+    with pytest.raises(ModelUnavailable, match="unknown model 'vgg'"):
+        create_embedder("vgg")
+
+
+def test_l2_normalize_keeps_zero_rows_zero():
+    out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+    assert out.dtype == np.float32

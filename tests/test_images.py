@@ -1,0 +1,80 @@
+"""Real images are messy: every mode and orientation decodes to an upright RGB image."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import InvalidImage
+from backend.images import decode, to_rgb
+from tests.helpers import png_bytes
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """A 40x20 JPEG (wide) whose EXIF orientation 6 says: rotate 90 degrees to view (tall)."""
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return png_bytes(img, "JPEG", exif=exif.tobytes())
+
+
+def _sixteen_bit_png() -> bytes:
+    arr = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    return png_bytes(Image.fromarray(arr))  # uint16 -> mode I;16
+
+
+MESSY = {
+    "grayscale": lambda: png_bytes(Image.new("L", (30, 30), 128)),
+    "palette": lambda: png_bytes(Image.new("RGB", (30, 30), (10, 200, 10)).convert("P", palette=Image.ADAPTIVE)),
+    "rgba": lambda: png_bytes(Image.new("RGBA", (30, 30), (255, 0, 0, 0))),
+    "cmyk": lambda: png_bytes(Image.new("CMYK", (30, 30), (0, 255, 255, 0)), "JPEG"),
+    "16-bit": _sixteen_bit_png,
+    "tiny": lambda: png_bytes(Image.new("L", (28, 28), 3)),
+    "large": lambda: png_bytes(Image.new("RGB", (4000, 3000), (1, 2, 3)), "JPEG"),
+    "gif": lambda: png_bytes(Image.new("P", (30, 30), 1), "GIF"),
+    "webp": lambda: png_bytes(Image.new("RGB", (30, 30), (9, 9, 9)), "WEBP"),
+    "bmp": lambda: png_bytes(Image.new("RGB", (30, 30), (9, 9, 9)), "BMP"),
+}
+
+
+@pytest.mark.parametrize("kind", MESSY)
+def test_messy_images_decode_to_rgb(kind):
+    decoded = decode(MESSY[kind]())
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (decoded.width, decoded.height)
+
+
+def test_transparent_pixels_become_white_and_cmyk_keeps_its_colour():
+    assert decode(MESSY["rgba"]()).image.getpixel((0, 0)) == (255, 255, 255)
+    r, g, b = decode(MESSY["cmyk"]()).image.getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # C=0 M=255 Y=255 is red
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    arr = np.asarray(decode(_sixteen_bit_png()).image)[..., 0]
+    assert arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
+
+
+def test_exif_orientation_is_applied():
+    decoded = decode(_exif_rotated_jpeg())
+    assert (decoded.width, decoded.height) == (20, 40)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"definitely not an image", "not an image"),
+    (MESSY["large"]()[:5000], "corrupt or truncated"),
+    (png_bytes(Image.new("RGB", (8, 8)), "TIFF"), None),
+])
+def test_bad_bytes_raise_a_specific_error(data, reason):
+    if reason is None:  # TIFF is supported
+        assert decode(data).image.mode == "RGB"
+        return
+    with pytest.raises(InvalidImage, match=reason):
+        decode(data)
+
+
+def test_to_rgb_handles_float_images():
+    img = Image.fromarray(np.linspace(-1, 1, 100, dtype=np.float32).reshape(10, 10), )  # float32 -> mode F
+    out = np.asarray(to_rgb(img))
+    assert out.shape == (10, 10, 3) and out.min() == 0 and out.max() == 255
