@@ -2,6 +2,7 @@
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from backend.errors import ImsrcError
@@ -60,14 +61,39 @@ def cmd_status(args) -> int:
 
 
 def cmd_rebuild(args) -> int:
-    """Recompute every prototype of MODEL_NAME exactly from its members."""
-    from backend.config import settings
-    from backend.database import session_factory
-    from backend import store
+    """Recompute the prototypes of MODEL_NAME from PostgreSQL, rebuild its index and snapshot it."""
+    from backend.service import ImageSearch
 
-    with session_factory()() as session, session.begin():
-        n = store.rebuild_prototypes(session, settings.model_name)
-    print(f"rebuilt {n} prototypes for {settings.model_name}")
+    started = time.perf_counter()
+    search = ImageSearch.open()
+    if search.index_source == "snapshot":  # open() trusted the snapshot; a rebuild is what was asked for
+        search.rebuild()
+    index = search.index
+    print(f"rebuilt {len(index.categories)} prototypes and the {index.index_type} index of {len(index)} "
+          f"{search.embedder.name} vectors in {time.perf_counter() - started:.1f} s; "
+          f"snapshot {search.manager.snapshot_path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Measure precision, mAP and recall of two-stage against exhaustive search, with latencies."""
+    from backend import store
+    from backend.datasets import load_dataset, select_balanced
+    from backend.evaluate import evaluate, format_table, write_json
+    from backend.service import ImageSearch
+
+    search = ImageSearch.open()
+    if args.dataset is None:
+        with search.sessions() as s:
+            args.dataset = store.main_source_dataset(s)
+        if args.dataset not in ("cifar10", "fashion-mnist"):
+            raise ImsrcError("cannot tell which dataset the collection came from: pass --dataset (and --data-dir)")
+    queries = select_balanced(load_dataset(args.dataset, args.split, args.data_dir, args.image_dir), args.queries)
+    report = evaluate(search, queries, k=args.k)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -93,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", help=cmd_status.__doc__).set_defaults(func=cmd_status)
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    p.add_argument("--queries", type=_positive_int, default=1000, help="held-out query images, balanced by class")
+    p.add_argument("--k", type=_positive_int, default=10)
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="where queries come from (default: the collection's own dataset)")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--image-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=1024)
     embed_precision: Literal["fp32", "bf16"] = "fp32"
 
+    # Search
+    faiss_index_type: Literal["flatip", "flatl2", "hnsw", "ivfflat"] = "flatip"
+    index_dir: Path | None = None
+    use_prototype_filtering: bool = True
+    prototype_limit: int = Field(3, ge=1, le=10)
+    default_search_limit: int = Field(10, ge=1, le=50)
+
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
@@ -39,6 +46,11 @@ class Settings(BaseSettings):
     def pg_data_dir(self) -> Path:
         """Data directory of the embedded PostgreSQL server."""
         return self.embedded_pg_dir or self.data_dir / "postgres"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where index snapshots are written."""
+        return self.index_dir or self.data_dir / "index"
 
     @property
     def external_database_url(self) -> str | None:

@@ -141,6 +141,12 @@ def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.nd
     return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]
 
 
+def main_source_dataset(session: Session) -> str | None:
+    """The dataset most of the collection came from."""
+    return session.scalar(sa.select(Image.source_dataset).group_by(Image.source_dataset)
+                          .order_by(sa.func.count().desc()).limit(1))
+
+
 def counts(session: Session) -> dict:
     """Numbers for `status`: images, categories, and embeddings and prototypes per model."""
     scalar = lambda q: session.scalar(q) or 0  # noqa: E731

@@ -83,9 +83,9 @@ def write_cifar10_batches(directory: Path, n_per_batch: int) -> Path:
     return root
 
 
-def write_folder_dataset(root: Path, n_per_class: int) -> None:
+def write_folder_dataset(root: Path, n_per_class: int, seed: int = 0) -> None:
     """One subfolder per class, images saved in a mix of formats."""
-    images, labels = class_images(n_per_class)
+    images, labels = class_images(n_per_class, seed=seed)
     formats = ["png", "jpg", "webp", "bmp", "gif"]
     for k, (img, label) in enumerate(zip(images, labels)):
         folder = root / CLASSES[label]

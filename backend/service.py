@@ -1,0 +1,242 @@
+"""The Python API: `ImageSearch` ties the database, the embedder and the index together."""
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image as PILImage
+from sqlalchemy.orm import sessionmaker
+
+from backend import store
+from backend.datasets import Item, load_dataset, select_balanced
+from backend.embedders import Embedder
+from backend.errors import ImsrcError, InvalidImage
+from backend.images import decode, sha256
+from backend.index_manager import IndexManager
+from backend.ingest import IngestReport, ingest
+from backend.models import Category, Embedding, Image
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[PILImage.Image, bytes, str, Path]
+
+
+class NotFound(ImsrcError):
+    """An image or category id that does not exist."""
+
+
+@dataclass
+class SearchResult:
+    """One hit."""
+
+    image_id: int
+    score: float
+    rank: int
+    category: str | None
+    category_id: int | None
+    file_name: str | None
+    label: int | None
+
+
+@dataclass
+class SearchResponse:
+    """Hits, the categories stage 1 chose with their similarities, and per-stage timings in ms."""
+
+    results: list[SearchResult]
+    prototypes: list[dict] = field(default_factory=list)  # {category_id, category, similarity}, best first
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    use_prototypes: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AddResult:
+    """What add_image did: the image's id, and whether it was already stored."""
+
+    image_id: int
+    duplicate: bool
+
+
+class ImageSearch:
+    """Search a PostgreSQL-backed collection by image. Open with `ImageSearch.open()`."""
+
+    def __init__(self, sessions: sessionmaker, embedder: Embedder, index_type: str = "flatip",
+                 snapshot_dir: Path | None = None, batch_size: int = 32):
+        from backend.config import settings
+
+        self.sessions, self.embedder, self.batch_size = sessions, embedder, batch_size
+        self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
+                                    snapshot_dir or settings.snapshot_dir)
+        self._lock = threading.RLock()  # searches read the index while writes change it
+        self.index_source = self.manager.load_or_build()
+
+    @classmethod
+    def open(cls, model_name: str | None = None, index_type: str | None = None) -> "ImageSearch":
+        """Open against the configured (or embedded) database with MODEL_NAME and FAISS_INDEX_TYPE."""
+        from backend.config import settings
+        from backend.database import session_factory
+        from backend.embedders import get_embedder
+
+        return cls(session_factory(), get_embedder(model_name), index_type or settings.faiss_index_type,
+                   batch_size=settings.batch_size)
+
+    @property
+    def index(self):
+        return self.manager.index
+
+    # -- search -----------------------------------------------------------------------------------
+    def embed(self, image: ImageInput) -> np.ndarray:
+        """The query's vector (d,), from a PIL image, encoded bytes or a file path."""
+        if isinstance(image, PILImage.Image):
+            return self.embedder.embed([image.convert("RGB")])[0]
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        return self.embedder.embed([decode(data).image])[0]
+
+    def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
+                       category: str | int | None = None) -> SearchResponse:
+        """Embed a query image and return its k most similar stored images."""
+        started = time.perf_counter()
+        vector = self.embed(image)
+        embed_ms = (time.perf_counter() - started) * 1000
+        response = self.search_vector(vector, k, use_prototypes, top_categories, category)
+        response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
+        return response
+
+    def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
+                     category: str | int | None = None) -> SearchResponse:
+        """Search with a stored image's own vector ("more like this"); the image itself is left out."""
+        with self.sessions() as s:
+            vector = s.scalar(sa.select(Embedding.vector).where(Embedding.image_id == image_id,
+                                                                Embedding.model_name == self.embedder.name))
+        if vector is None:
+            raise NotFound(f"image {image_id} not found (or has no {self.embedder.name} vector)")
+        response = self.search_vector(np.asarray(vector, np.float32), k + 1, use_prototypes, top_categories, category)
+        response.results = [r for r in response.results if r.image_id != image_id][:k]
+        for rank, r in enumerate(response.results, 1):
+            r.rank = rank
+        return response
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
+                      category: str | int | None = None) -> SearchResponse:
+        """Two-stage (or exhaustive) search for one query vector (d,)."""
+        filter_ids = [self._category_id(category)] if category is not None else None
+        with self._lock:
+            t0 = time.perf_counter()
+            hits = self.index.search(vector[None, :], k, top_categories=top_categories,
+                                     use_prototypes=use_prototypes, categories=filter_ids)[0]
+            search_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        results, prototypes = self._describe(hits)
+        return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
+                                                    "lookup": round((time.perf_counter() - t1) * 1000, 2)},
+                              use_prototypes)
+
+    def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
+        """Stage 1 alone: the categories closest to the query image."""
+        t0 = time.perf_counter()
+        vector = self.embed(image)
+        t1 = time.perf_counter()
+        with self._lock:
+            cats, sims = self.index.rank_prototypes(vector[None, :])
+        names = self._category_names(cats[0].tolist())
+        protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
+                  for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]
+        return SearchResponse([], protos, {"embedding": round((t1 - t0) * 1000, 2),
+                                           "prototypes": round((time.perf_counter() - t1) * 1000, 2)})
+
+    # -- writes -----------------------------------------------------------------------------------
+    def add_image(self, image: bytes | str | Path, category: str, original_name: str | None = None,
+                  metadata: dict | None = None) -> AddResult:
+        """Store, embed and index one image under a category (created if new); a duplicate returns its id."""
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        if not isinstance(data, bytes):
+            raise InvalidImage("add_image takes encoded image bytes or a file path")
+        if not category or not str(category).strip():
+            raise InvalidImage("a category is required")
+        decode(data)  # reject non-images before anything is written
+        name = original_name or (Path(image).name if isinstance(image, (str, Path)) else None)
+        item = Item(category=str(category).strip(), label=None, original_name=name or "upload", source="upload",
+                    split=None, read=lambda: data)
+        report = self._ingest([item])
+        if report.failed:
+            raise InvalidImage(report.failed[0][1])
+        with self.sessions() as s:
+            image_id = s.scalar(sa.select(Image.id).where(Image.sha256 == sha256(data)))
+            if metadata and report.image_ids:
+                s.execute(sa.update(Image).where(Image.id == image_id).values(metadata_=metadata))
+                s.commit()
+        return AddResult(image_id=image_id, duplicate=not report.image_ids)
+
+    def delete_image(self, image_id: int) -> None:
+        """Delete an image, its vectors and its share of its category's prototype."""
+        with self.sessions() as s, s.begin():
+            if not store.delete_images(s, [image_id]):
+                raise NotFound(f"image {image_id} not found")
+        with self._lock:
+            self.manager.sync([image_id])
+
+    def build_database(self, dataset: str = "folder", data_dir: Path | None = None, split: str = "train",
+                       num_images: int | None = None, image_dir: Path | None = None,
+                       progress: bool = True) -> IngestReport:
+        """Load a dataset (cifar10, fashion-mnist, folder or a CSV), embed and index it."""
+        items = select_balanced(load_dataset(dataset, split, data_dir, image_dir), num_images)
+        return self._ingest(items, progress=progress)
+
+    def refresh(self) -> tuple[int, int]:
+        """Pick up what other processes added or deleted; returns (added, removed)."""
+        with self._lock:
+            return self.manager.sync()
+
+    def rebuild(self) -> None:
+        """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it."""
+        with self._lock:
+            self.manager.rebuild(save=True)
+
+    def save_snapshot(self) -> None:
+        """Write the index snapshot now (it is otherwise written on rebuild)."""
+        with self._lock:
+            self.manager.save_snapshot()
+
+    def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
+        report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
+        with self._lock:
+            self.manager.sync(report.image_ids)
+        return report
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def _category_id(self, category: str | int) -> int:
+        with self.sessions() as s:
+            column = Category.id if isinstance(category, int) else Category.name
+            found = s.scalar(sa.select(Category.id).where(column == category))
+        if found is None:
+            raise NotFound(f"category {category!r} not found")
+        return found
+
+    def _category_names(self, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        with self.sessions() as s:
+            return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
+
+    def _describe(self, hits) -> tuple[list[SearchResult], list[dict]]:
+        ids = hits.ids.tolist()
+        with self.sessions() as s:
+            rows = {r.id: r for r in s.execute(
+                sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Category.name)
+                .join(Category, isouter=True).where(Image.id.in_(ids))).all()} if ids else {}
+        names = self._category_names([c for c, _ in hits.prototype_ranking])
+        results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name if i in rows else None,
+                                category_id=int(cat), file_name=rows[i].original_name if i in rows else None,
+                                label=rows[i].label if i in rows else None)
+                   for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()), 1)
+                   if i in rows]  # an image deleted by another process since the last refresh is left out
+        chosen = set(hits.searched_categories)
+        prototypes = [{"category_id": c, "category": names.get(c), "similarity": float(sim)}
+                      for c, sim in hits.prototype_ranking if c in chosen]
+        return results, prototypes

@@ -1,0 +1,164 @@
+"""The two-stage search module on small hand-checkable vectors: numpy in, numpy out."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from backend.embedders import l2_normalize
+from backend.search import INDEX_TYPES, CategoryIndex, index_from_state, index_state
+
+
+def _collection(n=300, d=16, categories=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(categories, d))
+    cats = rng.integers(0, categories, n)
+    vectors = l2_normalize(centres[cats] + 0.6 * rng.normal(size=(n, d)))
+    ids = rng.permutation(np.arange(1000, 1000 + n))
+    return ids.astype(np.int64), vectors, (cats + 10).astype(np.int64)
+
+
+def _prototypes(ids, vectors, cats):
+    uniq = np.unique(cats)
+    return uniq, l2_normalize(np.stack([vectors[cats == c].mean(axis=0) for c in uniq]))
+
+
+def _index(ids, vectors, cats, index_type="flatip"):
+    index = CategoryIndex(vectors.shape[1], index_type)
+    index.add(ids, vectors, cats)
+    index.set_prototypes(*_prototypes(ids, vectors, cats))
+    return index
+
+
+def _brute_force(vectors, ids, queries, k):
+    sims = queries @ vectors.T
+    order = np.lexsort((np.broadcast_to(ids, sims.shape), -sims), axis=1)[:, :k]
+    return ids[order], np.take_along_axis(sims, order, axis=1)
+
+
+def test_hand_checkable_toy_case():
+    index = CategoryIndex(2)
+    index.add([1, 2, 3, 4], np.array([[1, 0], [0.8, 0.6], [0, 1], [-0.6, 0.8]], np.float32), [7, 7, 8, 8])
+    index.set_prototypes([7, 8], l2_normalize(np.array([[0.9, 0.3], [-0.3, 0.9]])))
+    hits = index.search(np.array([[1.0, 0.0]]), k=2, top_categories=1)[0]
+    assert hits.ids.tolist() == [1, 2] and np.allclose(hits.scores, [1.0, 0.8])
+    assert [c for c, _ in hits.prototype_ranking] == [7, 8] and hits.searched_categories == [7]
+    everything = index.search(np.array([[0.0, 1.0]]), k=3, use_prototypes=False)[0]
+    assert everything.ids.tolist() == [3, 4, 2] and np.allclose(everything.scores, [1.0, 0.8, 0.6])
+    assert everything.categories.tolist() == [8, 8, 7]
+
+
+@pytest.mark.parametrize("use_prototypes, top", [(False, None), (True, None), (True, 5)])
+def test_all_categories_with_exact_index_equal_brute_force(use_prototypes, top):
+    ids, vectors, cats = _collection()
+    queries = l2_normalize(np.random.default_rng(9).normal(size=(25, vectors.shape[1])))
+    expected_ids, expected_scores = _brute_force(vectors, ids, queries, k=10)
+    hits = _index(ids, vectors, cats).search(queries, k=10, top_categories=top, use_prototypes=use_prototypes)
+    for h, e_ids, e_scores in zip(hits, expected_ids, expected_scores):
+        assert h.ids.tolist() == e_ids.tolist()
+        np.testing.assert_allclose(h.scores, e_scores, atol=1e-5)
+
+
+def test_flat_l2_scores_are_one_over_one_plus_distance_and_rank_like_cosine():
+    ids, vectors, cats = _collection()
+    q = vectors[:3]
+    ip = _index(ids, vectors, cats, "flatip").search(q, 5, use_prototypes=False)
+    l2 = _index(ids, vectors, cats, "flatl2").search(q, 5, use_prototypes=False)
+    position = {i: p for p, i in enumerate(ids.tolist())}
+    for query, a, b in zip(q, ip, l2):
+        assert a.ids.tolist() == b.ids.tolist()  # unit vectors: L2 order = cosine order
+        distances = np.linalg.norm(vectors[[position[i] for i in b.ids.tolist()]] - query, axis=1)
+        np.testing.assert_allclose(b.scores, 1 / (1 + distances), atol=1e-3)
+        assert b.scores[0] == pytest.approx(1.0, abs=1e-3)  # the query itself, distance 0
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivfflat"])
+def test_approximate_indexes_find_the_exact_neighbours(index_type, monkeypatch):
+    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
+    ids, vectors, cats = _collection(n=600)
+    exact = _index(ids, vectors, cats).search(vectors[:20], 10, use_prototypes=False)
+    approx = _index(ids, vectors, cats, index_type).search(vectors[:20], 10, use_prototypes=False)
+    recall = np.mean([len(set(a.ids) & set(e.ids)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.8
+    assert all(a.ids[0] == ids[i] for i, a in enumerate(approx))  # each vector finds itself first
+
+
+def test_prototype_stage_restricts_to_the_top_categories():
+    ids, vectors, cats = _collection()
+    index = _index(ids, vectors, cats)
+    for hits in index.search(vectors[:10], k=20, top_categories=2):
+        top2 = [c for c, _ in hits.prototype_ranking[:2]]
+        assert set(hits.categories.tolist()) <= set(top2) and hits.searched_categories == top2
+        sims = [s for _, s in hits.prototype_ranking]
+        assert sims == sorted(sims, reverse=True) and len(sims) == 5
+
+
+def test_category_filter_restricts_the_search():
+    ids, vectors, cats = _collection()
+    index = _index(ids, vectors, cats)
+    mask = np.isin(cats, [11, 13])
+    expected, _ = _brute_force(vectors[mask], ids[mask], vectors[:5], 15)
+    for use_prototypes in (True, False):
+        hits = index.search(vectors[:5], k=15, categories=[11, 13], use_prototypes=use_prototypes, top_categories=None)
+        assert [h.ids.tolist() for h in hits] == expected.tolist()
+        assert all(set(h.categories.tolist()) <= {11, 13} for h in hits)
+    one = index.search(vectors[:5], k=15, categories=[11, 13], top_categories=1)
+    assert all(len(set(h.categories.tolist())) == 1 and h.searched_categories[0] in (11, 13) for h in one)
+    assert all(len(h.ids) == 0 for h in index.search(vectors[:2], k=5, categories=[999]))
+
+
+def test_bad_shapes_are_rejected():
+    index = CategoryIndex(4)
+    with pytest.raises(ValueError, match=r"shape \(n, 4\)"):
+        index.add([1], np.ones((1, 3)), [0])
+    with pytest.raises(ValueError, match="ids"):
+        index.add([1, 2], np.ones((1, 4)), [0])
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(np.ones((1, 4)), 0)
+    with pytest.raises(ValueError, match="unknown index type"):
+        CategoryIndex(4, "lsh")
+
+
+@pytest.mark.parametrize("index_type", INDEX_TYPES)
+def test_state_round_trip(index_type):
+    ids, vectors, cats = _collection()
+    index = _index(ids, vectors, cats, index_type)
+    restored = index_from_state(index_state(index))
+    a, b = index.search(vectors[:5], 7), restored.search(vectors[:5], 7)
+    assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
+    assert restored.categories == index.categories and len(restored) == len(index)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["add", "delete"]), st.integers(1, 40), st.integers(0, 2**31)),
+               min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(ops):
+    ids, vectors, cats = _collection(n=400)
+    index = CategoryIndex(vectors.shape[1])
+    present: set[int] = set()
+    for op, n, seed in ops:
+        rng = np.random.default_rng(seed)
+        if op == "add":
+            pool = np.array([i for i in range(len(ids)) if ids[i] not in present])
+            pick = rng.choice(pool, size=min(n, len(pool)), replace=False) if len(pool) else []
+            if len(pick):
+                index.add(ids[pick], vectors[pick], cats[pick])
+                present.update(ids[pick].tolist())
+        elif present:
+            gone = rng.choice(sorted(present), size=min(n, len(present)), replace=False)
+            assert index.remove(gone) == len(gone)
+            present.difference_update(gone.tolist())
+    rows = np.array([i for i in range(len(ids)) if ids[i] in present], dtype=np.int64)
+    if not len(rows):
+        assert len(index) == 0
+        return
+    fresh = CategoryIndex(vectors.shape[1])
+    fresh.add(ids[rows][::-1], vectors[rows][::-1], cats[rows][::-1])  # another order on purpose
+    for built in (index, fresh):
+        built.set_prototypes(*_prototypes(ids[rows], vectors[rows], cats[rows]))
+    queries = vectors[:8]
+    for a, b in zip(index.search(queries, 10, top_categories=2), fresh.search(queries, 10, top_categories=2)):
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    assert index.ids().tolist() == sorted(present)

@@ -1,0 +1,123 @@
+"""The Python API and the index life cycle against a real PostgreSQL (stand-in embedder)."""
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import InvalidImage
+from backend.service import ImageSearch, NotFound
+from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_folder_dataset
+
+
+@pytest.fixture
+def collection(tmp_path):
+    write_folder_dataset(tmp_path / "f", n_per_class=8)
+    return tmp_path / "f"
+
+
+def _open(sessions, tmp_path, index_type="flatip"):
+    return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=tmp_path / "snap", batch_size=8)
+
+
+def _colour(rgb, size=32):
+    return png_bytes(Image.new("RGB", (size, size), rgb))
+
+
+def test_build_and_search(sessions, tmp_path, collection):
+    search = _open(sessions, tmp_path)
+    assert search.index_source == "rebuilt" and len(search.index) == 0
+    report = search.build_database("folder", collection, progress=False)
+    assert report.added == 24 and len(search.index) == 24
+    response = search.search_similar(_colour((10, 10, 230)), k=5, top_categories=1)
+    assert [r.category for r in response.results] == ["blue"] * 5
+    assert [r.rank for r in response.results] == [1, 2, 3, 4, 5]
+    assert all(r.file_name.startswith("blue/") for r in response.results)
+    assert [p["category"] for p in response.prototypes] == ["blue"]
+    assert {"embedding", "search"} <= set(response.timings_ms)
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True)
+    exhaustive = search.search_similar(_colour((10, 10, 230)), k=5, use_prototypes=False)
+    assert exhaustive.prototypes == [] and len(exhaustive.results) == 5
+    filtered = search.search_similar(_colour((10, 10, 230)), k=3, category="red", use_prototypes=False)
+    assert [r.category for r in filtered.results] == ["red"] * 3
+    with pytest.raises(NotFound, match="category 'purple' not found"):
+        search.search_similar(_colour((1, 1, 1)), category="purple")
+    ranking = search.rank_prototypes(_colour((10, 230, 10)), top_categories=3)
+    assert [p["category"] for p in ranking.prototypes][0] == "green" and len(ranking.prototypes) == 3
+
+
+def test_add_duplicate_new_category_and_delete(sessions, tmp_path, collection):
+    search = _open(sessions, tmp_path)
+    search.build_database("folder", collection, progress=False)
+    added = search.add_image(_colour((240, 240, 10)), "yellow", original_name="y.png")
+    assert not added.duplicate and added.image_id in search.index
+    again = search.add_image(_colour((240, 240, 10)), "yellow")
+    assert again == type(added)(added.image_id, True)
+    hit = search.search_similar(_colour((240, 240, 10)), k=1, top_categories=1)
+    assert hit.results[0].image_id == added.image_id and hit.results[0].category == "yellow"
+    assert hit.results[0].score == pytest.approx(1.0, abs=1e-5)
+    more = search.search_by_id(added.image_id, k=3, use_prototypes=False)
+    assert added.image_id not in [r.image_id for r in more.results] and len(more.results) == 3
+    search.delete_image(added.image_id)
+    assert added.image_id not in search.index
+    assert "yellow" not in [p["category"] for p in search.rank_prototypes(_colour((240, 240, 10)), 10).prototypes]
+    with pytest.raises(NotFound):
+        search.delete_image(added.image_id)
+    with pytest.raises(InvalidImage):
+        search.add_image(b"not an image", "yellow")
+    with pytest.raises(NotFound):
+        search.search_by_id(10**9)
+
+
+def _all_results(search, queries):
+    return [[(r.image_id, round(r.score, 5)) for r in search.search_vector(q, 10, top_categories=2).results]
+            for q in queries]
+
+
+def test_incremental_changes_equal_a_fresh_rebuild(sessions, tmp_path, collection):
+    search = _open(sessions, tmp_path)
+    search.build_database("folder", collection, progress=False)
+    rng = np.random.default_rng(3)
+    ids = search.index.ids().tolist()
+    for image_id in rng.choice(ids, 6, replace=False).tolist():
+        search.delete_image(image_id)
+    for k in range(5):
+        search.add_image(_colour(tuple(int(x) for x in rng.integers(0, 256, 3))), CLASSES[k % 3] if k < 4 else "new")
+    queries = PixelEmbedder().embed([Image.new("RGB", (32, 32), tuple(int(x) for x in rng.integers(0, 256, 3)))
+                                     for _ in range(10)])
+    incremental = _all_results(search, queries)
+    fresh = _open(sessions, tmp_path / "elsewhere")
+    assert fresh.index_source == "rebuilt"
+    assert _all_results(fresh, queries) == incremental
+    assert fresh.index.categories == search.index.categories
+
+
+def test_snapshot_is_used_when_it_matches_and_rebuilt_when_stale(sessions, tmp_path, collection, caplog):
+    first = _open(sessions, tmp_path)
+    first.build_database("folder", collection, progress=False)
+    first.save_snapshot()
+    caplog.set_level(logging.INFO, logger="backend.index_manager")
+    second = _open(sessions, tmp_path)
+    assert second.index_source == "snapshot" and "from snapshot" in caplog.text
+    assert len(second.index) == len(first.index)
+    first.add_image(_colour((1, 2, 3)), "red")  # the database moves on; the snapshot on disk does not
+    third = _open(sessions, tmp_path)
+    assert third.index_source == "rebuilt" and "snapshot is stale" in caplog.text
+    assert len(third.index) == len(first.index)
+    for flat_l2 in (_open(sessions, tmp_path, "flatl2"),):  # another index type never takes this snapshot
+        assert flat_l2.index_source == "rebuilt"
+
+
+def test_two_processes_see_each_others_changes_after_refresh(sessions, tmp_path, collection):
+    a = _open(sessions, tmp_path / "a")
+    b = _open(sessions, tmp_path / "b")
+    a.build_database("folder", collection, progress=False)
+    assert len(b.index) == 0
+    assert b.refresh() == (24, 0) and len(b.index) == 24
+    gone = b.index.ids()[0]
+    b.delete_image(int(gone))
+    assert a.refresh() == (0, 1) and gone not in a.index
+    assert a.refresh() == (0, 0)  # nothing new: cheap no-op
+    query = PixelEmbedder().embed([Image.new("RGB", (32, 32), (200, 30, 30))])
+    assert _all_results(a, query) == _all_results(b, query)
