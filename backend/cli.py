@@ -97,6 +97,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve the REST API and the web page (model and index load once at start-up)."""
+    import uvicorn
+
+    from backend.config import settings
+
+    host, port = args.host or settings.api_host, args.port or settings.api_port
+    print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
+          f"(API docs at /docs)", flush=True)
+    uvicorn.run("backend.main:app", host=host, port=port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
     from backend.datasets import DATASETS
@@ -130,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--image-dir", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument("--host", default=None, help="default API_HOST")
+    p.add_argument("--port", type=_positive_int, default=None, help="default API_PORT")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

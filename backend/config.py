@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     prototype_limit: int = Field(3, ge=1, le=10)
     default_search_limit: int = Field(10, ge=1, le=50)
 
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+    max_upload_size: int = Field(10 * 1024 * 1024, ge=1)
+
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")

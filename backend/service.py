@@ -198,6 +198,13 @@ class ImageSearch:
         with self._lock:
             self.manager.rebuild(save=True)
 
+    def rebuild_prototypes(self) -> None:
+        """Recompute every prototype exactly in PostgreSQL and load them into the index."""
+        with self.sessions() as s, s.begin():
+            store.rebuild_prototypes(s, self.embedder.name)
+        with self._lock:
+            self.manager.sync([])
+
     def save_snapshot(self) -> None:
         """Write the index snapshot now (it is otherwise written on rebuild)."""
         with self._lock:

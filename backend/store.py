@@ -158,3 +158,24 @@ def counts(session: Session) -> dict:
         "prototypes": per_model(Prototype.model_name),
         "dims": dict(session.execute(sa.select(EmbeddingModel.name, EmbeddingModel.dim)).all()),
     }
+
+
+def get_image(session: Session, image_id: int):
+    """The image row joined with its category name, or None."""
+    return session.execute(sa.select(Image, Category.name).join(Category, isouter=True)
+                           .where(Image.id == image_id)).first()
+
+
+def list_categories(session: Session) -> list[tuple[int, str, int]]:
+    """(id, name, image count) of every category, by name."""
+    n = sa.func.count(Image.id)
+    return session.execute(sa.select(Category.id, Category.name, n).join(Image, isouter=True)
+                           .group_by(Category.id).order_by(Category.name)).all()
+
+
+def category_images(session: Session, category_id: int, offset: int, limit: int):
+    """(total, rows of (Image, category name)) for one page of a category, by id."""
+    total = session.scalar(sa.select(sa.func.count()).select_from(Image).where(Image.category_id == category_id))
+    rows = session.execute(sa.select(Image, Category.name).join(Category).where(Image.category_id == category_id)
+                           .order_by(Image.id).offset(offset).limit(limit)).all()
+    return total, rows

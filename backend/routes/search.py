@@ -1,0 +1,58 @@
+"""Search endpoints: by uploaded image, by stored image, prototypes only."""
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from backend.deps import SearchDep, read_upload
+from backend.schemas import Problem, SearchOut
+from backend.service import SearchResponse
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {400: {"model": Problem, "description": "not a decodable image"},
+          404: {"model": Problem, "description": "unknown category or image"},
+          413: {"model": Problem, "description": "file larger than MAX_UPLOAD_SIZE"},
+          415: {"model": Problem, "description": "unsupported image format"},
+          503: {"model": Problem, "description": "model or index not ready"}}
+
+Limit = Annotated[int, Query(ge=1, le=50, description="number of results")]
+PrototypeLimit = Annotated[int, Query(ge=1, le=10, description="categories searched after the prototype stage")]
+UsePrototypes = Annotated[bool, Query(description="two-stage search; false searches every category")]
+CategoryFilter = Annotated[str | None, Query(max_length=200, description="only this category (name)")]
+
+
+def to_out(request: Request, response: SearchResponse) -> SearchOut:
+    """Add image URLs to a service response."""
+    body = response.to_dict()
+    for hit in body["results"]:
+        hit["image_url"] = str(request.url_for("get_image", image_id=hit["image_id"]).path)
+    return SearchOut(**body)
+
+
+@router.post("/search", response_model=SearchOut, responses=ERRORS)
+async def search(request: Request, search: SearchDep, file: Annotated[UploadFile, File(description="query image")],
+                 limit: Limit = 10, use_prototypes: UsePrototypes = True, prototype_limit: PrototypeLimit = 3,
+                 category: CategoryFilter = None):
+    """Find the stored images most similar to the uploaded one."""
+    data = await read_upload(file)
+    response = await run_in_threadpool(search.search_similar, data, limit, use_prototypes, prototype_limit, category)
+    return to_out(request, response)
+
+
+@router.post("/search/prototypes", response_model=SearchOut, responses=ERRORS)
+async def search_prototypes(request: Request, search: SearchDep,
+                            file: Annotated[UploadFile, File(description="query image")],
+                            prototype_limit: PrototypeLimit = 3):
+    """Rank the category prototypes against the uploaded image (stage 1 only)."""
+    data = await read_upload(file)
+    return to_out(request, await run_in_threadpool(search.rank_prototypes, data, prototype_limit))
+
+
+@router.get("/images/{image_id}/similar", response_model=SearchOut, responses=ERRORS)
+async def similar_to_stored(request: Request, search: SearchDep, image_id: int, limit: Limit = 10,
+                            use_prototypes: UsePrototypes = True, prototype_limit: PrototypeLimit = 3,
+                            category: CategoryFilter = None):
+    """More like this: search with a stored image (the image itself is left out)."""
+    response = await run_in_threadpool(search.search_by_id, image_id, limit, use_prototypes, prototype_limit, category)
+    return to_out(request, response)

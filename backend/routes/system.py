@@ -1,0 +1,72 @@
+"""Service info, health, status and admin rebuilds."""
+import time
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from backend import store
+from backend.database import is_embedded
+from backend.deps import SearchDep, require_api_key
+from backend.routes.images import WRITE_ERRORS
+from backend.schemas import HealthOut, Problem, RebuildOut, StatusOut
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/", include_in_schema=True, responses={307: {"description": "browsers go to the web page"}})
+def root(request: Request):
+    """Browsers are sent to the web page; programs get a short description of the service."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/app/")
+    return {"service": "imsrc", "description": "PostgreSQL-backed image similarity search",
+            "docs": "/docs", "app": "/app/", "health": "/health", "status": "/status"}
+
+
+@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "not ready"}})
+def health(request: Request):
+    """Liveness, plus whether the database answers and the index is loaded (503 until both)."""
+    search = getattr(request.app.state, "search", None)
+    database = False
+    if search is not None:
+        try:
+            with search.sessions() as s:
+                database = s.execute(sa.text("SELECT 1")).scalar() == 1
+        except sa.exc.SQLAlchemyError:
+            database = False
+    ready = database and search is not None
+    body = {"status": "ok" if ready else "starting" if search is None else "degraded",
+            "database": database, "index": search is not None}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/status", response_model=StatusOut, responses={503: {"model": Problem}})
+def status(search: SearchDep):
+    """What is stored and served: counts, model, index type and size, which database."""
+    with search.sessions() as s:
+        c = store.counts(s)
+    return StatusOut(images=c["images"], categories=c["categories"], embeddings=c["embeddings"],
+                     prototypes=c["prototypes"], model=search.embedder.name, dim=search.embedder.dim,
+                     index_type=search.index.index_type, index_size=len(search.index),
+                     index_source=search.index_source, database="embedded" if is_embedded() else "external")
+
+
+@router.post("/admin/rebuild-index", response_model=RebuildOut, responses=WRITE_ERRORS,
+             dependencies=[Depends(require_api_key)], tags=["admin"])
+async def rebuild_index(search: SearchDep):
+    """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it."""
+    started = time.perf_counter()
+    await run_in_threadpool(search.rebuild)
+    return RebuildOut(prototypes=len(search.index.categories), indexed_images=len(search.index),
+                      seconds=round(time.perf_counter() - started, 3))
+
+
+@router.post("/admin/rebuild-prototypes", response_model=RebuildOut, responses=WRITE_ERRORS,
+             dependencies=[Depends(require_api_key)], tags=["admin"])
+async def rebuild_prototypes(search: SearchDep):
+    """Recompute every prototype exactly from its members and reload them into the index."""
+    started = time.perf_counter()
+    await run_in_threadpool(search.rebuild_prototypes)
+    return RebuildOut(prototypes=len(search.index.categories), indexed_images=len(search.index),
+                      seconds=round(time.perf_counter() - started, 3))

@@ -1,0 +1,96 @@
+"""Request and response schemas of the REST API (they become the OpenAPI docs)."""
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """Every error response: what went wrong, in words."""
+
+    detail: str
+
+
+class SearchHit(BaseModel):
+    image_id: int
+    score: float = Field(description="higher is more similar: cosine similarity, or 1/(1+L2 distance) for flatl2")
+    rank: int
+    category: str | None
+    category_id: int | None
+    file_name: str | None
+    image_url: str
+
+
+class PrototypeMatch(BaseModel):
+    category_id: int
+    category: str | None
+    similarity: float = Field(description="cosine similarity of the query to the category prototype")
+
+
+class SearchOut(BaseModel):
+    results: list[SearchHit]
+    prototypes: list[PrototypeMatch] = Field(description="the categories stage 1 chose, best first")
+    timings_ms: dict[str, float]
+    use_prototypes: bool
+
+
+class UploadOut(BaseModel):
+    image_id: int
+    duplicate: bool = Field(description="true when these exact bytes were already stored; nothing was added")
+    category: str
+    image_url: str
+
+
+class ImageInfo(BaseModel):
+    image_id: int
+    sha256: str
+    width: int
+    height: int
+    format: str
+    category: str | None
+    category_id: int | None
+    label: int | None
+    original_name: str | None
+    source_dataset: str | None
+    source_split: str | None
+    metadata: dict
+    created_at: datetime
+    image_url: str
+
+
+class CategoryOut(BaseModel):
+    category_id: int
+    name: str
+    image_count: int
+
+
+class ImagePage(BaseModel):
+    category_id: int
+    total: int
+    offset: int
+    limit: int
+    images: list[ImageInfo]
+
+
+class StatusOut(BaseModel):
+    images: int
+    categories: int
+    embeddings: dict[str, int]
+    prototypes: dict[str, int]
+    model: str
+    dim: int
+    index_type: str
+    index_size: int
+    index_source: str = Field(description="'snapshot' or 'rebuilt': how the index was loaded at start-up")
+    database: str = Field(description="'embedded' or 'external'")
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: bool
+    index: bool
+
+
+class RebuildOut(BaseModel):
+    prototypes: int
+    indexed_images: int
+    seconds: float

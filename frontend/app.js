@@ -1,0 +1,150 @@
+// The page: pick or drop a query image, search, show results; click a result to search by it.
+const $ = (id) => document.getElementById(id);
+let queryFile = null;
+
+function options() {
+  return { limit: $("limit").value, useProtos: $("use-prototypes").checked, protoLimit: $("prototype-limit").value };
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function setBusy(busy) {
+  $("search-button").disabled = busy || !queryFile;
+  $("prototypes-button").disabled = busy || !queryFile;
+  document.body.classList.toggle("busy", busy);
+}
+
+function chooseFile(file) {
+  if (!file) return;
+  showError("");
+  queryFile = file;
+  const preview = $("preview");
+  preview.src = URL.createObjectURL(file);
+  preview.alt = "Query image: " + file.name;
+  preview.hidden = false;
+  $("drop-hint").textContent = file.name + " — drop or click to change";
+  setBusy(false);
+  runSearch();
+}
+
+function renderCategories(prototypes) {
+  const list = $("chosen-categories");
+  list.replaceChildren(...prototypes.map((p) => {
+    const li = document.createElement("li");
+    li.textContent = `${p.category} ${p.similarity.toFixed(3)}`;
+    return li;
+  }));
+}
+
+function resultCard(hit) {
+  const li = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "card";
+  button.title = "Search for images like this one";
+  button.dataset.imageId = hit.image_id;
+  const img = document.createElement("img");
+  img.src = hit.image_url;
+  img.alt = `Result ${hit.rank}: ${hit.category || "uncategorised"} (${hit.file_name || "image " + hit.image_id})`;
+  img.loading = "lazy";
+  const caption = document.createElement("span");
+  caption.className = "caption";
+  caption.innerHTML = `<b>#${hit.rank}</b> <span class="score">${hit.score.toFixed(3)}</span> ` +
+    `<span class="category"></span>`;
+  caption.querySelector(".category").textContent = hit.category || "";
+  button.append(img, caption);
+  button.addEventListener("click", () => searchByImage(hit.image_id));
+  li.append(button);
+  return li;
+}
+
+function render(response, label) {
+  const total = Object.values(response.timings_ms).reduce((a, b) => a + b, 0);
+  $("summary").textContent = `${label}: ${response.results.length} results in ${total.toFixed(0)} ms`;
+  renderCategories(response.prototypes);
+  $("results").replaceChildren(...response.results.map(resultCard));
+}
+
+async function guarded(work) {
+  setBusy(true);
+  showError("");
+  try {
+    await work();
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function runSearch() {
+  if (!queryFile) return;
+  guarded(async () => render(await api.search(queryFile, options()), "Similar images"));
+}
+
+function runPrototypes() {
+  if (!queryFile) return;
+  guarded(async () => {
+    const response = await api.searchPrototypes(queryFile, options().protoLimit);
+    $("summary").textContent = `Closest categories (${response.timings_ms.prototypes.toFixed(1)} ms after embedding)`;
+    renderCategories(response.prototypes);
+    $("results").replaceChildren();
+  });
+}
+
+function searchByImage(imageId) {
+  guarded(async () => render(await api.similar(imageId, options()), `Images like #${imageId}`));
+}
+
+async function loadStatus() {
+  try {
+    const s = await api.status();
+    $("status").textContent = `${s.index_size} images indexed · ${s.categories} categories · model ${s.model}`;
+  } catch (err) {
+    $("status").textContent = err.message;
+  }
+}
+
+async function loadCategories() {
+  try {
+    const cats = await api.categories();
+    $("categories").replaceChildren(...cats.map((c) => {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = `${c.name} (${c.image_count})`;
+      b.addEventListener("click", async () => {
+        try {
+          const page = await api.categoryImages(c.category_id);
+          $("browse").replaceChildren(...page.images.map((im, i) => resultCard({
+            image_id: im.image_id, image_url: im.image_url, rank: i + 1, score: 1, category: im.category,
+            file_name: im.original_name })));
+        } catch (err) { showError(err.message); }
+      });
+      li.append(b);
+      return li;
+    }));
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+const zone = $("drop-zone");
+["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
+zone.addEventListener("drop", (e) => { e.preventDefault(); chooseFile(e.dataTransfer.files[0]); });
+zone.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file-input").click(); }
+});
+$("file-input").addEventListener("change", (e) => chooseFile(e.target.files[0]));
+$("search-button").addEventListener("click", runSearch);
+$("prototypes-button").addEventListener("click", runPrototypes);
+// A drop outside the zone would otherwise navigate away to the image.
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => e.preventDefault());
+
+loadStatus();
+loadCategories();

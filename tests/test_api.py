@@ -1,0 +1,146 @@
+"""The REST API against a real PostgreSQL and a small real collection (stand-in embedder)."""
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from backend.config import settings
+from backend.main import create_app
+from backend.service import ImageSearch
+from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
+
+
+@pytest.fixture
+def client(sessions, tmp_path):
+    write_folder_dataset(tmp_path / "f", n_per_class=6)
+
+    def open_search():
+        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
+        search.build_database("folder", tmp_path / "f", progress=False)
+        return search
+
+    with TestClient(create_app(open_search)) as c:
+        yield c
+
+
+def _file(rgb=(20, 20, 230), fmt="PNG", name="q.png"):
+    return {"file": (name, png_bytes(Image.new("RGB", (32, 32), rgb), fmt), "image/png")}
+
+
+def test_root_health_status_docs(client):
+    assert client.get("/", headers={"accept": "application/json"}).json()["docs"] == "/docs"
+    browser = client.get("/", headers={"accept": "text/html"}, follow_redirects=False)
+    assert browser.status_code == 307 and browser.headers["location"] == "/app/"
+    assert client.get("/health").json() == {"status": "ok", "database": True, "index": True}
+    status = client.get("/status").json()
+    assert status["images"] == 18 and status["index_size"] == 18 and status["model"] == "test-pixels"
+    assert status["database"] == "embedded" and status["index_type"] == "flatip"
+    spec = client.get("/openapi.json").json()
+    for path in ("/search", "/search/prototypes", "/upload", "/images/{image_id}", "/images/{image_id}/info",
+                 "/images/{image_id}/similar", "/categories", "/categories/{category_id}/images",
+                 "/admin/rebuild-index", "/admin/rebuild-prototypes", "/health", "/status"):
+        assert path in spec["paths"], path
+    assert "413" in spec["paths"]["/search"]["post"]["responses"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/app/")
+    assert page.status_code == 200 and "Search Similar Images" in page.text
+
+
+def test_search_returns_scored_hits_with_urls_and_timings(client):
+    body = client.post("/search?limit=4&prototype_limit=1", files=_file()).json()
+    assert [h["category"] for h in body["results"]] == ["blue"] * 4
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4]
+    assert body["prototypes"][0]["category"] == "blue" and len(body["prototypes"]) == 1
+    assert {"embedding", "search"} <= set(body["timings_ms"])
+    image = client.get(body["results"][0]["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
+    assert "immutable" in image.headers["cache-control"]
+    assert client.get(body["results"][0]["image_url"], headers={"if-none-match": image.headers["etag"]}).status_code == 304
+    exhaustive = client.post("/search?use_prototypes=false&limit=50", files=_file()).json()
+    assert len(exhaustive["results"]) == 18 and exhaustive["prototypes"] == []
+    only_red = client.post("/search?category=red&use_prototypes=false", files=_file()).json()
+    assert {h["category"] for h in only_red["results"]} == {"red"}
+    protos = client.post("/search/prototypes?prototype_limit=2", files=_file()).json()
+    assert [p["category"] for p in protos["prototypes"]][0] == "blue" and len(protos["prototypes"]) == 2
+    first = body["results"][0]["image_id"]
+    more = client.get(f"/images/{first}/similar?limit=3").json()
+    assert len(more["results"]) == 3 and first not in [h["image_id"] for h in more["results"]]
+
+
+def test_upload_duplicate_info_delete(client):
+    up = client.post("/upload", files=_file((250, 250, 0), name="sun.png"), data={"category": "yellow"})
+    assert up.status_code == 200 and up.json()["duplicate"] is False
+    image_id = up.json()["image_id"]
+    again = client.post("/upload", files=_file((250, 250, 0)), data={"category": "yellow"}).json()
+    assert again["duplicate"] is True and again["image_id"] == image_id
+    info = client.get(f"/images/{image_id}/info").json()
+    assert info["category"] == "yellow" and info["original_name"] == "sun.png" and info["width"] == 32
+    cats = {c["name"]: c for c in client.get("/categories").json()}
+    assert cats["yellow"]["image_count"] == 1
+    page = client.get(f"/categories/{cats['red']['category_id']}/images?limit=4").json()
+    assert page["total"] == 6 and len(page["images"]) == 4
+    by_id = client.post("/upload", files=_file((1, 250, 250)), data={"category_id": cats["yellow"]["category_id"]})
+    assert by_id.json()["category"] == "yellow"
+    assert client.post("/search?prototype_limit=1", files=_file((250, 250, 0))).json()["results"][0]["image_id"] == image_id
+    assert client.delete(f"/images/{image_id}").status_code == 204
+    assert client.get(f"/images/{image_id}/info").status_code == 404
+    assert client.delete(f"/images/{image_id}").status_code == 404
+    rebuilt = client.post("/admin/rebuild-index").json()
+    assert rebuilt["indexed_images"] == 19 and rebuilt["prototypes"] == 4
+    assert client.post("/admin/rebuild-prototypes").json()["prototypes"] == 4
+
+
+@pytest.mark.parametrize("request_kwargs, code, message", [
+    ({"files": {"file": ("x.txt", b"hello, not an image", "text/plain")}}, 400, "not an image"),
+    ({"files": {"file": ("t.jpg", png_bytes(Image.new("RGB", (64, 64)), "JPEG")[:300], "image/jpeg")}}, 400, "truncated"),
+    ({"files": {"file": ("x.ico", png_bytes(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon")}}, 415, "unsupported image format"),
+    ({"files": {"file": ("e.png", b"", "image/png")}}, 400, "empty"),
+    ({}, 422, "file"),
+])
+def test_bad_uploads_get_specific_errors(client, request_kwargs, code, message):
+    response = client.post("/search", **request_kwargs)
+    assert response.status_code == code and message in response.json()["detail"]
+
+
+def test_out_of_range_parameters_and_unknown_ids(client):
+    for query in ("limit=0", "limit=51", "prototype_limit=11", "use_prototypes=maybe"):
+        response = client.post(f"/search?{query}", files=_file())
+        assert response.status_code == 422, query
+        assert query.split("=")[0] in response.json()["detail"]
+    assert client.get("/images/999999").status_code == 404
+    assert client.get("/images/999999/similar").status_code == 404
+    assert client.get("/categories/999999/images").status_code == 404
+    assert client.get("/images/abc").status_code == 422
+    assert client.post("/search?category=purple", files=_file()).status_code == 404
+    missing_category = client.post("/upload", files=_file((9, 9, 9)))
+    assert missing_category.status_code == 422 and "category" in missing_category.json()["detail"]
+
+
+def test_file_over_the_upload_limit_is_413(client, monkeypatch):
+    import numpy as np
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    monkeypatch.setattr(settings, "max_upload_size", 1000)
+    response = client.post("/search", files={"file": ("big.png", png_bytes(noise), "image/png")})
+    assert response.status_code == 413 and "1,000 bytes" in response.json()["detail"]
+
+
+def test_writes_need_the_api_key_when_one_is_set(client, monkeypatch):
+    monkeypatch.setattr(settings, "api_key", "s3cret")
+    assert client.post("/upload", files=_file((5, 5, 5)), data={"category": "x"}).status_code == 401
+    assert client.delete("/images/1").status_code == 401
+    assert client.post("/admin/rebuild-index").status_code == 401
+    ok = client.post("/upload", files=_file((5, 5, 5)), data={"category": "x"}, headers={"X-API-Key": "s3cret"})
+    assert ok.status_code == 200
+    assert client.post("/search", files=_file()).status_code == 200  # reads stay open
+
+
+def test_not_ready_is_503_with_the_reason(sessions, tmp_path):
+    from backend.errors import ModelUnavailable
+
+    def failing():
+        raise ModelUnavailable("weights missing: set MODEL_WEIGHTS_PATH")
+
+    with TestClient(create_app(failing)) as c:
+        assert c.get("/health").status_code == 503
+        response = c.post("/search", files=_file())
+        assert response.status_code == 503 and "MODEL_WEIGHTS_PATH" in response.json()["detail"]
