@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # imsrc set-up: an interactive menu, or one subcommand for scripts.
-#   ./setup.sh install            create .venv and install everything (Python packages, Fashion-MNIST)
+#   ./setup.sh install            create .venv and install everything (Python packages, Fashion-MNIST, Chromium)
 #   ./setup.sh db                 start the database (embedded unless configured) and migrate the schema
 #   ./setup.sh populate [N] [DS]  load N images (default 1000) of dataset DS (default cifar10)
-#   ./setup.sh index              rebuild the prototypes from the stored vectors
+#   ./setup.sh index              rebuild the prototypes and the search index from the stored vectors
+#   ./setup.sh serve              start the API and web page (http://localhost:8000/app/)
+#   ./setup.sh evaluate [N]       two-stage vs exhaustive search quality and latency on N held-out queries
+#   ./setup.sh demo               install, populate, index and serve: CIFAR-10 + ResNet50 online,
+#                                 Fashion-MNIST + efficientnet_lite0 offline
 #   ./setup.sh status             what the database holds
 #   ./setup.sh test [ARGS]        install if needed, then run the whole test suite (pytest ARGS)
 set -euo pipefail
@@ -26,16 +30,19 @@ find_python() {
 }
 
 install_system_packages() {
-  # Fashion-MNIST ships in Debian's dataset-fashion-mnist: the offline dataset for demos and evaluation.
-  [ -d /usr/share/datasets/fashion-mnist ] && return 0
-  command -v apt-get >/dev/null 2>&1 || { echo "(no apt-get: skipping dataset-fashion-mnist)"; return 0; }
+  # Debian packages: Fashion-MNIST (the offline dataset for demos and evaluation) and Chromium (browser tests).
+  local missing=()
+  [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null 2>&1 || { echo "(no apt-get: install ${missing[*]} yourself)"; return 0; }
   local sudo=""
   [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo="sudo -n"; } \
-    || { echo "(not root: install dataset-fashion-mnist with apt-get yourself)"; return 0; }
-  say "installing Debian's dataset-fashion-mnist"
-  $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
-    { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } ||
-    echo "(could not install dataset-fashion-mnist; the fashion-mnist loader will need --data-dir)"
+    || { echo "(not root: install ${missing[*]} with apt-get yourself)"; return 0; }
+  say "installing Debian packages: ${missing[*]}"
+  $sudo apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; } ||
+    echo "(could not install ${missing[*]}: fashion-mnist will need --data-dir, browser tests will be skipped)"
 }
 
 cmd_install() {
@@ -75,6 +82,33 @@ cmd_index() { ensure_installed; "$PY" -m backend rebuild; }
 
 cmd_status() { ensure_installed; "$PY" -m backend status; }
 
+cmd_serve() { ensure_installed; "$PY" -m backend serve; }
+
+cmd_evaluate() {
+  ensure_installed
+  mkdir -p data
+  "$PY" -m backend evaluate --queries "${1:-1000}" --json data/evaluation.json
+}
+
+online() {
+  # Can this machine reach the model and dataset hosts? (bash's /dev/tcp, bounded by timeout)
+  timeout 5 bash -c '</dev/tcp/download.pytorch.org/443 && </dev/tcp/huggingface.co/443' 2>/dev/null
+}
+
+cmd_demo() {
+  cmd_install
+  local dataset n
+  if [ "${IMSRC_DEMO_OFFLINE:-0}" != 1 ] && online; then
+    export MODEL_NAME="${MODEL_NAME:-resnet50}"; dataset=cifar10; n="${DEMO_IMAGES:-1000}"
+    say "online: CIFAR-10 with $MODEL_NAME"
+  else
+    say "no network: using the offline model efficientnet_lite0 and Fashion-MNIST (Debian's dataset-fashion-mnist)"
+    export MODEL_NAME=efficientnet_lite0; dataset=fashion-mnist; n="${DEMO_IMAGES:-2000}"
+  fi
+  "$PY" -m backend populate --dataset "$dataset" --num-images "$n"
+  "$PY" -m backend serve
+}
+
 cmd_test() {
   cmd_install
   say "running the test suite"
@@ -89,9 +123,11 @@ imsrc set-up
   1) Install dependencies
   2) Set up the database
   3) Populate CIFAR-10
-  4) Initialise the vector search (prototypes)
-  5) Show status
+  4) Initialise the vector search (prototypes and index)
+  5) Start the server
   6) Run the tests
+  7) Evaluate two-stage against exhaustive search
+  8) Show status
   q) Quit
 MENU
     read -r -p "Choose: " choice || exit 0
@@ -100,8 +136,10 @@ MENU
       2) cmd_db ;;
       3) cmd_populate ;;
       4) cmd_index ;;
-      5) cmd_status ;;
+      5) cmd_serve ;;
       6) cmd_test ;;
+      7) cmd_evaluate ;;
+      8) cmd_status ;;
       q|Q) exit 0 ;;
       *) echo "unknown choice: $choice" ;;
     esac
@@ -115,7 +153,10 @@ case "${1:-}" in
   populate) shift; cmd_populate "$@" ;;
   index) cmd_index ;;
   status) cmd_status ;;
+  serve) cmd_serve ;;
+  evaluate) shift; cmd_evaluate "$@" ;;
+  demo) cmd_demo ;;
   test) shift; cmd_test "$@" ;;
-  -h|--help|help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "unknown command: $1 (try ./setup.sh help)" >&2; exit 2 ;;
 esac

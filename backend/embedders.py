@@ -53,6 +53,7 @@ class Embedder(ABC):
             backbone = backbone.eval().to(self.device, memory_format=torch.channels_last)
             head = head.eval().to(self.device)
             self._loaded = (backbone, head, preprocess)
+            self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
             log.info("loaded %s on %s in %.1f s", self.name, self.device, time.perf_counter() - started)
         return self
 

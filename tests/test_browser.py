@@ -1,0 +1,140 @@
+"""The real page in headless Chromium (Debian's package, driven by Playwright) against the real server,
+a real PostgreSQL and a small collection of real Fashion-MNIST images embedded by efficientnet_lite0."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from backend.datasets import load_dataset, select_balanced
+from tests.helpers import write_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                                   "(./setup.sh install installs it)")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(cli_env, tmp_path):
+    """`python -m backend serve` on a collection of 60 Fashion-MNIST images; yields (base URL, data dir)."""
+    data_dir = REAL_FASHION_MNIST if (REAL_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() else tmp_path / "fm"
+    if data_dir != REAL_FASHION_MNIST:
+        write_fashion_mnist(data_dir, n_per_class=6)
+    populate = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
+                               "--num-images", "60", "--data-dir", str(data_dir)],
+                              cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert populate.returncode == 0, populate.stderr
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port)], cwd=ROOT,
+                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready: " + (tmp_path / "server.log").read_text()[-2000:])
+    yield base, data_dir
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        yield page
+        browser.close()
+
+
+def _query_png(data_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    item = select_balanced(load_dataset("fashion-mnist", "test", data_dir), 10)[1]  # a held-out test image
+    path = tmp_path / "query.png"
+    path.write_bytes(item.read())
+    return path, item.category
+
+
+def _drop(page, path: Path) -> None:
+    """A real drop event on the drop zone, carrying the file in a DataTransfer."""
+    data = list(path.read_bytes())
+    handle = page.evaluate_handle("""(bytes) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], 'query.png', {type: 'image/png'}));
+        return dt;
+    }""", data)
+    page.dispatch_event("#drop-zone", "dragenter", {"dataTransfer": handle})
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": handle})
+
+
+def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir):
+    base, data_dir = server
+    query, category = _query_png(data_dir, tmp_path)
+    page.goto(base + "/")  # a browser at the root lands on the page
+    assert page.url.endswith("/app/")
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    _drop(page, query)
+    assert page.get_attribute("#preview", "alt").startswith("Query image")
+    page.wait_for_selector("#results li")
+    cards = page.locator("#results li")
+    assert cards.count() == 10
+    first = cards.first.inner_text()
+    assert "#1" in first and any(ch.isdigit() for ch in first.split("#1")[1])
+    assert page.locator("#chosen-categories li").count() == 3
+    assert page.locator("#summary").inner_text().startswith("Similar images: 10 results")
+    page.screenshot(path=str(output_dir / "results.png"), full_page=True)
+
+    clicked_id = page.locator("#results li button").nth(1).get_attribute("data-image-id")
+    page.locator("#results li button").nth(1).click()
+    page.wait_for_selector(f"#summary:has-text('Images like #{clicked_id}')")
+    assert clicked_id not in [b.get_attribute("data-image-id") for b in page.locator("#results li button").all()]
+
+    (tmp_path / "notes.txt").write_text("this is not an image")
+    page.set_input_files("#file-input", str(tmp_path / "notes.txt"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not an image" in page.locator("#error").inner_text()
+
+    page.set_input_files("#file-input", str(query))  # the file picker
+    page.wait_for_selector("#error[hidden]", state="attached")
+    page.wait_for_selector("#summary:has-text('Similar images')")
+    page.click("#prototypes-button")
+    page.wait_for_selector("#summary:has-text('Closest categories')")
+    assert page.locator("#chosen-categories li").count() == 3
+
+
+def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
+    base, _ = server
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(base + "/app/")
+    page.wait_for_selector("#categories button")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "drop-zone"
+    page.locator("#categories button").first.click()
+    page.wait_for_selector("#browse li img")
+    assert all(img.get_attribute("alt") for img in page.locator("img:visible").all())
+    page.screenshot(path=str(output_dir / "phone.png"), full_page=True)
