@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model_name: str = "resnet50"
     model_weights_path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(32, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1, le=1024)
     embed_precision: Literal["fp32", "bf16"] = "fp32"
 
     # Search

@@ -23,8 +23,9 @@ def throughput(name: str, precision: str, channels_last: bool, batch: int, repea
         import torchvision
 
         model = getattr(torchvision.models, embedder.arch)(weights=None)
+        preprocess = getattr(torchvision.models, embedder.weights_enum).IMAGENET1K_V1.transforms()
         embedder._load = lambda: (torch.nn.Sequential(*list(model.children())[:-1], torch.nn.Flatten(1)),
-                                  model.fc, None)
+                                  model.fc, preprocess)
     backbone, _, _ = embedder.load()._loaded
     x = torch.randn(batch, 3, 224, 224)
     if channels_last:
