@@ -104,6 +104,7 @@ def cmd_serve(args) -> int:
     from backend.config import settings
 
     host, port = args.host or settings.api_host, args.port or settings.api_port
+    logging.getLogger("backend").setLevel(logging.INFO)  # start-up says how the index was loaded, and how fast
     print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
           f"(API docs at /docs)", flush=True)
     uvicorn.run("backend.main:app", host=host, port=port, log_level="info")

@@ -4,6 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from backend.config import settings
 from backend.deps import SearchDep, read_upload
 from backend.schemas import Problem, SearchOut
 from backend.service import SearchResponse
@@ -32,8 +33,9 @@ def to_out(request: Request, response: SearchResponse) -> SearchOut:
 
 @router.post("/search", response_model=SearchOut, responses=ERRORS)
 async def search(request: Request, search: SearchDep, file: Annotated[UploadFile, File(description="query image")],
-                 limit: Limit = 10, use_prototypes: UsePrototypes = True, prototype_limit: PrototypeLimit = 3,
-                 category: CategoryFilter = None):
+                 limit: Limit = settings.default_search_limit,
+                 use_prototypes: UsePrototypes = settings.use_prototype_filtering,
+                 prototype_limit: PrototypeLimit = settings.prototype_limit, category: CategoryFilter = None):
     """Find the stored images most similar to the uploaded one."""
     data = await read_upload(file)
     response = await run_in_threadpool(search.search_similar, data, limit, use_prototypes, prototype_limit, category)
@@ -43,15 +45,17 @@ async def search(request: Request, search: SearchDep, file: Annotated[UploadFile
 @router.post("/search/prototypes", response_model=SearchOut, responses=ERRORS)
 async def search_prototypes(request: Request, search: SearchDep,
                             file: Annotated[UploadFile, File(description="query image")],
-                            prototype_limit: PrototypeLimit = 3):
+                            prototype_limit: PrototypeLimit = settings.prototype_limit):
     """Rank the category prototypes against the uploaded image (stage 1 only)."""
     data = await read_upload(file)
     return to_out(request, await run_in_threadpool(search.rank_prototypes, data, prototype_limit))
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=ERRORS)
-async def similar_to_stored(request: Request, search: SearchDep, image_id: int, limit: Limit = 10,
-                            use_prototypes: UsePrototypes = True, prototype_limit: PrototypeLimit = 3,
+async def similar_to_stored(request: Request, search: SearchDep, image_id: int,
+                            limit: Limit = settings.default_search_limit,
+                            use_prototypes: UsePrototypes = settings.use_prototype_filtering,
+                            prototype_limit: PrototypeLimit = settings.prototype_limit,
                             category: CategoryFilter = None):
     """More like this: search with a stored image (the image itself is left out)."""
     response = await run_in_threadpool(search.search_by_id, image_id, limit, use_prototypes, prototype_limit, category)

@@ -52,21 +52,22 @@ def status(search: SearchDep):
                      index_source=search.index_source, database="embedded" if is_embedded() else "external")
 
 
+async def _timed(search, work) -> RebuildOut:
+    started = time.perf_counter()
+    await run_in_threadpool(work)
+    return RebuildOut(prototypes=len(search.index.categories), indexed_images=len(search.index),
+                      seconds=round(time.perf_counter() - started, 3))
+
+
 @router.post("/admin/rebuild-index", response_model=RebuildOut, responses=WRITE_ERRORS,
              dependencies=[Depends(require_api_key)], tags=["admin"])
 async def rebuild_index(search: SearchDep):
     """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it."""
-    started = time.perf_counter()
-    await run_in_threadpool(search.rebuild)
-    return RebuildOut(prototypes=len(search.index.categories), indexed_images=len(search.index),
-                      seconds=round(time.perf_counter() - started, 3))
+    return await _timed(search, search.rebuild)
 
 
 @router.post("/admin/rebuild-prototypes", response_model=RebuildOut, responses=WRITE_ERRORS,
              dependencies=[Depends(require_api_key)], tags=["admin"])
 async def rebuild_prototypes(search: SearchDep):
     """Recompute every prototype exactly from its members and reload them into the index."""
-    started = time.perf_counter()
-    await run_in_threadpool(search.rebuild_prototypes)
-    return RebuildOut(prototypes=len(search.index.categories), indexed_images=len(search.index),
-                      seconds=round(time.perf_counter() - started, 3))
+    return await _timed(search, search.rebuild_prototypes)
