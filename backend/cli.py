@@ -1,6 +1,7 @@
 """The command line: `python -m backend COMMAND`, one command per pipeline stage."""
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,8 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; errors a person can fix print one message and exit 2."""
     args = build_parser().parse_args(argv)
+    # A plain SIGTERM would end the process without cleanup; as SystemExit, atexit stops the embedded server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

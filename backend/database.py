@@ -79,6 +79,16 @@ def session_factory() -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def close() -> None:
+    """Dispose the engine and let go of the embedded server (stopped if no other process uses it)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    if _embedded_server.cache_info().currsize:
+        _embedded_server().release()
+    for cached in (session_factory, get_engine, _embedded_server):
+        cached.cache_clear()
+
+
 def _alembic_config(connection):
     from alembic.config import Config
 

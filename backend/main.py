@@ -9,6 +9,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from backend.config import PROJECT_ROOT
+from backend.database import close as close_database
 from backend.errors import DatabaseError, ImsrcError, InvalidImage, ModelUnavailable
 from backend.routes import images, search, system
 from backend.service import ImageSearch, NotFound
@@ -39,6 +40,8 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
             app.state.startup_error = str(exc)
             log.error("not ready: %s", exc)
         yield
+        # Here, not atexit: uvicorn re-raises SIGTERM after shutting down, which skips atexit handlers.
+        await run_in_threadpool(close_database)
 
     app = FastAPI(title="imsrc", version="1.0",
                   description="Image similarity search backed by PostgreSQL: two-stage search (category "

@@ -54,3 +54,40 @@ def test_init_db_is_repeatable(cli_env):
     for _ in range(2):
         proc = run(cli_env, "-m", "backend", "init-db")
         assert proc.returncode == 0 and "revision 0001" in proc.stdout
+
+
+def _postmaster_alive(pgdata: Path) -> bool:
+    import os
+
+    try:
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), 0)
+        return True
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_server_leaves_no_embedded_postgres_behind(cli_env, tmp_path):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in cli_env.items() if k != "DATABASE_URL"}  # the embedded server, in DATA_DIR
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.3)
+    pgdata = Path(env["DATA_DIR"]) / "postgres"
+    assert _postmaster_alive(pgdata)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert not _postmaster_alive(pgdata), "the embedded server outlived the API server"
