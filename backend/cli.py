@@ -8,7 +8,6 @@ from pathlib import Path
 
 from backend.errors import ImsrcError
 
-log = logging.getLogger("backend")
 
 
 def cmd_init_db(args) -> int:

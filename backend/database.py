@@ -1,6 +1,5 @@
 """One engine per process for the configured or embedded PostgreSQL, plus migrations."""
 import functools
-import logging
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -10,7 +9,6 @@ from sqlalchemy.orm import sessionmaker
 from backend.config import PROJECT_ROOT, settings
 from backend.errors import DatabaseError
 
-log = logging.getLogger(__name__)
 
 
 @functools.cache

@@ -1,5 +1,4 @@
 """Ingestion: read, hash, de-duplicate, decode, embed in batches and store each batch in one transaction."""
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -13,7 +12,6 @@ from backend.embedders import Embedder
 from backend.errors import InvalidImage
 from backend.images import decode, sha256
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

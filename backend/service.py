@@ -1,5 +1,4 @@
 """The Python API: `ImageSearch` ties the database, the embedder and the index together."""
-import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,6 @@ from backend.index_manager import IndexManager
 from backend.ingest import IngestReport, ingest
 from backend.models import Category, Embedding, Image
 
-log = logging.getLogger(__name__)
 
 ImageInput = Union[PILImage.Image, bytes, str, Path]
 

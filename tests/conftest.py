@@ -2,7 +2,6 @@
 each test that needs a database gets a fresh copy of it."""
 import itertools
 import os
-import shutil
 import uuid
 from pathlib import Path
 

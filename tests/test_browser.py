@@ -1,6 +1,5 @@
 """The real page in headless Chromium (Debian's package, driven by Playwright) against the real server,
 a real PostgreSQL and a small collection of real Fashion-MNIST images embedded by efficientnet_lite0."""
-import os
 import shutil
 import socket
 import subprocess

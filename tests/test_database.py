@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import sessionmaker
 
 from backend import store
 from backend.database import create_engine_checked, current_revision, downgrade, migrate

@@ -1,5 +1,4 @@
 """Real images are messy: every mode and orientation decodes to an upright RGB image."""
-import io
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from backend import store
-from backend.datasets import Item, load_dataset, select_balanced
+from backend.datasets import Item, load_dataset
 from backend.ingest import ingest
 from backend.models import Category, Embedding, Image, Prototype
 from tests.helpers import CLASSES, PixelEmbedder, write_cifar10_batches, write_fashion_mnist, write_folder_dataset
