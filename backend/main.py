@@ -40,6 +40,8 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
             app.state.startup_error = str(exc)
             log.error("not ready: %s", exc)
         yield
+        if app.state.search is not None:
+            await run_in_threadpool(app.state.search.close)
         # Here, not atexit: uvicorn re-raises SIGTERM after shutting down, which skips atexit handlers.
         await run_in_threadpool(close_database)
 

@@ -94,3 +94,9 @@ class RebuildOut(BaseModel):
     prototypes: int
     indexed_images: int
     seconds: float
+
+
+class RefreshOut(BaseModel):
+    added: int
+    removed: int
+    indexed_images: int

@@ -208,6 +208,12 @@ class ImageSearch:
         with self._lock:
             self.manager.save_snapshot()
 
+    def close(self) -> None:
+        """Snapshot the index if writes changed it since the last snapshot, so the next start loads it."""
+        with self._lock:
+            if self.manager.fingerprint is None:
+                self.manager.save_snapshot()
+
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
         with self._lock:

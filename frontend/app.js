@@ -52,8 +52,8 @@ function resultCard(hit) {
   img.loading = "lazy";
   const caption = document.createElement("span");
   caption.className = "caption";
-  caption.innerHTML = `<b>#${hit.rank}</b> <span class="score">${hit.score.toFixed(3)}</span> ` +
-    `<span class="category"></span>`;
+  const score = typeof hit.score === "number" ? `<span class="score">${hit.score.toFixed(3)}</span> ` : "";
+  caption.innerHTML = `<b>#${hit.rank}</b> ${score}<span class="category"></span>`;
   caption.querySelector(".category").textContent = hit.category || "";
   button.append(img, caption);
   button.addEventListener("click", () => searchByImage(hit.image_id));
@@ -120,7 +120,7 @@ async function loadCategories() {
         try {
           const page = await api.categoryImages(c.category_id);
           $("browse").replaceChildren(...page.images.map((im, i) => resultCard({
-            image_id: im.image_id, image_url: im.image_url, rank: i + 1, score: 1, category: im.category,
+            image_id: im.image_id, image_url: im.image_url, rank: i + 1, category: im.category,
             file_name: im.original_name })));
         } catch (err) { showError(err.message); }
       });

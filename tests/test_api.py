@@ -89,6 +89,13 @@ def test_upload_duplicate_info_delete(client):
     assert client.post("/admin/rebuild-prototypes").json()["prototypes"] == 4
 
 
+def test_refresh_picks_up_another_process_s_writes(client, sessions, tmp_path):
+    other = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "other")
+    added = other.add_image(png_bytes(Image.new("RGB", (32, 32), (7, 7, 7))), "grey")
+    assert client.post("/admin/refresh").json() == {"added": 1, "removed": 0, "indexed_images": 19}
+    assert client.get(f"/images/{added.image_id}/similar?limit=1").status_code == 200
+
+
 @pytest.mark.parametrize("request_kwargs, code, message", [
     ({"files": {"file": ("x.txt", b"hello, not an image", "text/plain")}}, 400, "not an image"),
     ({"files": {"file": ("t.jpg", png_bytes(Image.new("RGB", (64, 64)), "JPEG")[:300], "image/jpeg")}}, 400, "truncated"),

@@ -105,8 +105,10 @@ def test_snapshot_is_used_when_it_matches_and_rebuilt_when_stale(sessions, tmp_p
     third = _open(sessions, tmp_path)
     assert third.index_source == "rebuilt" and "snapshot is stale" in caplog.text
     assert len(third.index) == len(first.index)
-    for flat_l2 in (_open(sessions, tmp_path, "flatl2"),):  # another index type never takes this snapshot
-        assert flat_l2.index_source == "rebuilt"
+    assert _open(sessions, tmp_path, "flatl2").index_source == "rebuilt"  # another index type: not this snapshot
+    third.add_image(_colour((3, 2, 1)), "blue")
+    third.close()  # changed since its snapshot: writes a fresh one
+    assert _open(sessions, tmp_path).index_source == "snapshot"
 
 
 def test_two_processes_see_each_others_changes_after_refresh(sessions, tmp_path, collection):

@@ -10,7 +10,7 @@ from backend import store
 from backend.database import is_embedded
 from backend.deps import SearchDep, require_api_key
 from backend.routes.images import WRITE_ERRORS
-from backend.schemas import HealthOut, Problem, RebuildOut, StatusOut
+from backend.schemas import HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
 
 router = APIRouter(tags=["system"])
 
@@ -71,3 +71,11 @@ async def rebuild_index(search: SearchDep):
 async def rebuild_prototypes(search: SearchDep):
     """Recompute every prototype exactly from its members and reload them into the index."""
     return await _timed(search, search.rebuild_prototypes)
+
+
+@router.post("/admin/refresh", response_model=RefreshOut, responses=WRITE_ERRORS,
+             dependencies=[Depends(require_api_key)], tags=["admin"])
+async def refresh(search: SearchDep):
+    """Pick up images other processes added to or deleted from the database since start-up."""
+    added, removed = await run_in_threadpool(search.refresh)
+    return RefreshOut(added=added, removed=removed, indexed_images=len(search.index))
