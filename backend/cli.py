@@ -39,15 +39,17 @@ def cmd_populate(args) -> int:
 
 def cmd_status(args) -> int:
     """Print what the database holds and which database and model are in use."""
+    from sqlalchemy.engine import make_url
+
+    from backend import store
     from backend.config import settings
     from backend.database import database_url, is_embedded, session_factory
     from backend.embedders import model_dim
-    from backend import store
 
     with session_factory()() as session:
         c = store.counts(session)
     where = f"embedded PostgreSQL in {settings.pg_data_dir}" if is_embedded() else \
-        __import__("sqlalchemy").engine.make_url(database_url()).render_as_string(hide_password=True)
+        make_url(database_url()).render_as_string(hide_password=True)
     print(f"database:   {where}")
     print(f"model:      {settings.model_name} ({model_dim(settings.model_name)}-d)")
     print(f"images:     {c['images']}")

@@ -36,6 +36,7 @@ class Item:
     source: str
     split: str | None
     read: Callable[[], bytes] = field(repr=False, compare=False)
+    metadata: dict | None = field(default=None, compare=False)
 
 
 def select_balanced(items: list[Item], n: int | None) -> list[Item]:

@@ -60,21 +60,24 @@ def configurations(prototype_limits, n_categories: int) -> list[Config]:
 def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True) -> dict:
     """Run every configuration over the queries; returns metrics, latencies and index size."""
     index = search.index
+    read = [(q, q.read()) for q in queries]
+    digests = [sha256(data) for _, data in read]
     with search.sessions() as s:
         category_ids = dict(s.execute(sa.select(Category.name, Category.id)).all())
-        stored = set(s.scalars(sa.select(Image.sha256).where(Image.sha256.in_([sha256(q.read()) for q in queries]))))
+        stored = set(s.scalars(sa.select(Image.sha256).where(Image.sha256.in_(digests))))
     sizes = index.category_sizes()
-    held_out = [q for q in queries if sha256(q.read()) not in stored and category_ids.get(q.category) in sizes]
+    held_out = [(q, data) for (q, data), digest in zip(read, digests)
+                if digest not in stored and category_ids.get(q.category) in sizes]
     if not held_out:
         raise ImsrcError("no usable queries: every query image is in the index, or its category is not")
 
     embed_ms, vectors = [], []
-    for q in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
+    for _, data in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
         started = time.perf_counter()
-        vectors.append(search.embedder.embed([decode(q.read()).image])[0])
+        vectors.append(search.embedder.embed([decode(data).image])[0])
         embed_ms.append((time.perf_counter() - started) * 1000)
     vectors = np.stack(vectors)
-    labels = np.array([category_ids[q.category] for q in held_out])
+    labels = np.array([category_ids[q.category] for q, _ in held_out])
 
     results, exhaustive_ids = {}, None  # configurations() puts the exhaustive baseline first
     for config in configurations(prototype_limits, len(index.categories)):

@@ -93,7 +93,7 @@ def _ingest_batch(session_factory, batch: list[Item], embedder: Embedder, report
             new_images.append(store.NewImage(
                 sha256=digest, data=data, width=decoded.width, height=decoded.height, format=decoded.format,
                 category=item.category, label=item.label, original_name=item.original_name,
-                source_dataset=item.source, source_split=item.split))
+                source_dataset=item.source, source_split=item.split, metadata=item.metadata))
     if not to_embed:
         return
     # Embed outside the transaction so that it stays short; conflicts are settled by ON CONFLICT below.

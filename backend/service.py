@@ -157,18 +157,14 @@ class ImageSearch:
             raise InvalidImage("add_image takes encoded image bytes or a file path")
         if not category or not str(category).strip():
             raise InvalidImage("a category is required")
-        decode(data)  # reject non-images before anything is written
         name = original_name or (Path(image).name if isinstance(image, (str, Path)) else None)
         item = Item(category=str(category).strip(), label=None, original_name=name or "upload", source="upload",
-                    split=None, read=lambda: data)
+                    split=None, read=lambda: data, metadata=metadata)
         report = self._ingest([item])
-        if report.failed:
+        if report.failed:  # ingestion stores nothing for bytes that do not decode
             raise InvalidImage(report.failed[0][1])
         with self.sessions() as s:
             image_id = s.scalar(sa.select(Image.id).where(Image.sha256 == sha256(data)))
-            if metadata and report.image_ids:
-                s.execute(sa.update(Image).where(Image.id == image_id).values(metadata_=metadata))
-                s.commit()
         return AddResult(image_id=image_id, duplicate=not report.image_ids)
 
     def delete_image(self, image_id: int) -> None:

@@ -123,3 +123,17 @@ def test_two_processes_see_each_others_changes_after_refresh(sessions, tmp_path,
     assert a.refresh() == (0, 0)  # nothing new: cheap no-op
     query = PixelEmbedder().embed([Image.new("RGB", (32, 32), (200, 30, 30))])
     assert _all_results(a, query) == _all_results(b, query)
+
+
+def test_add_image_stores_metadata_with_the_image(sessions, tmp_path):
+    from backend import store
+
+    search = _open(sessions, tmp_path)
+    added = search.add_image(_colour((9, 99, 199)), "teal", metadata={"photographer": "ada"})
+    with sessions() as s:
+        image, category = store.get_image(s, added.image_id)
+    assert image.metadata_ == {"photographer": "ada"} and category == "teal"
+    again = search.add_image(_colour((9, 99, 199)), "teal", metadata={"photographer": "bob"})
+    assert again.duplicate
+    with sessions() as s:
+        assert store.get_image(s, added.image_id)[0].metadata_ == {"photographer": "ada"}  # a duplicate changes nothing
