@@ -1,5 +1,6 @@
 @echo off
 rem imsrc set-up for Windows: an interactive menu, or one subcommand for scripts.
+rem A line-by-line translation of setup.sh (it cannot be run where imsrc is developed; see README).
 rem   setup.bat install | db | populate [N] [DATASET] | index | serve | test [ARGS] | evaluate [N] | demo | status
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
@@ -17,38 +18,52 @@ if /i "%CMD%"=="test" goto test
 if /i "%CMD%"=="evaluate" goto evaluate
 if /i "%CMD%"=="demo" goto demo
 if /i "%CMD%"=="status" goto status
-echo unknown command: %CMD% (install, db, populate, index, serve, test, evaluate, demo, status)
+echo unknown command: %CMD% (install, db, populate, index, serve, test, evaluate, demo, status) 1>&2
 exit /b 2
 
 :menu
+rem Each step runs through :step, so its failure (or Ctrl-C) is reported in one line and the menu comes back.
+rem cmd.exe asks "Terminate batch job (Y/N)?" after a Ctrl-C: answer N to come back to the menu.
 echo.
-echo imsrc set-up
+set "STATE=not installed yet: choose 1"
+if exist "%PY%" (
+  set "STATE=status unavailable: choose 8 to see why"
+  for /f "usebackq delims=" %%L in (`%PY% -m backend status --line 2^>nul`) do set "STATE=%%L"
+)
+echo imsrc set-up  !STATE!
 echo   1) Install dependencies
 echo   2) Set up the database
-echo   3) Populate CIFAR-10
+echo   3) Populate: add images (CIFAR-10, Fashion-MNIST, a folder or a CSV)
 echo   4) Initialise the vector search (prototypes and index)
-echo   5) Start the server
+echo   5) Start the server (Ctrl-C stops it and comes back here)
 echo   6) Run the tests
 echo   7) Evaluate two-stage against exhaustive search
 echo   8) Show status
 echo   q) Quit
 set "CHOICE="
+rem cmd cannot tell an empty answer from the end of input: both leave the menu, as end of input does in setup.sh.
 set /p "CHOICE=Choose: "
-if "%CHOICE%"=="1" call :do_install
-if "%CHOICE%"=="2" call :do_run init-db
-if "%CHOICE%"=="3" (
-  set "N="
-  set /p "N=How many images? [1000] "
-  if "!N!"=="" set "N=1000"
-  call :do_run populate --dataset cifar10 --num-images !N!
-)
-if "%CHOICE%"=="4" call :do_run rebuild
-if "%CHOICE%"=="5" call :do_run serve
-if "%CHOICE%"=="6" call :do_test
-if "%CHOICE%"=="7" call :do_run evaluate --queries 1000 --json data\evaluation.json
-if "%CHOICE%"=="8" call :do_run status
-if /i "%CHOICE%"=="q" exit /b 0
+if not defined CHOICE exit /b 0
+if "!CHOICE!"=="1" call :step "see the pip output above; check the network to the package registries, then choose 1 again" :do_install & goto menu
+if "!CHOICE!"=="2" call :step "see the error above: check DATABASE_URL (or unset it for the embedded server), then choose 2 again" :do_run init-db & goto menu
+if "!CHOICE!"=="3" call :step "see the error above, then choose 3 again and pick a dataset that is available here" :do_run populate --interactive & goto menu
+if "!CHOICE!"=="4" call :step "see the error above; populate first (3) if there are no vectors yet" :do_run rebuild & goto menu
+if "!CHOICE!"=="5" call :step "see the error above (8 shows what the database holds)" :do_run serve & goto menu
+if "!CHOICE!"=="6" call :step "see the failing tests above" :do_test & goto menu
+if "!CHOICE!"=="7" call :step "see the error above; evaluation needs a populated Fashion-MNIST or CIFAR-10 collection (3)" :do_evaluate 1000 & goto menu
+if "!CHOICE!"=="8" call :step "see the error above: check DATABASE_URL, or choose 2 to set up the database" :do_run status & goto menu
+if /i "!CHOICE!"=="q" exit /b 0
+echo unknown choice: !CHOICE! (type 1-8, or q to quit)
 goto menu
+
+:step
+rem %1: what to do next if the step fails; the rest: the step's label and arguments.
+set "HINT=%~1"
+call %2 %3 %4 %5 %6 %7 %8 %9
+set "RC=!errorlevel!"
+if "!RC!"=="0" exit /b 0
+if "!RC!"=="130" (echo ==^> stopped ^(Ctrl-C^)) else if "!RC!"=="-1073741510" (echo ==^> stopped ^(Ctrl-C^)) else (echo ==^> failed ^(exit !RC!^): !HINT!)
+exit /b 0
 
 :install
 call :do_install
@@ -59,11 +74,13 @@ call :do_run init-db
 exit /b %errorlevel%
 
 :populate
+rem In a console, populate asks for what is not given; N defaults to 1000 for scripts, as in setup.sh.
 set "N=%~1"
 set "DS=%~2"
-if "%N%"=="" set "N=1000"
-if "%DS%"=="" set "DS=cifar10"
-call :do_run populate --dataset %DS% --num-images %N%
+set "ARGS=--interactive"
+if not "%DS%"=="" set "ARGS=!ARGS! --dataset %DS%"
+if not "%N%"=="" set "ARGS=!ARGS! --num-images %N%"
+call :do_run populate !ARGS!
 exit /b %errorlevel%
 
 :index
@@ -79,10 +96,7 @@ call :do_run status
 exit /b %errorlevel%
 
 :evaluate
-set "N=%~1"
-if "%N%"=="" set "N=1000"
-if not exist data mkdir data
-call :do_run evaluate --queries %N% --json data\evaluation.json
+call :do_evaluate %1
 exit /b %errorlevel%
 
 :test
@@ -96,10 +110,12 @@ powershell -NoProfile -Command "try { (New-Object Net.Sockets.TcpClient).Connect
 if errorlevel 1 (
   echo no network: using the offline model efficientnet_lite0 and Fashion-MNIST from FASHION_MNIST_DIR
   set "MODEL_NAME=efficientnet_lite0"
-  call :do_run populate --dataset fashion-mnist --num-images 2000 || exit /b 1
+  if "%DEMO_IMAGES%"=="" set "DEMO_IMAGES=2000"
+  call :do_run populate --dataset fashion-mnist --num-images !DEMO_IMAGES! || exit /b 1
 ) else (
   if "%MODEL_NAME%"=="" set "MODEL_NAME=resnet50"
-  call :do_run populate --dataset cifar10 --num-images 1000 || exit /b 1
+  if "%DEMO_IMAGES%"=="" set "DEMO_IMAGES=1000"
+  call :do_run populate --dataset cifar10 --num-images !DEMO_IMAGES! || exit /b 1
 )
 call :do_run serve
 exit /b %errorlevel%
@@ -114,6 +130,13 @@ echo ==^> installing Python packages (torch is large: a few minutes the first ti
 "%PY%" -m pip install -q -r requirements-dev.txt || exit /b 1
 if not exist .env copy .env.example .env >nul
 exit /b 0
+
+:do_evaluate
+set "N=%~1"
+if "%N%"=="" set "N=1000"
+if not exist data mkdir data
+call :do_run evaluate --queries %N% --json data\evaluation.json
+exit /b %errorlevel%
 
 :do_test
 if not exist "%PY%" call :do_install || exit /b 1

@@ -2,7 +2,8 @@
 # imsrc set-up: an interactive menu, or one subcommand for scripts.
 #   ./setup.sh install            create .venv and install everything (Python packages, Fashion-MNIST, Chromium)
 #   ./setup.sh db                 start the database (embedded unless configured) and migrate the schema
-#   ./setup.sh populate [N] [DS]  load N images (default 1000) of dataset DS (default cifar10)
+#   ./setup.sh populate [N] [DS]  load N images of dataset DS (in a terminal it asks for what is not given;
+#                                 else 1000 of cifar10 when it can be had here, or else of fashion-mnist)
 #   ./setup.sh index              rebuild the prototypes and the search index from the stored vectors
 #   ./setup.sh serve              start the API and web page (http://localhost:8000/app/)
 #   ./setup.sh evaluate [N]       two-stage vs exhaustive search quality and latency on N held-out queries
@@ -70,12 +71,11 @@ cmd_db() { ensure_installed; "$PY" -m backend init-db; }
 
 cmd_populate() {
   ensure_installed
-  local n="${1:-}" dataset="${2:-cifar10}"
-  if [ -z "$n" ]; then
-    if [ -t 0 ]; then read -r -p "How many images? [1000] " n; fi
-    n="${n:-1000}"
-  fi
-  "$PY" -m backend populate --dataset "$dataset" --num-images "$n"
+  local n="${1:-}" dataset="${2:-}"
+  local args=(populate --interactive)  # asks only in a terminal, and only for what is not given here
+  [ -n "$dataset" ] && args+=(--dataset "$dataset")
+  if [ -n "$n" ]; then args+=(--num-images "$n"); elif [ ! -t 0 ]; then args+=(--num-images 1000); fi
+  "$PY" -m backend "${args[@]}"
 }
 
 cmd_index() { ensure_installed; "$PY" -m backend rebuild; }
@@ -115,33 +115,57 @@ cmd_test() {
   "$PY" -m pytest "$@"
 }
 
+state_line() {
+  # One line of state above the menu, from the Python side (it knows the database, the model and the index).
+  if [ ! -f "$STAMP" ]; then echo "not installed yet: choose 1"; return; fi
+  "$PY" -m backend status --line 2>/dev/null || echo "status unavailable: choose 8 to see why"
+}
+
+run_step() {
+  # A menu step: runs in a subshell under `set -e`, so its failure (or Ctrl-C) comes back here as a status
+  # and the menu is shown again. $1 is what to do next if it fails; the rest is the command.
+  local hint="$1" status=0
+  shift
+  trap 'echo' INT  # Ctrl-C stops the step (the step's processes get it), not the menu
+  set +e
+  ( set -e; "$@" )
+  status=$?
+  set -e
+  trap - INT
+  if [ "$status" -eq 130 ] || [ "$status" -eq 143 ]; then
+    say "stopped (Ctrl-C)"
+  elif [ "$status" -ne 0 ]; then
+    printf '\033[1;31m==> failed (exit %s): %s\033[0m\n' "$status" "$hint"
+  fi
+}
+
 menu() {
   while true; do
+    printf '\n\033[1mimsrc set-up\033[0m  %s\n' "$(state_line)"
     cat <<'MENU'
-
-imsrc set-up
   1) Install dependencies
   2) Set up the database
-  3) Populate CIFAR-10
+  3) Populate: add images (CIFAR-10, Fashion-MNIST, a folder or a CSV)
   4) Initialise the vector search (prototypes and index)
-  5) Start the server
+  5) Start the server (Ctrl-C stops it and comes back here)
   6) Run the tests
   7) Evaluate two-stage against exhaustive search
   8) Show status
   q) Quit
 MENU
-    read -r -p "Choose: " choice || exit 0
+    read -r -p "Choose: " choice || { echo; exit 0; }
     case "$choice" in
-      1) cmd_install ;;
-      2) cmd_db ;;
-      3) cmd_populate ;;
-      4) cmd_index ;;
-      5) cmd_serve ;;
-      6) cmd_test ;;
-      7) cmd_evaluate ;;
-      8) cmd_status ;;
+      1) run_step "see the pip or apt-get output above; check the network to the package registries, then choose 1 again" cmd_install ;;
+      2) run_step "see the error above: check DATABASE_URL (or unset it for the embedded server), then choose 2 again" cmd_db ;;
+      3) run_step "see the error above, then choose 3 again and pick a dataset that is available here" cmd_populate ;;
+      4) run_step "see the error above; populate first (3) if there are no vectors yet" cmd_index ;;
+      5) run_step "see the error above (8 shows what the database holds)" cmd_serve ;;
+      6) run_step "see the failing tests above" cmd_test ;;
+      7) run_step "see the error above; evaluation needs a populated Fashion-MNIST or CIFAR-10 collection (3)" cmd_evaluate ;;
+      8) run_step "see the error above: check DATABASE_URL, or choose 2 to set up the database" cmd_status ;;
       q|Q) exit 0 ;;
-      *) echo "unknown choice: $choice" ;;
+      "") ;;
+      *) echo "unknown choice: $choice (type 1-8, or q to quit)" ;;
     esac
   done
 }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from backend.errors import ImsrcError
 
+DEFAULT_POPULATE = 1000  # what the populate dialog offers for CIFAR-10 and Fashion-MNIST (the seed's default)
+
 
 
 def cmd_init_db(args) -> int:
@@ -21,37 +23,88 @@ def cmd_init_db(args) -> int:
 
 
 def cmd_populate(args) -> int:
-    """Load a dataset, embed its images with MODEL_NAME and store them."""
+    """Load a dataset, embed its images and store them (model: MODEL_NAME, else the collection's own)."""
+    from backend import store
     from backend.config import settings
     from backend.database import session_factory
-    from backend.datasets import load_dataset, select_balanced
-    from backend.embedders import get_embedder
+    from backend.datasets import default_dataset, load_dataset, select_balanced
     from backend.ingest import ingest
+    from backend.model_choice import choose_model, load_embedder
 
+    if args.interactive and sys.stdin.isatty():
+        ask_populate(args)
+    if args.dataset is None:
+        args.dataset, why = default_dataset()
+        print(why)
     items = select_balanced(load_dataset(args.dataset, args.split, args.data_dir, args.image_dir), args.num_images)
-    embedder = get_embedder().load()
     factory = session_factory()
+    embedder = load_embedder(choose_model(factory), factory)
+    with factory() as s, s.begin():  # later commands with MODEL_NAME unset use the model chosen here
+        store.ensure_model(s, embedder.name, embedder.dim, chosen=True)
     print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on {embedder.device}")
     report = ingest(factory, items, embedder, batch_size=args.batch_size or settings.batch_size)
     print(report.summary())
     return 0
 
 
+def ask_populate(args) -> None:
+    """Ask for what `populate` was not told: the dataset (saying which can be had here), a path, how many."""
+    from backend.datasets import DATASET_TITLES, DATASETS, availability, default_dataset
+
+    if args.dataset is None:
+        found = {name: availability(name) for name in ("cifar10", "fashion-mnist")}
+        default, why = default_dataset(found["cifar10"])
+        print("Datasets:")
+        for number, name in enumerate(DATASETS, 1):
+            ok, where = found.get(name, (True, ""))
+            note = f" ({where})" if ok and where else f" (not available here: {where})" if not ok else ""
+            print(f"  {number}) {DATASET_TITLES[name]}{note}")
+        print(why)
+        args.dataset = DATASETS[_ask_number("Dataset", DATASETS.index(default) + 1, maximum=len(DATASETS)) - 1]
+    if args.dataset in ("folder", "csv") and args.data_dir is None:
+        question = "Folder (one subfolder per category)" if args.dataset == "folder" else "CSV file"
+        while not (answer := _ask(f"{question}: ").strip()):
+            pass
+        args.data_dir = Path(answer).expanduser()
+    if args.num_images is None:
+        everything = args.dataset in ("folder", "csv")
+        args.num_images = _ask_number("How many images", None if everything else DEFAULT_POPULATE)
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:
+        raise ImsrcError("no answer (end of input): nothing was populated") from None
+
+
+def _ask_number(question: str, default: int | None, maximum: int | None = None) -> int | None:
+    """A whole number from 1 to maximum, asked until one is given; Enter takes the default (None: all)."""
+    while True:
+        answer = _ask(f"{question}? [{default if default is not None else 'all'}] ").strip()
+        if not answer:
+            return default
+        if answer.isdigit() and 1 <= int(answer) <= (maximum or int(answer)):
+            return int(answer)
+        print(f"  please type a whole number from 1 to {maximum}" if maximum else "  please type a whole number, at least 1")
+
+
 def cmd_status(args) -> int:
     """Print what the database holds and which database and model are in use."""
-    from sqlalchemy.engine import make_url
-
+    if args.line:
+        print(status_line())
+        return 0
     from backend import store
-    from backend.config import settings
-    from backend.database import database_url, is_embedded, session_factory
+    from backend.database import session_factory
     from backend.embedders import model_dim
+    from backend.model_choice import choose_model, unserved_notice
 
-    with session_factory()() as session:
+    factory = session_factory()
+    with factory() as session:
         c = store.counts(session)
-    where = f"embedded PostgreSQL in {settings.pg_data_dir}" if is_embedded() else \
-        make_url(database_url()).render_as_string(hide_password=True)
-    print(f"database:   {where}")
-    print(f"model:      {settings.model_name} ({model_dim(settings.model_name)}-d)")
+    choice = choose_model(factory, quiet=True)
+    print(f"database:   {_database_description()}")
+    print(f"model:      {choice.name} ({model_dim(choice.name)}-d): {choice.reason}")
     print(f"images:     {c['images']}")
     print(f"categories: {c['categories']}")
     for model in sorted(set(c["embeddings"]) | set(c["prototypes"])):
@@ -59,7 +112,53 @@ def cmd_status(args) -> int:
               f"{c['prototypes'].get(model, 0)} prototypes")
     if not c["embeddings"]:
         print("no embeddings yet: run `python -m backend populate`")
+    elif notice := unserved_notice(c["embeddings"], choice.name):
+        print(f"note: {notice}")
     return 0
+
+
+def status_line() -> str:
+    """One line for the set-up menu: database, images, model, index and writes, each with what to do next."""
+    from backend import store
+    from backend.config import settings
+    from backend.database import session_factory
+    from backend.index_manager import fingerprint, snapshot_meta, snapshot_path
+    from backend.model_choice import choose_model
+
+    writes = "writes need X-API-Key (API_KEY is set)" if settings.api_key else "writes open (no API_KEY)"
+    try:
+        where = _database_description(short=True)
+        factory = session_factory()
+        with factory() as s:
+            images = store.counts(s)["images"]
+        choice = choose_model(factory, quiet=True)
+        with factory() as s:
+            current = fingerprint(s, choice.name)
+    except ImsrcError as exc:
+        return (f"database: not reachable ({str(exc).splitlines()[0]}): check DATABASE_URL, or unset it for the "
+                f"embedded server | {writes}")
+    meta = snapshot_meta(snapshot_path(settings.snapshot_dir, choice.name, settings.faiss_index_type))
+    if current.startswith("0:"):
+        index = "no vectors yet: populate (3)"
+    elif meta and meta.get("fingerprint") == current and meta.get("model") == choice.name:
+        index = "index ready"
+    else:
+        index = "index not built: 4 builds it (or the server at start)"
+    return (f"database: {where}, reachable | {images:,} images | model: {choice.name} ({choice.source}) | "
+            f"{index} | {writes}")
+
+
+def _database_description(short: bool = False) -> str:
+    from sqlalchemy.engine import make_url
+
+    from backend.config import settings
+    from backend.database import database_url, is_embedded
+
+    if is_embedded():
+        return "embedded" if short else f"embedded PostgreSQL in {settings.pg_data_dir}"
+    url = make_url(database_url())
+    return f"external {url.host or 'socket'}:{url.port or 5432}/{url.database}" if short else \
+        url.render_as_string(hide_password=True)
 
 
 def cmd_rebuild(args) -> int:
@@ -67,7 +166,7 @@ def cmd_rebuild(args) -> int:
     from backend.service import ImageSearch
 
     started = time.perf_counter()
-    search = ImageSearch.open()
+    search = ImageSearch.open(load_model=False)  # vectors come from PostgreSQL: no model needed
     if search.index_source == "snapshot":  # open() trusted the snapshot; a rebuild is what was asked for
         search.rebuild()
     index = search.index
@@ -124,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("init-db", help=cmd_init_db.__doc__).set_defaults(func=cmd_init_db)
 
     p = sub.add_parser("populate", help=cmd_populate.__doc__)
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
-    p.add_argument("--num-images", type=_positive_int, default=None, help="take N images balanced across classes")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: cifar10 when it can be had here, else fashion-mnist")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="in a terminal, ask for the dataset, path and number of images not given here")
+    p.add_argument("--num-images", type=_positive_int, default=None,
+                   help="take N images balanced across classes (default: all; asked with --interactive)")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="local copy of the dataset (a folder; for --dataset csv, the CSV file)")
@@ -133,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default BATCH_SIZE)")
     p.set_defaults(func=cmd_populate)
 
-    sub.add_parser("status", help=cmd_status.__doc__).set_defaults(func=cmd_status)
+    p = sub.add_parser("status", help=cmd_status.__doc__)
+    p.add_argument("--line", action="store_true", help="one line, as the set-up menu shows it")
+    p.set_defaults(func=cmd_status)
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
@@ -171,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Which model a command picked, and why, is said plainly.
+    note = logging.StreamHandler(sys.stderr)
+    note.setFormatter(logging.Formatter("%(message)s"))
+    chooser = logging.getLogger("backend.model_choice")
+    chooser.addHandler(note)
+    chooser.setLevel(logging.INFO)
+    chooser.propagate = False
     try:
         return args.func(args)
     except ImsrcError as exc:

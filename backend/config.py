@@ -1,4 +1,5 @@
-"""Settings for imsrc, read once from the environment and `.env`."""
+"""Settings for imsrc, read once from the environment and `.env` (or the file IMSRC_ENV_FILE names)."""
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +12,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """Every field here is documented in `.env.example`."""
 
-    model_config = SettingsConfigDict(env_file=PROJECT_ROOT / ".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=os.environ.get("IMSRC_ENV_FILE", PROJECT_ROOT / ".env"), extra="ignore")
 
     # Database: DATABASE_URL wins; else DB_HOST selects an external server; else the embedded one.
     database_url: str | None = None
@@ -23,8 +24,8 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / "data"
     embedded_pg_dir: Path | None = None
 
-    # Embedding model
-    model_name: str = "resnet50"
+    # Embedding model: None lets backend.model_choice pick (the database's model, else a default that works here)
+    model_name: str | None = None
     model_weights_path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(16, ge=1, le=1024)

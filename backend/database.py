@@ -22,10 +22,34 @@ def database_url() -> str:
     """The SQLAlchemy URL in use: the configured server, else the embedded one (started on demand)."""
     external = settings.external_database_url
     if external:
-        return external
+        return normalise_url(external)
     server_url = make_url(_embedded_server().acquire())
     _create_database_if_missing(server_url, settings.db_name)
     return server_url.set(database=settings.db_name).render_as_string(hide_password=False)
+
+
+def normalise_url(url: str) -> str:
+    """Any usual PostgreSQL URL (postgresql://, postgres://, postgresql+psycopg://) as one the installed driver takes.
+
+    SQLAlchemy maps the plain scheme to psycopg 3, which imsrc does not install; psycopg2 speaks the same protocol."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        raise DatabaseError(f"DATABASE_URL is not a database URL: expected postgresql://user:password@host:port/name, "
+                            f"got {url[:20]!r}...") from None
+    driver = parsed.drivername
+    if driver in ("postgres", "postgresql") or (driver == "postgresql+psycopg" and not _installed("psycopg")):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    elif driver not in ("postgresql+psycopg2", "postgresql+psycopg"):
+        raise DatabaseError(f"DATABASE_URL starts with {driver}://, which imsrc cannot use: it needs PostgreSQL with "
+                            "pgvector, as postgresql://user:password@host:port/name")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def is_embedded() -> bool:

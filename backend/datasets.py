@@ -4,7 +4,6 @@ import gzip
 import io
 import logging
 import pickle
-import socket
 import struct
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -15,6 +14,7 @@ import numpy as np
 
 from backend.errors import DatasetUnavailable
 from backend.images import encode_png
+from backend.network import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,18 @@ def _find(directory: Path, stem: str) -> Path | None:
     return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
 
 
+def _fashion_mnist_files(directory: Path, split: str) -> tuple[Path | None, Path | None]:
+    prefix = "train" if split == "train" else "t10k"
+    return _find(directory, f"{prefix}-images-idx3-ubyte"), _find(directory, f"{prefix}-labels-idx1-ubyte")
+
+
 def load_fashion_mnist(split: str, data_dir: Path | None) -> list[Item]:
     """Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist), else the hub."""
     from backend.config import settings
 
     directory = Path(data_dir or settings.fashion_mnist_dir)
     prefix = "train" if split == "train" else "t10k"
-    images_path, labels_path = _find(directory, f"{prefix}-images-idx3-ubyte"), _find(directory, f"{prefix}-labels-idx1-ubyte")
+    images_path, labels_path = _fashion_mnist_files(directory, split)
     if images_path and labels_path:
         images, labels = read_idx(images_path), read_idx(labels_path)
         if len(images) != len(labels):
@@ -97,13 +102,13 @@ def load_cifar10(split: str, data_dir: Path | None) -> list[Item]:
     """CIFAR-10 from a local copy (the python batches or the hub's parquet files), else the hub."""
     from backend.config import settings
 
-    directory = Path(data_dir or settings.cifar10_dir or settings.data_dir / "cifar10")
+    directory = Path(data_dir or _cifar10_dir())
     batches = _cifar_python_batches(directory, split)
     if batches:
         images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = np.concatenate([b[b"labels"] for b in batches])
         return _array_items(images, labels, CIFAR10_CLASSES, "cifar10", split)
-    parquet = sorted(p for p in directory.rglob("*.parquet") if p.name.startswith(split)) if directory.is_dir() else []
+    parquet = _cifar_parquet_files(directory, split)
     if parquet:
         return _cifar_parquet_items(parquet, split)
     hint = (f"no local CIFAR-10 in {directory} (looked for cifar-10-batches-py/ or {split}-*.parquet). "
@@ -114,16 +119,30 @@ def load_cifar10(split: str, data_dir: Path | None) -> list[Item]:
     return _hub_items("cifar10", split, "img", CIFAR10_CLASSES, hint)
 
 
-def _cifar_python_batches(directory: Path, split: str) -> list[dict]:
+def _cifar10_dir() -> Path:
+    from backend.config import settings
+
+    return Path(settings.cifar10_dir or settings.data_dir / "cifar10")
+
+
+def _cifar_batch_files(directory: Path, split: str) -> list[Path]:
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
     for root in (directory / "cifar-10-batches-py", directory):
-        names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
         if all((root / n).is_file() for n in names):
-            batches = []
-            for n in names:
-                with open(root / n, "rb") as f:
-                    batches.append(pickle.load(f, encoding="bytes"))
-            return batches
+            return [root / n for n in names]
     return []
+
+
+def _cifar_python_batches(directory: Path, split: str) -> list[dict]:
+    batches = []
+    for path in _cifar_batch_files(directory, split):
+        with open(path, "rb") as f:
+            batches.append(pickle.load(f, encoding="bytes"))
+    return batches
+
+
+def _cifar_parquet_files(directory: Path, split: str) -> list[Path]:
+    return sorted(p for p in directory.rglob("*.parquet") if p.name.startswith(split)) if directory.is_dir() else []
 
 
 def _cifar_parquet_items(files: list[Path], split: str) -> list[Item]:
@@ -139,12 +158,8 @@ def _cifar_parquet_items(files: list[Path], split: str) -> list[Item]:
 
 def _hub_items(name: str, split: str, image_column: str, classes: list[str], local_hint: str) -> list[Item]:
     """The dataset from the Hugging Face hub, failing within seconds when the hub cannot be reached."""
-    from backend.config import settings
-
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=settings.hub_timeout).close()
-    except OSError as exc:
-        raise DatasetUnavailable(f"{local_hint}; and the Hugging Face hub ({HUB_HOST}) cannot be reached: {exc}") from None
+    if (exc := unreachable(HUB_HOST)) is not None:
+        raise DatasetUnavailable(f"{local_hint}; and the Hugging Face hub ({HUB_HOST}) cannot be reached: {exc}")
     import datasets
 
     log.info("loading %s/%s from the hub", HUB_IDS[name], split)
@@ -202,6 +217,32 @@ def load_csv(csv_path: Path, image_dir: Path | None = None) -> list[Item]:
 
 
 DATASETS = ("cifar10", "fashion-mnist", "folder", "csv")
+DATASET_TITLES = {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST",
+                  "folder": "a folder of images, one subfolder per category",
+                  "csv": "a CSV file with a file column and a category column"}
+
+
+def availability(name: str, split: str = "train") -> tuple[bool, str]:
+    """Whether a downloadable dataset (cifar10, fashion-mnist) can be had here, and from where or why not."""
+    from backend.config import settings
+
+    directory = _cifar10_dir() if name == "cifar10" else Path(settings.fashion_mnist_dir)
+    local = (_cifar_batch_files(directory, split) or _cifar_parquet_files(directory, split)) if name == "cifar10" \
+        else all(_fashion_mnist_files(directory, split))
+    if local:
+        return True, f"local copy in {directory}"
+    if (error := unreachable(HUB_HOST)) is None:
+        return True, f"no local copy in {directory}; downloads from the Hugging Face hub ({HUB_HOST})"
+    return False, f"no local copy in {directory}, and {HUB_HOST} cannot be reached ({error})"
+
+
+def default_dataset(cifar10: tuple[bool, str] | None = None) -> tuple[str, str]:
+    """CIFAR-10 when it can be had here (`cifar10`: its availability, if known), else Fashion-MNIST;
+    returns (name, why, for a person)."""
+    ok, where = cifar10 or availability("cifar10")
+    if ok:
+        return "cifar10", f"CIFAR-10: {where}"
+    return "fashion-mnist", f"CIFAR-10 is not available here ({where}), so the default is Fashion-MNIST"
 
 
 def load_dataset(name: str, split: str = "train", data_dir: Path | None = None, image_dir: Path | None = None) -> list[Item]:

@@ -5,7 +5,6 @@ and its ImageNet classifier head, and takes its preprocessing from its own weigh
 """
 import functools
 import logging
-import socket
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -18,9 +17,11 @@ from PIL import Image
 from torch import nn
 
 from backend.errors import ModelUnavailable
+from backend.network import unreachable
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL = "resnet50"  # the seed's model; backend.model_choice falls back to an offline one where it cannot load
 OFFLINE_MODELS = ("efficientnet_lite0", "efficientnet_lite2")
 
 
@@ -43,6 +44,12 @@ class Embedder(ABC):
     @abstractmethod
     def _load(self) -> tuple[nn.Module, nn.Module, Callable[[Image.Image], torch.Tensor]]:
         """Return (backbone: images -> (n, dim) features, classifier head, preprocess: PIL -> CHW tensor)."""
+
+    def weights_problem(self) -> str | None:
+        """Why the weights cannot be had here (checked without loading them), or None when they can."""
+        if self.weights_path and not self.weights_path.is_file():
+            return f"MODEL_WEIGHTS_PATH={self.weights_path} does not exist or is not a file"
+        return None
 
     # -- the interface ------------------------------------------------------------------------------
     def load(self) -> "Embedder":
@@ -118,14 +125,29 @@ class TorchvisionResNet(Embedder):
     def _load(self):
         import torchvision
 
-        weights = getattr(torchvision.models, self.weights_enum).IMAGENET1K_V1
+        weights = self._weights()
         model = getattr(torchvision.models, self.arch)(weights=None)
         model.load_state_dict(self._state_dict_from_file() if self.weights_path else self._hub_state_dict(weights.url))
         backbone = nn.Sequential(*list(model.children())[:-1], nn.Flatten(1))
         return backbone, model.fc, weights.transforms()
 
+    def weights_problem(self) -> str | None:
+        if self.weights_path:
+            return super().weights_problem()
+        url = self._weights().url
+        if _cache_file(url).is_file():
+            return None
+        host = urlparse(url).hostname
+        error = unreachable(host)
+        return f"its ImageNet weights are not in the torch cache and {host} cannot be reached ({error})" if error else None
+
+    def _weights(self):
+        import torchvision
+
+        return getattr(torchvision.models, self.weights_enum).IMAGENET1K_V1
+
     def _hub_state_dict(self, url: str) -> dict:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        cached = _cache_file(url)
         if not cached.is_file():
             _require_network(url, self.name, cached)
             log.info("downloading %s weights from %s", self.name, url)
@@ -203,24 +225,27 @@ def create_embedder(name: str, **kwargs) -> Embedder:
 
 
 @functools.cache
-def get_embedder(name: str | None = None) -> Embedder:
-    """The process-wide embedder for `name` (default MODEL_NAME), configured from settings."""
+def get_embedder(name: str) -> Embedder:
+    """The process-wide embedder for a model name, configured from settings.
+
+    MODEL_WEIGHTS_PATH belongs to MODEL_NAME, or to the default model when MODEL_NAME is unset."""
     from backend.config import settings
 
-    name = name or settings.model_name
     return create_embedder(name, device=settings.device, batch_size=settings.batch_size,
                            precision=settings.embed_precision,
-                           weights_path=settings.model_weights_path if name == settings.model_name else None)
+                           weights_path=settings.model_weights_path if name == (settings.model_name or DEFAULT_MODEL)
+                           else None)
+
+
+def _cache_file(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
 def _require_network(url: str, model: str, cached: Path) -> None:
     """Fail within seconds, saying what to do, when the weights' host cannot be reached."""
-    from backend.config import settings
-
     host = urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=settings.hub_timeout).close()
-    except OSError as exc:
+    if (exc := unreachable(host)) is not None:
         raise ModelUnavailable(
             f"the ImageNet weights for {model} are not in the torch cache ({cached}) and cannot be downloaded "
             f"from {host} ({exc}). Either set MODEL_WEIGHTS_PATH to a local .pth state-dict file for {model}, "

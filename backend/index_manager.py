@@ -25,12 +25,25 @@ def fingerprint(session: Session, model_name: str) -> str:
     return f"{row[0]}:{row[1]}"
 
 
+def snapshot_path(snapshot_dir: Path, model_name: str, index_type: str) -> Path:
+    """Where the index snapshot of a model and index type lives."""
+    return Path(snapshot_dir) / f"{model_name}-{index_type}.npz"
+
+
+def snapshot_meta(path: Path) -> dict | None:
+    """What a snapshot says it was built from (model, index type, dim, fingerprint), or None if there is none."""
+    try:
+        return json.loads(path.with_suffix(".json").read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 class IndexManager:
     """Owns one CategoryIndex for a model and index type; PostgreSQL stays the source of truth."""
 
     def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path):
         self.sessions, self.model_name, self.dim, self.index_type = sessions, model_name, dim, index_type
-        self.snapshot_path = Path(snapshot_dir) / f"{model_name}-{index_type}.npz"
+        self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
         self.index = CategoryIndex(dim, index_type)
         self.fingerprint: str | None = None
 
@@ -40,7 +53,7 @@ class IndexManager:
         started = time.perf_counter()
         with self.sessions() as s:
             current = fingerprint(s, self.model_name)
-        meta = self._snapshot_meta()
+        meta = snapshot_meta(self.snapshot_path)
         if meta == {"model": self.model_name, "index_type": self.index_type, "dim": self.dim, "fingerprint": current}:
             with np.load(self.snapshot_path, allow_pickle=False) as state:
                 self.index = index_from_state(state)
@@ -107,17 +120,8 @@ class IndexManager:
         tmp = self.snapshot_path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, **index_state(self.index))
         meta = {"model": self.model_name, "index_type": self.index_type, "dim": self.dim, "fingerprint": self.fingerprint}
-        self._meta_path().write_text(json.dumps(meta))
+        self.snapshot_path.with_suffix(".json").write_text(json.dumps(meta))
         os.replace(tmp, self.snapshot_path)
-
-    def _meta_path(self) -> Path:
-        return self.snapshot_path.with_suffix(".json")
-
-    def _snapshot_meta(self) -> dict | None:
-        try:
-            return json.loads(self._meta_path().read_text()) if self.snapshot_path.is_file() else None
-        except (OSError, ValueError):
-            return None
 
     # -- queries ----------------------------------------------------------------------------------
     def _member_ids(self):

@@ -35,7 +35,11 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         app.state.search, app.state.startup_error = None, None
         try:  # the model and index load once, off the event loop
             app.state.search = await run_in_threadpool(open_search)
-            log.info("ready: %d images indexed (%s)", len(app.state.search.index), app.state.search.index_source)
+            notice = await run_in_threadpool(app.state.search.unserved_notice)
+            if notice:  # not "ready": the stored images are there but this model cannot search them
+                log.warning("serving 0 images: %s", notice)
+            else:
+                log.info("ready: %d images indexed (%s)", len(app.state.search.index), app.state.search.index_source)
         except ImsrcError as exc:
             app.state.startup_error = str(exc)
             log.error("not ready: %s", exc)

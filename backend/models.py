@@ -45,6 +45,8 @@ class EmbeddingModel(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     dim: Mapped[int] = mapped_column(Integer, CheckConstraint("dim > 0"))
+    # When a populate last used this model: with MODEL_NAME unset, later commands use the latest one.
+    chosen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (UniqueConstraint("name", "dim"),)
 
 

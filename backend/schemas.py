@@ -82,6 +82,7 @@ class StatusOut(BaseModel):
     index_size: int
     index_source: str = Field(description="'snapshot' or 'rebuilt': how the index was loaded at start-up")
     database: str = Field(description="'embedded' or 'external'")
+    notice: str | None = Field(None, description="set when the stored images have no vectors of this model")
 
 
 class HealthOut(BaseModel):

@@ -75,14 +75,26 @@ class ImageSearch:
         self.index_source = self.manager.load_or_build()
 
     @classmethod
-    def open(cls, model_name: str | None = None, index_type: str | None = None) -> "ImageSearch":
-        """Open against the configured (or embedded) database with MODEL_NAME and FAISS_INDEX_TYPE."""
+    def open(cls, model_name: str | None = None, index_type: str | None = None,
+             load_model: bool = True) -> "ImageSearch":
+        """Open against the configured (or embedded) database with `model_name`, else the model
+        backend.model_choice picks, and FAISS_INDEX_TYPE; the model loads now unless load_model is False."""
         from backend.config import settings
         from backend.database import session_factory
         from backend.embedders import get_embedder
+        from backend.model_choice import ModelChoice, choose_model, load_embedder
 
-        return cls(session_factory(), get_embedder(model_name), index_type or settings.faiss_index_type,
-                   batch_size=settings.batch_size)
+        sessions = session_factory()
+        choice = ModelChoice(model_name, "caller", "asked for") if model_name else choose_model(sessions)
+        embedder = load_embedder(choice, sessions) if load_model else get_embedder(choice.name)
+        return cls(sessions, embedder, index_type or settings.faiss_index_type, batch_size=settings.batch_size)
+
+    def unserved_notice(self) -> str | None:
+        """A warning when this model has no vectors but other models do (see model_choice.unserved_notice)."""
+        from backend.model_choice import unserved_notice
+
+        with self.sessions() as s:
+            return unserved_notice(dict(store.models_with_vectors(s)), self.embedder.name)
 
     @property
     def index(self):

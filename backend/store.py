@@ -26,9 +26,12 @@ class NewImage:
     metadata: dict | None = None
 
 
-def ensure_model(session: Session, model_name: str, dim: int) -> None:
-    """Register a model and its dimension (the database then refuses vectors of another size)."""
-    session.execute(insert(EmbeddingModel).values(name=model_name, dim=dim).on_conflict_do_nothing())
+def ensure_model(session: Session, model_name: str, dim: int, chosen: bool = False) -> None:
+    """Register a model and its dimension (the database then refuses vectors of another size);
+    `chosen` records it as the model the collection is being populated with."""
+    stmt = insert(EmbeddingModel).values(name=model_name, dim=dim, chosen_at=sa.func.now() if chosen else None)
+    session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"chosen_at": sa.func.now()})
+                    if chosen else stmt.on_conflict_do_nothing())
     stored = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
     if stored != dim:
         raise ValueError(f"model {model_name} is registered with dimension {stored}, not {dim}")
@@ -139,6 +142,15 @@ def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.nd
     if not rows:
         return [], np.zeros((0, 0), np.float32), []
     return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]
+
+
+def models_with_vectors(session: Session) -> list[tuple[str, int]]:
+    """(model, number of vectors) of every model that has vectors: the last chosen first, then the most used."""
+    n = sa.func.count(Embedding.image_id)
+    return [tuple(r) for r in session.execute(
+        sa.select(EmbeddingModel.name, n).join(Embedding, Embedding.model_name == EmbeddingModel.name)
+        .group_by(EmbeddingModel.name, EmbeddingModel.chosen_at)
+        .order_by(EmbeddingModel.chosen_at.desc().nulls_last(), n.desc(), EmbeddingModel.name)).all()]
 
 
 def main_source_dataset(session: Session) -> str | None:

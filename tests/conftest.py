@@ -79,7 +79,7 @@ def cli_env(db_url, tmp_path):
     """Environment for running `python -m backend` against the test database, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_"))}
     env.update(DATABASE_URL=db_url, DATA_DIR=str(tmp_path / "data"), MODEL_NAME="efficientnet_lite0",
-               BATCH_SIZE="16", PYTHONUNBUFFERED="1")
+               BATCH_SIZE="16", PYTHONUNBUFFERED="1", IMSRC_ENV_FILE=os.devnull)  # a developer's .env stays out
     return env
 
 

@@ -114,3 +114,28 @@ def messy_image_bytes() -> list[bytes]:
         png_bytes(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"),
         png_bytes(Image.new("RGB", (900, 200), (20, 180, 20))),
     ]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout: float = 180, alive=lambda: True) -> bool:
+    """Poll base/health until it answers 200 (True), `timeout` seconds pass or `alive()` turns False (False)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False

@@ -1,17 +1,14 @@
 """The real page in headless Chromium (Debian's package, driven by Playwright) against the real server,
 a real PostgreSQL and a small collection of real Fashion-MNIST images embedded by efficientnet_lite0."""
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from backend.datasets import load_dataset, select_balanced
-from tests.helpers import write_fashion_mnist
+from tests.helpers import free_port, wait_healthy, write_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -19,12 +16,6 @@ REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                                    "(./setup.sh install installs it)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -37,20 +28,12 @@ def server(cli_env, tmp_path):
                                "--num-images", "60", "--data-dir", str(data_dir)],
                               cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
     assert populate.returncode == 0, populate.stderr
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port)], cwd=ROOT,
                             env=cli_env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
+    if not wait_healthy(base, 120):
         proc.kill()
         pytest.fail("server did not become ready: " + (tmp_path / "server.log").read_text()[-2000:])
     yield base, data_dir

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_fashion_mnist
+from tests.helpers import free_port, wait_healthy, write_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_argument_errors_exit_non_zero(cli_env):
 def test_init_db_is_repeatable(cli_env):
     for _ in range(2):
         proc = run(cli_env, "-m", "backend", "init-db")
-        assert proc.returncode == 0 and "revision 0001" in proc.stdout
+        assert proc.returncode == 0 and "revision 0002" in proc.stdout
 
 
 def _postmaster_alive(pgdata: Path) -> bool:
@@ -69,23 +69,12 @@ def _postmaster_alive(pgdata: Path) -> bool:
 @pytest.mark.slow
 def test_sigterm_to_the_server_leaves_no_embedded_postgres_behind(cli_env, tmp_path):
     import signal
-    import socket
-    import time
-    import urllib.request
 
     env = {k: v for k, v in cli_env.items() if k != "DATABASE_URL"}  # the embedded server, in DATA_DIR
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
+    wait_healthy(f"http://127.0.0.1:{port}", 120)
     pgdata = Path(env["DATA_DIR"]) / "postgres"
     assert _postmaster_alive(pgdata)
     proc.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from backend import store
 from backend.database import is_embedded
 from backend.deps import SearchDep, require_api_key
+from backend.model_choice import unserved_notice
 from backend.routes.images import WRITE_ERRORS
 from backend.schemas import HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
 
@@ -49,7 +50,8 @@ def status(search: SearchDep):
     return StatusOut(images=c["images"], categories=c["categories"], embeddings=c["embeddings"],
                      prototypes=c["prototypes"], model=search.embedder.name, dim=search.embedder.dim,
                      index_type=search.index.index_type, index_size=len(search.index),
-                     index_source=search.index_source, database="embedded" if is_embedded() else "external")
+                     index_source=search.index_source, database="embedded" if is_embedded() else "external",
+                     notice=unserved_notice(c["embeddings"], search.embedder.name))
 
 
 async def _timed(search, work) -> RebuildOut:
