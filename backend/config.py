@@ -21,8 +21,10 @@ class Settings(BaseSettings):
     db_name: str = "imsrc"
     db_user: str = "postgres"
     db_password: str = ""
+    db_timeout: float = Field(2.0, gt=0)
     data_dir: Path = PROJECT_ROOT / "data"
     embedded_pg_dir: Path | None = None
+    embedded_pg_port: int | None = Field(None, ge=1, le=65535)
 
     # Embedding model: None lets backend.model_choice pick (the database's model, else a default that works here)
     model_name: str | None = None
@@ -42,12 +44,21 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
+    open_writes: bool = False
+    allowed_origins: str = ""
     max_upload_size: int = Field(10 * 1024 * 1024, ge=1)
+    embed_workers: int = Field(1, ge=1, le=64)
+    queue_size: int = Field(8, ge=0, le=1024)
 
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     hub_timeout: float = Field(5.0, gt=0)
+
+    @property
+    def origins(self) -> list[str]:
+        """ALLOWED_ORIGINS as a list (comma-separated in the setting)."""
+        return [o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()]
 
     @property
     def pg_data_dir(self) -> Path:
