@@ -1,11 +1,16 @@
-"""FastAPI dependencies: the ready ImageSearch, upload reading with limits, and the API key check."""
-import secrets
+"""FastAPI dependencies: the ready ImageSearch, write access, image-job slots and upload reading with limits."""
+import re
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, UploadFile
+from fastapi import Depends, Header, HTTPException, Path, Request, UploadFile
 
 from backend.config import settings
+from backend.guard import ImageJobs, body_too_large, write_refusal
 from backend.service import ImageSearch
+
+RETRY_AFTER_STARTING = "5"  # seconds: the model and index take a few seconds to load
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+MAX_FILE_NAME = 255
 
 
 def get_search(request: Request) -> ImageSearch:
@@ -13,24 +18,52 @@ def get_search(request: Request) -> ImageSearch:
     search = getattr(request.app.state, "search", None)
     if search is None:
         error = getattr(request.app.state, "startup_error", None)
-        raise HTTPException(503, f"not ready: {error}" if error else "not ready: the model and index are loading")
+        raise HTTPException(503, f"not ready: {error}" if error else "not ready: the model and index are loading",
+                            headers={"Retry-After": RETRY_AFTER_STARTING})
     return search
 
 
 SearchDep = Annotated[ImageSearch, Depends(get_search)]
 
 
-def require_api_key(x_api_key: Annotated[str | None, Header(description="required when API_KEY is set")] = None):
-    """Writes need the X-API-Key header to match API_KEY, when one is configured."""
-    if settings.api_key and not (x_api_key and secrets.compare_digest(x_api_key, settings.api_key)):
-        raise HTTPException(401, "missing or wrong X-API-Key header (this server requires an API key for writes)")
+def require_write_access(request: Request, x_api_key: Annotated[
+        str | None, Header(description="required when the server has API_KEY set")] = None) -> None:
+    """Writes need X-API-Key to match API_KEY (or OPEN_WRITES without a key), and no foreign Origin.
+
+    backend.guard.RequestGuard checks the same before the body is read; this keeps routes safe on their own
+    and puts the header in the API docs."""
+    refusal = write_refusal(request.url.scheme, request.headers)
+    if refusal is not None:
+        raise HTTPException(*refusal)
+
+
+def image_jobs(request: Request) -> ImageJobs:
+    """The app's bounded queue for image decoding and embedding."""
+    return request.app.state.image_jobs
+
+
+ImageJobsDep = Annotated[ImageJobs, Depends(image_jobs)]
 
 
 async def read_upload(file: UploadFile) -> bytes:
     """The uploaded bytes, refusing (413) more than MAX_UPLOAD_SIZE without reading it all."""
     data = await file.read(settings.max_upload_size + 1)
     if len(data) > settings.max_upload_size:
-        raise HTTPException(413, f"file too large: the limit is {settings.max_upload_size:,} bytes (MAX_UPLOAD_SIZE)")
+        raise body_too_large()
     if not data:
         raise HTTPException(400, "the uploaded file is empty")
     return data
+
+
+def clean_file_name(name: str | None) -> str | None:
+    """An uploaded file's name as it is stored: control characters dropped, at most 255 characters."""
+    if name is None:
+        return None
+    return CONTROL_CHARACTERS.sub("", name)[-MAX_FILE_NAME:] or None
+
+
+# Ids and offsets are bounded by what PostgreSQL stores (bigint, integer), so an absurd one is a 422, not a 500.
+ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image's id")]
+CategoryId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a category's id")]
+# A category name as stored: printable text (no NUL or other control characters).
+CATEGORY_PATTERN = r"^[^\x00-\x1f\x7f]*$"

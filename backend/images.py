@@ -10,15 +10,27 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from backend.errors import InvalidImage
 
 MAX_PIXELS = 50_000_000  # beyond this PIL treats the file as a decompression bomb
+MAX_DECODED_BYTES = 100 * 1024 * 1024  # what one decoded image may take in memory (PIL: 1, 2 or 4 bytes a pixel)
 SUPPORTED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+# Every model resizes the short side to 256-292 px and centre-crops a square, so decoding shrinks a larger
+# image by a whole factor to a short side under 2 x WORKING_SIDE px, and keeps a long side of at most
+# MAX_ASPECT times the short one: the crop the model takes is unchanged, and a 1x20000 image no longer
+# stretches to 256x5,120,000 px in preprocessing.
+WORKING_SIDE = 512
+MAX_ASPECT = 4
+ORIENTATION = 0x0112  # the EXIF tag
+_TRANSPOSE = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
+              4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE], 6: [Image.Transpose.ROTATE_270],
+              7: [Image.Transpose.TRANSVERSE], 8: [Image.Transpose.ROTATE_90]}
+STRIP_PIXELS = 4_000_000  # source pixels shrunk at a time
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image ready to embed, with what imsrc stores about it."""
+    """An image ready to embed (short side under 2 x WORKING_SIDE px), with what imsrc stores about the original."""
 
-    image: Image.Image  # RGB, EXIF orientation applied
-    width: int
+    image: Image.Image  # RGB, EXIF orientation applied, centre-cropped and reduced for the model
+    width: int  # the original's, upright
     height: int
     format: str
 
@@ -29,7 +41,8 @@ def sha256(data: bytes) -> str:
 
 
 def decode(data: bytes) -> DecodedImage:
-    """Decode bytes to an RGB image; raises InvalidImage with the reason when they are not a usable image."""
+    """Decode bytes to a small RGB image for the model; raises InvalidImage with the reason when they are not
+    a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced scale."""
     if not data:
         raise InvalidImage("the file is empty")
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -40,24 +53,86 @@ def decode(data: bytes) -> DecodedImage:
             fmt = img.format or "UNKNOWN"
             if fmt not in SUPPORTED_FORMATS:
                 raise InvalidImage(f"unsupported image format {fmt}; use one of {', '.join(sorted(SUPPORTED_FORMATS))}")
+            width, height = img.size
+            short = min(width, height)
+            if fmt in ("JPEG", "MPO") and short > WORKING_SIDE:  # let libjpeg decode at 1/2, 1/4 or 1/8 scale
+                img.draft(img.mode, (width * WORKING_SIDE // short, height * WORKING_SIDE // short))
+            needed = img.width * img.height * _bytes_per_pixel(img.mode)
+            if needed > MAX_DECODED_BYTES:
+                raise InvalidImage(f"image too large: {width}x{height} {img.mode} pixels take {needed / 2**20:,.0f} MiB "
+                                   f"to decode, more than the {MAX_DECODED_BYTES / 2**20:,.0f} MiB allowed")
             img.load()
+            orientation = _orientation(img)  # only now: a PNG's getexif() decodes the whole image to find it
+            small = _for_model(img)
     except UnidentifiedImageError:
         raise InvalidImage("not an image, or an image format that cannot be read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidImage(f"image too large: more than {MAX_PIXELS:,} pixels") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"the image is corrupt or truncated ({exc})") from None
-    rgb = to_rgb(ImageOps.exif_transpose(img))
-    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
+    for method in _TRANSPOSE.get(orientation, []):
+        small = small.transpose(method)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return DecodedImage(image=to_rgb(small), width=width, height=height, format=fmt)
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    # How PIL stores a decoded pixel: one byte for 8-bit single-band modes, two for 16-bit, else four.
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block only loses the orientation, not the image
+        return 1
+
+
+def _for_model(img: Image.Image) -> Image.Image:
+    """The centre MAX_ASPECT:1 part of the image, shrunk by a whole factor to under 2 x WORKING_SIDE px short side."""
+    w, h = img.size
+    short = min(w, h)
+    long_kept = min(max(w, h), short * MAX_ASPECT)
+    cw, ch = (long_kept, short) if w >= h else (short, long_kept)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    factor = max(1, short // WORKING_SIDE)
+    if factor == 1:
+        return img if (cw, ch) == (w, h) else img.crop((left, top, left + cw, top + ch))
+    # Strip by strip: converting or averaging the whole image at once would copy all of it (Pillow premultiplies
+    # RGBA into a full-size RGBa copy), and one decoded image is already the largest thing a request holds.
+    out_w, out_h = cw // factor, ch // factor
+    rows = max(1, STRIP_PIXELS // (cw * factor))  # output rows per strip
+    parts = []
+    for y in range(0, out_h, rows):
+        n = min(rows, out_h - y)
+        strip = _averageable(img.crop((left, top + y * factor, left + out_w * factor, top + (y + n) * factor)))
+        parts.append(strip.reduce(factor))
+    out = Image.new(parts[0].mode, (out_w, out_h))
+    for k, part in enumerate(parts):
+        out.paste(part, (0, k * rows))
+    return out
+
+
+def _averageable(img: Image.Image) -> Image.Image:
+    """The image in a mode whose pixel values can be averaged (palette indices, bilevel and 16-bit cannot)."""
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode.startswith("I;16"):
+        return img.convert("I")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16-bit and float scaled, transparency flattened onto white, CMYK converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))  # float32, in place: one copy of the image at most
         lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(scaled.round().astype(np.uint8), "L")
+        arr -= lo
+        arr *= 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(np.rint(arr, out=arr).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -2,15 +2,20 @@
 import logging
 from contextlib import asynccontextmanager
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from backend.config import PROJECT_ROOT
+from backend.config import PROJECT_ROOT, settings
 from backend.database import close as close_database
+from backend.deps import RETRY_AFTER_STARTING, require_write_access
 from backend.errors import DatabaseError, ImsrcError, InvalidImage, ModelUnavailable
+from backend.guard import ImageJobs, RequestGuard, writes_mode
 from backend.routes import images, search, system
 from backend.service import ImageSearch, NotFound
 
@@ -40,9 +45,10 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
                 log.warning("serving 0 images: %s", notice)
             else:
                 log.info("ready: %d images indexed (%s)", len(app.state.search.index), app.state.search.index_source)
-        except ImsrcError as exc:
-            app.state.startup_error = str(exc)
-            log.error("not ready: %s", exc)
+        except (ImsrcError, sa.exc.SQLAlchemyError) as exc:
+            app.state.startup_error = str(exc).splitlines()[0] if isinstance(exc, sa.exc.SQLAlchemyError) else str(exc)
+            log.error("not ready: %s", app.state.startup_error)
+        log.info("%s", writes_mode())
         yield
         if app.state.search is not None:
             await run_in_threadpool(app.state.search.close)
@@ -51,22 +57,66 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
 
     app = FastAPI(title="imsrc", version="1.0",
                   description="Image similarity search backed by PostgreSQL: two-stage search (category "
-                              "prototypes, then FAISS within the top categories). Writes need the `X-API-Key` "
-                              "header when the server has API_KEY set.", lifespan=lifespan)
+                              "prototypes, then FAISS within the top categories). Writes (upload, delete, admin) "
+                              "need the `X-API-Key` header when the server has API_KEY set, and are refused "
+                              "when it has none unless OPEN_WRITES is on.", lifespan=lifespan)
+    app.state.image_jobs = ImageJobs(settings.embed_workers, settings.queue_size)
 
     @app.exception_handler(ImsrcError)
     async def imsrc_error(request: Request, exc: ImsrcError):
-        return JSONResponse({"detail": str(exc)}, status_code=_status_for(exc))
+        status = _status_for(exc)
+        headers = {"Retry-After": RETRY_AFTER_STARTING} if status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    @app.exception_handler(sa.exc.TimeoutError)
+    async def database_unreachable(request: Request, exc: Exception):
+        # Connection-level failures only: anything else is a bug and stays a 500.
+        log.warning("database unreachable: %s", str(exc).splitlines()[0])
+        return JSONResponse({"detail": "the database cannot be reached; try again shortly"}, status_code=503,
+                            headers={"Retry-After": RETRY_AFTER_STARTING})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
-    for router in (system.router, search.router, images.router):
+    routers = (system.router, search.router, images.router)
+    for router in routers:
         app.include_router(router)
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="app")
+    # The routers' own routes: FastAPI wraps included routers, so the app's route list does not show them.
+    app.add_middleware(RequestGuard, routes=[r for router in routers for r in router.routes],
+                       write_dependency=require_write_access)
+    if settings.origins:  # other sites' pages may call the API (the guard still checks their writes' keys)
+        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["X-API-Key"], max_age=600)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+# Every error body is a Problem; these can come from any operation (the request guard, validation, an outage).
+COMMON_ERRORS = {"400": "malformed request", "413": "body larger than MAX_UPLOAD_SIZE",
+                 "422": "a parameter is missing or out of range", "503": "not ready, busy or database unreachable"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document, with every error response described as the Problem body the API sends."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path in spec["paths"].values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                for code, description in COMMON_ERRORS.items():
+                    given = responses.get(code, {})
+                    if code == "422" or "content" not in given:  # FastAPI's own 422 is not what the API sends
+                        responses[code] = {"description": given.get("description", description), "content": problem}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 app = create_app()

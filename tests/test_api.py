@@ -10,7 +10,8 @@ from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 
 @pytest.fixture
-def client(sessions, tmp_path):
+def client(sessions, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "open_writes", True)  # access control has its own tests (test_access.py)
     write_folder_dataset(tmp_path / "f", n_per_class=6)
 
     def open_search():

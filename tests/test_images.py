@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from backend.errors import InvalidImage
-from backend.images import decode, to_rgb
+from backend.images import MAX_ASPECT, WORKING_SIDE, decode, to_rgb
 from tests.helpers import png_bytes
 
 
@@ -40,7 +40,38 @@ MESSY = {
 def test_messy_images_decode_to_rgb(kind):
     decoded = decode(MESSY[kind]())
     assert decoded.image.mode == "RGB"
-    assert decoded.image.size == (decoded.width, decoded.height)
+    if kind == "large":  # reduced for the model; the stored size stays the original's
+        assert (decoded.width, decoded.height) == (4000, 3000) and min(decoded.image.size) < 2 * WORKING_SIDE
+    else:
+        assert decoded.image.size == (decoded.width, decoded.height)
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (3, 5000), (9000, 600)])
+def test_extreme_aspect_ratios_are_centre_cropped_not_stretched(size):
+    decoded = decode(png_bytes(Image.new("L", size, 90)))
+    assert (decoded.width, decoded.height) == size
+    w, h = decoded.image.size
+    assert max(w, h) <= MAX_ASPECT * min(w, h) and min(w, h) == min(size) // max(1, min(size) // WORKING_SIDE)
+
+
+@pytest.mark.parametrize("mode", ["P", "I;16", "1", "RGBA"])
+def test_large_images_of_every_mode_shrink(mode):
+    img = Image.new(mode, (2100, 1500))
+    decoded = decode(png_bytes(img))
+    assert decoded.image.mode == "RGB" and min(decoded.image.size) == 1500 // (1500 // WORKING_SIDE)
+
+
+def test_the_centre_crop_does_not_change_what_the_model_sees():
+    """The models centre-crop a square, so cutting a wide image to MAX_ASPECT:1 first leaves the embedding as is."""
+    from backend.embedders import create_embedder
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (60, 60 * (MAX_ASPECT + 3), 3), dtype=np.uint8))
+    decoded = decode(png_bytes(wide))
+    assert decoded.image.size == (60 * MAX_ASPECT, 60)
+    model = create_embedder("efficientnet_lite0", device="cpu")
+    direct, cropped = model.embed([wide, decoded.image])
+    assert float(direct @ cropped) > 0.999
 
 
 def test_transparent_pixels_become_white_and_cmyk_keeps_its_colour():

@@ -5,7 +5,8 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from starlette.concurrency import run_in_threadpool
 
 from backend import store
-from backend.deps import SearchDep, read_upload, require_api_key
+from backend.deps import (CATEGORY_PATTERN, CategoryId, ImageId, ImageJobsDep, SearchDep, clean_file_name, read_upload,
+                          require_write_access)
 from backend.models import Category
 from backend.routes.search import ERRORS
 from backend.schemas import CategoryOut, ImageInfo, ImagePage, Problem, UploadOut
@@ -16,6 +17,7 @@ CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", 
                  "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
 NOT_FOUND = {404: {"model": Problem, "description": "unknown id"}}
 WRITE_ERRORS = {**ERRORS, 401: {"model": Problem, "description": "missing or wrong API key"},
+                403: {"model": Problem, "description": "writes are closed (no API_KEY), or a foreign Origin"},
                 422: {"model": Problem, "description": "no category given, or a bad parameter"}}
 
 
@@ -39,12 +41,15 @@ def _find(search, image_id: int):
     return row
 
 
-@router.post("/upload", response_model=UploadOut, responses=WRITE_ERRORS, dependencies=[Depends(require_api_key)])
-async def upload(request: Request, search: SearchDep, file: Annotated[UploadFile, File(description="the image")],
-                 category: Annotated[str | None, Form(max_length=200, description="category name (created if new)")] = None,
-                 category_id: Annotated[int | None, Form(description="or an existing category's id")] = None):
-    """Store an image under a category, embed it and add it to the index; a duplicate returns the existing id."""
-    data = await read_upload(file)
+@router.post("/upload", response_model=UploadOut, responses=WRITE_ERRORS, dependencies=[Depends(require_write_access)])
+async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
+                 file: Annotated[UploadFile, File(description="the image")],
+                 category: Annotated[str | None, Form(max_length=200, pattern=CATEGORY_PATTERN,
+                                                      description="category name (created if new)")] = None,
+                 category_id: Annotated[int | None, Form(ge=1, le=2**31 - 1,
+                                                         description="or an existing category's id")] = None):
+    """Store an image under a category, embed it and add it to the index; a duplicate returns the existing id
+    and the category it is stored under."""
     if category_id is not None:
         with search.sessions() as s:
             found = s.get(Category, category_id)
@@ -53,14 +58,17 @@ async def upload(request: Request, search: SearchDep, file: Annotated[UploadFile
             raise HTTPException(404, f"category {category_id} not found")
     if not category or not category.strip():
         raise HTTPException(422, "give the image a category: form field `category` (name) or `category_id`")
-    added = await run_in_threadpool(search.add_image, data, category.strip(), file.filename)
-    return UploadOut(image_id=added.image_id, duplicate=added.duplicate, category=category.strip(),
+    async with jobs.slot():
+        data = await read_upload(file)
+        added = await run_in_threadpool(search.add_image, data, category.strip(), clean_file_name(file.filename))
+    stored_category = _find(search, added.image_id)[1] if added.duplicate else category.strip()
+    return UploadOut(image_id=added.image_id, duplicate=added.duplicate, category=stored_category,
                      image_url=image_url(request, added.image_id))
 
 
 @router.get("/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **NOT_FOUND},
             response_class=Response)
-def get_image(image_id: int, search: SearchDep, request: Request):
+def get_image(image_id: ImageId, search: SearchDep, request: Request):
     """The stored image bytes, with their content type; cacheable forever (content-addressed ETag)."""
     image, _ = _find(search, image_id)
     etag = f'"{image.sha256}"'
@@ -71,15 +79,16 @@ def get_image(image_id: int, search: SearchDep, request: Request):
 
 
 @router.get("/images/{image_id}/info", response_model=ImageInfo, responses=NOT_FOUND)
-def get_image_info(image_id: int, search: SearchDep, request: Request):
+def get_image_info(image_id: ImageId, search: SearchDep, request: Request):
     """What is stored about an image."""
     image, category = _find(search, image_id)
     return info_out(request, image, category)
 
 
-@router.delete("/images/{image_id}", status_code=204, responses={**NOT_FOUND, 401: WRITE_ERRORS[401]},
-               dependencies=[Depends(require_api_key)])
-async def delete_image(image_id: int, search: SearchDep):
+@router.delete("/images/{image_id}", status_code=204, responses={**NOT_FOUND, 401: WRITE_ERRORS[401],
+                                                                 403: WRITE_ERRORS[403]},
+               dependencies=[Depends(require_write_access)])
+async def delete_image(image_id: ImageId, search: SearchDep):
     """Delete an image, its vectors, and its share of its category's prototype."""
     await run_in_threadpool(search.delete_image, image_id)
     return Response(status_code=204)
@@ -93,8 +102,8 @@ def categories(search: SearchDep):
 
 
 @router.get("/categories/{category_id}/images", response_model=ImagePage, responses=NOT_FOUND, tags=["categories"])
-def category_images(category_id: int, search: SearchDep, request: Request,
-                    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50):
+def category_images(category_id: CategoryId, search: SearchDep, request: Request,
+                    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50):
     """One page of a category's images, oldest first."""
     with search.sessions() as s:
         if s.get(Category, category_id) is None:

@@ -5,7 +5,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from backend.config import settings
-from backend.deps import SearchDep, read_upload
+from backend.deps import CATEGORY_PATTERN, ImageId, ImageJobsDep, SearchDep, read_upload
 from backend.schemas import Problem, SearchOut
 from backend.service import SearchResponse
 
@@ -15,12 +15,14 @@ ERRORS = {400: {"model": Problem, "description": "not a decodable image"},
           404: {"model": Problem, "description": "unknown category or image"},
           413: {"model": Problem, "description": "file larger than MAX_UPLOAD_SIZE"},
           415: {"model": Problem, "description": "unsupported image format"},
-          503: {"model": Problem, "description": "model or index not ready"}}
+          422: {"model": Problem, "description": "a parameter out of range"},
+          503: {"model": Problem, "description": "model, index or database not ready, or too busy (see Retry-After)"}}
 
 Limit = Annotated[int, Query(ge=1, le=50, description="number of results")]
 PrototypeLimit = Annotated[int, Query(ge=1, le=10, description="categories searched after the prototype stage")]
 UsePrototypes = Annotated[bool, Query(description="two-stage search; false searches every category")]
-CategoryFilter = Annotated[str | None, Query(max_length=200, description="only this category (name)")]
+CategoryFilter = Annotated[str | None, Query(max_length=200, pattern=CATEGORY_PATTERN,
+                                            description="only this category (name)")]
 
 
 def to_out(request: Request, response: SearchResponse) -> SearchOut:
@@ -32,27 +34,32 @@ def to_out(request: Request, response: SearchResponse) -> SearchOut:
 
 
 @router.post("/search", response_model=SearchOut, responses=ERRORS)
-async def search(request: Request, search: SearchDep, file: Annotated[UploadFile, File(description="query image")],
+async def search(request: Request, search: SearchDep, jobs: ImageJobsDep,
+                 file: Annotated[UploadFile, File(description="query image")],
                  limit: Limit = settings.default_search_limit,
                  use_prototypes: UsePrototypes = settings.use_prototype_filtering,
                  prototype_limit: PrototypeLimit = settings.prototype_limit, category: CategoryFilter = None):
     """Find the stored images most similar to the uploaded one."""
-    data = await read_upload(file)
-    response = await run_in_threadpool(search.search_similar, data, limit, use_prototypes, prototype_limit, category)
+    async with jobs.slot():
+        data = await read_upload(file)
+        response = await run_in_threadpool(search.search_similar, data, limit, use_prototypes, prototype_limit,
+                                           category)
     return to_out(request, response)
 
 
 @router.post("/search/prototypes", response_model=SearchOut, responses=ERRORS)
-async def search_prototypes(request: Request, search: SearchDep,
+async def search_prototypes(request: Request, search: SearchDep, jobs: ImageJobsDep,
                             file: Annotated[UploadFile, File(description="query image")],
                             prototype_limit: PrototypeLimit = settings.prototype_limit):
     """Rank the category prototypes against the uploaded image (stage 1 only)."""
-    data = await read_upload(file)
-    return to_out(request, await run_in_threadpool(search.rank_prototypes, data, prototype_limit))
+    async with jobs.slot():
+        data = await read_upload(file)
+        response = await run_in_threadpool(search.rank_prototypes, data, prototype_limit)
+    return to_out(request, response)
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=ERRORS)
-async def similar_to_stored(request: Request, search: SearchDep, image_id: int,
+async def similar_to_stored(request: Request, search: SearchDep, image_id: ImageId,
                             limit: Limit = settings.default_search_limit,
                             use_prototypes: UsePrototypes = settings.use_prototype_filtering,
                             prototype_limit: PrototypeLimit = settings.prototype_limit,

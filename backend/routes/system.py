@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend import store
 from backend.database import is_embedded
-from backend.deps import SearchDep, require_api_key
+from backend.deps import SearchDep, require_write_access
 from backend.model_choice import unserved_notice
 from backend.routes.images import WRITE_ERRORS
 from backend.schemas import HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
@@ -62,21 +62,21 @@ async def _timed(search, work) -> RebuildOut:
 
 
 @router.post("/admin/rebuild-index", response_model=RebuildOut, responses=WRITE_ERRORS,
-             dependencies=[Depends(require_api_key)], tags=["admin"])
+             dependencies=[Depends(require_write_access)], tags=["admin"])
 async def rebuild_index(search: SearchDep):
     """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it."""
     return await _timed(search, search.rebuild)
 
 
 @router.post("/admin/rebuild-prototypes", response_model=RebuildOut, responses=WRITE_ERRORS,
-             dependencies=[Depends(require_api_key)], tags=["admin"])
+             dependencies=[Depends(require_write_access)], tags=["admin"])
 async def rebuild_prototypes(search: SearchDep):
     """Recompute every prototype exactly from its members and reload them into the index."""
     return await _timed(search, search.rebuild_prototypes)
 
 
 @router.post("/admin/refresh", response_model=RefreshOut, responses=WRITE_ERRORS,
-             dependencies=[Depends(require_api_key)], tags=["admin"])
+             dependencies=[Depends(require_write_access)], tags=["admin"])
 async def refresh(search: SearchDep):
     """Pick up images other processes added to or deleted from the database since start-up."""
     added, removed = await run_in_threadpool(search.refresh)

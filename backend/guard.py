@@ -1,0 +1,136 @@
+"""What the API checks before it reads a request's body: who may write, from which web origin, how large the
+body may be, and how many image jobs may be under way. Writes are closed unless API_KEY or OPEN_WRITES is set."""
+import asyncio
+import secrets
+from contextlib import asynccontextmanager
+
+from fastapi import HTTPException
+from fastapi.routing import APIRoute
+from starlette import formparsers
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, Response
+
+from backend.config import settings
+
+MULTIPART_SLACK = 64 * 1024  # boundaries, headers and form fields around the uploaded file
+RETRY_AFTER_BUSY = "1"  # seconds: image jobs take tens of milliseconds each
+
+
+def write_refusal(scheme: str, headers: Headers) -> tuple[int, str] | None:
+    """Why a write request must be refused, as (status, message), or None when it may go ahead."""
+    origin = headers.get("origin")
+    if origin is not None and origin.rstrip("/") not in settings.origins and \
+            origin != f"{scheme}://{headers.get('host', '')}":
+        return 403, (f"cross-origin write refused: {origin[:100]} is not this server's origin nor in ALLOWED_ORIGINS")
+    if settings.api_key:
+        given = headers.get("x-api-key", "").encode("latin-1", "replace")
+        if not secrets.compare_digest(given, settings.api_key.encode()):
+            return 401, "missing or wrong X-API-Key header (this server requires an API key for writes)"
+        return None
+    if not settings.open_writes:
+        return 403, ("writes are closed: this server has no API_KEY. Set API_KEY (clients then send it in the "
+                     "X-API-Key header), or OPEN_WRITES=true on a machine only you can reach")
+    return None
+
+
+def writes_mode() -> str:
+    """How writes are guarded, in words, for the start-up log and the menu."""
+    if settings.api_key:
+        return "writes need the X-API-Key header (API_KEY is set)"
+    if settings.open_writes:
+        return "writes are OPEN to anyone who can reach this port (OPEN_WRITES=true, no API_KEY)"
+    return "writes are closed (no API_KEY; set API_KEY, or OPEN_WRITES=true for a local demo)"
+
+
+def body_too_large() -> HTTPException:
+    """The 413 for a request body over MAX_UPLOAD_SIZE."""
+    return HTTPException(413, f"file too large: the limit is {settings.max_upload_size:,} bytes (MAX_UPLOAD_SIZE)")
+
+
+class RequestGuard:
+    """ASGI middleware: refuses writes (see write_refusal) and oversized bodies before the body is read, counts
+    the bytes of bodies without a Content-Length, answers OPTIONS with every method a path has, and marks every
+    response nosniff. Write routes are those that depend on `write_dependency`."""
+
+    def __init__(self, app, routes: list, write_dependency):
+        self.app, self.routes, self.write_dependency = app, routes, write_dependency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await JSONResponse({"detail": refusal[1]}, refusal[0])(scope, receive, send)
+        if scope["method"] == "OPTIONS" and "access-control-request-method" not in headers:
+            methods = self._methods(scope["path"])
+            if methods:
+                return await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
+        limit, received = settings.max_upload_size + MULTIPART_SLACK, 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise body_too_large()  # FastAPI renders it while it parses the form
+            return message
+
+        async def nosniff_send(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, counted_receive, nosniff_send)
+
+    def _refusal(self, scope, headers: Headers) -> tuple[int, str] | None:
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_upload_size + MULTIPART_SLACK):
+            return (413, body_too_large().detail) if length.isdigit() else (400, "invalid Content-Length header")
+        if self._is_write(scope):
+            return write_refusal(scope.get("scheme", "http"), headers)
+        return None
+
+    def _is_write(self, scope) -> bool:
+        return any(isinstance(r, APIRoute) and scope["method"] in r.methods and r.path_regex.match(scope["path"])
+                   and any(d.call is self.write_dependency for d in r.dependant.dependencies) for r in self.routes)
+
+    def _methods(self, path: str) -> list[str]:
+        found = {m for r in self.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods}
+        return sorted(found | {"OPTIONS"}) if found else []
+
+
+def _strict_decode(data: bytes, codec: str) -> str:
+    try:
+        return bytes(data).decode(codec or "utf-8")
+    except (UnicodeDecodeError, LookupError):
+        raise HTTPException(400, "form fields and file names must be UTF-8 text") from None
+
+
+# Starlette decodes a multipart field that is not valid UTF-8 as Latin-1, which would store a category garbled;
+# imsrc refuses it instead. (Its only use is decoding multipart names and values; test_access checks it.)
+formparsers._user_safe_decode = _strict_decode
+
+
+class ImageJobs:
+    """At most `workers` image jobs (decode and embed) run at once and at most `queue_size` more wait; the rest
+    are refused at once with 503 and Retry-After, so memory stays bounded however many requests arrive."""
+
+    def __init__(self, workers: int, queue_size: int):
+        self.capacity = workers + queue_size
+        self._running = asyncio.Semaphore(workers)
+        self._admitted = 0
+
+    @asynccontextmanager
+    async def slot(self):
+        """Hold a place for one image job: a queue place at once, then a worker."""
+        if self._admitted >= self.capacity:
+            raise HTTPException(503, f"busy: {self.capacity} image requests are already under way; try again "
+                                     "shortly", headers={"Retry-After": RETRY_AFTER_BUSY})
+        self._admitted += 1
+        try:
+            async with self._running:
+                yield
+        finally:
+            self._admitted -= 1
+
