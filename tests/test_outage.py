@@ -1,0 +1,83 @@
+"""PostgreSQL stops under a running API: every endpoint answers 503 JSON with Retry-After within 2 s, nothing
+stored is lost, and the API recovers without a restart when the server is back."""
+import time
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
+
+from backend.config import settings
+from backend.database import create_engine_checked, migrate
+from backend.main import create_app
+from backend.pg_server import EmbeddedPostgres
+from backend.service import ImageSearch
+from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def _file(rgb=(20, 20, 230)):
+    return {"file": ("q.png", png_bytes(Image.new("RGB", (32, 32), rgb)), "image/png")}
+
+
+REQUESTS = [
+    ("post", "/search", {"files": _file()}),
+    ("post", "/search/prototypes", {"files": _file()}),
+    ("get", "/images/1/similar", {}),
+    ("get", "/images/1", {}),
+    ("get", "/images/1/info", {}),
+    ("get", "/categories", {}),
+    ("get", "/categories/1/images", {}),
+    ("get", "/status", {}),
+    ("post", "/upload", {"files": _file((1, 99, 1)), "data": {"category": "new"}}),
+    ("delete", "/images/2", {}),
+    ("post", "/admin/refresh", {}),
+    ("post", "/admin/rebuild-index", {}),
+    ("post", "/admin/rebuild-prototypes", {}),
+]
+
+
+def test_database_outage_gives_503_json_then_recovers_without_a_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "open_writes", True)
+    server = EmbeddedPostgres(tmp_path / "pg")
+    url = make_url(server.acquire())
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE outage"))
+    admin.dispose()
+    engine = create_engine_checked(url.set(database="outage").render_as_string(hide_password=False))
+    migrate(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    write_folder_dataset(tmp_path / "f", n_per_class=3)
+
+    def open_search():
+        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
+        search.build_database("folder", tmp_path / "f", progress=False)
+        return search
+
+    try:
+        with TestClient(create_app(open_search)) as client:
+            assert client.get("/health").status_code == 200
+            stored = client.get("/status").json()["images"]
+            server.release()  # the only user: this stops PostgreSQL
+            health = client.get("/health")
+            assert health.status_code == 503 and health.json()["database"] is False
+            for method, path, kwargs in REQUESTS:
+                started = time.monotonic()
+                response = getattr(client, method)(path, **kwargs)
+                took = time.monotonic() - started
+                assert response.status_code == 503, (method, path, response.status_code, response.text)
+                assert "database" in response.json()["detail"] and response.headers["retry-after"], (method, path)
+                assert took < 2, (method, path, took)
+            server.acquire()  # PostgreSQL is back; the API was not restarted
+            assert client.get("/health").status_code == 200
+            assert client.get("/status").json()["images"] == stored  # nothing lost, nothing half-written
+            assert client.post("/search", files=_file()).status_code == 200
+            assert client.post("/upload", files=_file((1, 99, 1)), data={"category": "new"}).status_code == 200
+            assert client.get("/status").json()["images"] == stored + 1
+    finally:
+        engine.dispose()
+        server.release()
