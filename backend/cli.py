@@ -125,7 +125,9 @@ def status_line() -> str:
     from backend.index_manager import fingerprint, snapshot_meta, snapshot_path
     from backend.model_choice import choose_model
 
-    writes = "writes need X-API-Key (API_KEY is set)" if settings.api_key else "writes open (no API_KEY)"
+    writes = ("writes need X-API-Key (API_KEY is set)" if settings.api_key else
+              "writes OPEN to anyone (OPEN_WRITES, no API_KEY)" if settings.open_writes else
+              "writes closed (no API_KEY)")
     try:
         where = _database_description(short=True)
         factory = session_factory()
@@ -174,6 +176,26 @@ def cmd_rebuild(args) -> int:
           f"{search.embedder.name} vectors in {time.perf_counter() - started:.1f} s; "
           f"snapshot {search.manager.snapshot_path}")
     return 0
+
+
+def cmd_check(args) -> int:
+    """Compare PostgreSQL's images, vectors and prototypes with each other and with the index snapshot."""
+    from backend.config import settings
+    from backend.consistency import check_snapshot
+    from backend.database import session_factory
+    from backend.embedders import model_dim
+    from backend.model_choice import choose_model
+
+    factory = session_factory()
+    model = choose_model(factory).name
+    report = check_snapshot(factory, model, model_dim(model), settings.faiss_index_type, settings.snapshot_dir)
+    for line in report.findings + [f"note: {note}" for note in report.notes]:
+        print(line)
+    print(report.summary())
+    if not report.ok:
+        print("to repair: `python -m backend rebuild` (prototypes, index and snapshot, from PostgreSQL); "
+              "images without vectors get them when their populate runs again")
+    return 0 if report.ok else 1
 
 
 def cmd_evaluate(args) -> int:
@@ -240,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line", action="store_true", help="one line, as the set-up menu shows it")
     p.set_defaults(func=cmd_status)
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
+    sub.add_parser("check", help=cmd_check.__doc__).set_defaults(func=cmd_check)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
     p.add_argument("--queries", type=_positive_int, default=1000, help="held-out query images, balanced by class")

@@ -1,8 +1,19 @@
-"""The search index's life cycle: built from PostgreSQL, snapshotted to disk, kept in step with the database."""
+"""The search index's life cycle: built from PostgreSQL, snapshotted to disk, kept in step with the database.
+
+A snapshot is one .npz file: the index's arrays (backend.search.index_state) plus a `meta` entry, JSON, saying what
+it was built from (model, index type, dim, the database's fingerprint, vectors per category) and the SHA-256 of
+the arrays. It is written to a temporary file, fsynced and renamed into place, so a reader finds the old file or
+the new one, whole, and the metadata travels inside the file it describes. At start-up a snapshot is used only if
+it reads back, its checksum and contents agree with its metadata, and it matches PostgreSQL; a file that fails is
+moved aside (never deleted) and the index is rebuilt from PostgreSQL.
+"""
+import hashlib
+import itertools
 import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +26,14 @@ from backend.search import CategoryIndex, index_from_state, index_state
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_FORMAT = 2  # 1 kept the metadata in a .json beside the .npz, where a crash could leave the two disagreeing
+EXAMPLES = 3  # differences named in one message
+ZIP_MAGIC = b"PK\x03\x04"  # how every .npz file begins
+
+
+class SnapshotError(Exception):
+    """A snapshot file that cannot be trusted; the message completes "the snapshot was ..."."""
+
 
 def fingerprint(session: Session, model_name: str) -> str:
     """A digest of which images (and in which categories) have vectors for the model."""
@@ -25,17 +44,127 @@ def fingerprint(session: Session, model_name: str) -> str:
     return f"{row[0]}:{row[1]}"
 
 
+def index_fingerprint(index: CategoryIndex) -> str:
+    """fingerprint() of what an index holds, computed alike, so its contents can be compared with the database."""
+    members = sorted((i, c) for c, ids, _ in index.partitions() for i in ids.tolist())
+    text = ",".join(f"{i}:{c}" for i, c in members)
+    return f"{len(members)}:{hashlib.md5(text.encode()).hexdigest()}"
+
+
+def category_counts(session: Session, model_name: str) -> dict[int, int]:
+    """Vectors of the model per category: what the index should hold."""
+    return dict(session.execute(
+        sa.select(Image.category_id, sa.func.count()).join(Embedding, Embedding.image_id == Image.id)
+        .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
+        .group_by(Image.category_id)).all())
+
+
+def count_differences(found: dict[int, int], expected: dict[int, int], where: str) -> str | None:
+    """'category c: n vectors in <where>, m in PostgreSQL; ...' for the categories whose counts differ, or None."""
+    differ = [c for c in sorted(set(found) | set(expected)) if found.get(c, 0) != expected.get(c, 0)]
+    if not differ:
+        return None
+    text = "; ".join(f"category {c}: {found.get(c, 0)} vectors in {where}, {expected.get(c, 0)} in PostgreSQL"
+                     for c in differ[:EXAMPLES])
+    return text + (f"; and {len(differ) - EXAMPLES} more categories" if len(differ) > EXAMPLES else "")
+
+
+@contextmanager
+def consistent_reads(sessions: sessionmaker):
+    """A read-only session whose queries all see one snapshot of the database, so a fingerprint, counts and vectors
+    read one after another agree with each other while other writers carry on."""
+    with sessions() as s:
+        s.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+        yield s
+
+
+def fetch_members(session: Session, model_name: str, dim: int, image_ids=None):
+    """(ids, category ids, vectors (n, dim) float32) of the images in a category with a vector of the model, by id;
+    all of them, or those among `image_ids`."""
+    query = (sa.select(Embedding.image_id, Image.category_id, Embedding.vector)
+             .join(Image, Image.id == Embedding.image_id)
+             .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
+             .order_by(Embedding.image_id))
+    if image_ids is not None:
+        query = query.where(Embedding.image_id.in_(list(image_ids)))
+    rows = session.execute(query).all()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    cats = np.array([r[1] for r in rows], dtype=np.int64)
+    vectors = np.stack([np.asarray(r[2], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
+    return ids, cats, vectors
+
+
 def snapshot_path(snapshot_dir: Path, model_name: str, index_type: str) -> Path:
     """Where the index snapshot of a model and index type lives."""
     return Path(snapshot_dir) / f"{model_name}-{index_type}.npz"
 
 
 def snapshot_meta(path: Path) -> dict | None:
-    """What a snapshot says it was built from (model, index type, dim, fingerprint), or None if there is none."""
+    """What a snapshot says it was built from (model, index type, dim, fingerprint, counts), read without checking
+    the rest of the file; None if there is none or it cannot be read."""
     try:
-        return json.loads(path.with_suffix(".json").read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+    except Exception:  # missing or damaged, in any of the ways numpy and zipfile report: no metadata to show
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_snapshot(path: Path, model_name: str, index_type: str, dim: int) -> tuple[CategoryIndex, dict]:
+    """The index in a snapshot file and its metadata, checked on their own (the database is not asked): the file
+    reads back, its checksum matches, its contents agree with its metadata, and it is the model's, index type's
+    and dim's asked for. Raises SnapshotError saying what is wrong."""
+    try:
+        with open(path, "rb") as f:  # else np.load tries other formats, and says why they failed instead
+            if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                raise ValueError("not an .npz (zip) file")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        if "meta" not in arrays:
+            raise ValueError("no metadata inside (a snapshot from an older imsrc?)")
+        meta = json.loads(str(arrays.pop("meta")))
+    except Exception as exc:  # a damaged file fails in numpy, zipfile or json, each in its own way
+        raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(f"unreadable (metadata of an unknown format: {str(meta)[:80]})")
+    if meta.get("sha256") != _checksum(arrays):
+        raise SnapshotError("corrupt (checksum mismatch)")
+    expected = {"model": model_name, "index_type": index_type, "dim": dim}
+    if (found := {key: meta.get(key) for key in expected}) != expected:
+        raise SnapshotError(f"for another index ({found}; expected {expected})")
+    try:
+        index = index_from_state(arrays)
+    except Exception as exc:  # the checksum held, so the writer saved a broken state; FAISS raises RuntimeError
+        raise SnapshotError(f"corrupt ({type(exc).__name__}: {exc})") from exc
+    counts = {str(c): n for c, n in index.category_sizes().items()}
+    if (index.dim, index.index_type, len(index), counts) != (dim, index_type, meta.get("vectors"), meta.get("counts")):
+        raise SnapshotError(
+            f"inconsistent with its metadata (it holds {len(index)} {index.dim}-d {index.index_type} vectors in "
+            f"{len(counts)} categories; its metadata says {meta.get('vectors')} {dim}-d {index_type} vectors in "
+            f"{len(meta.get('counts') or {})})")
+    return index, meta
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of every array's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array)
+    return digest.hexdigest()
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in `folder` durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class IndexManager:
@@ -46,47 +175,85 @@ class IndexManager:
         self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
         self.index = CategoryIndex(dim, index_type)
         self.fingerprint: str | None = None
+        self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
 
     # -- start-up ---------------------------------------------------------------------------------
     def load_or_build(self) -> str:
-        """Load the snapshot if it matches the database, else rebuild; returns 'snapshot' or 'rebuilt'."""
+        """Load the snapshot if it can be trusted and matches the database, else rebuild from PostgreSQL (moving an
+        untrustworthy file aside first); the snapshot file never stops this. Returns self.source."""
         started = time.perf_counter()
-        with self.sessions() as s:
-            current = fingerprint(s, self.model_name)
-        meta = snapshot_meta(self.snapshot_path)
-        if meta == {"model": self.model_name, "index_type": self.index_type, "dim": self.dim, "fingerprint": current}:
-            with np.load(self.snapshot_path, allow_pickle=False) as state:
-                self.index = index_from_state(state)
-            self.fingerprint = current
-            log.info("loaded %s index (%d vectors) from snapshot %s in %.2f s", self.model_name, len(self.index),
-                     self.snapshot_path, time.perf_counter() - started)
-            return "snapshot"
-        reason = "no snapshot" if meta is None else "snapshot is stale"
-        self.rebuild(save=True)
-        log.info("%s: rebuilt %s index (%d vectors) from PostgreSQL in %.2f s", reason, self.model_name,
+        try:
+            why = self._load_snapshot()
+            if why is None:
+                log.info("loaded %s index (%d vectors) from snapshot %s in %.2f s", self.model_name, len(self.index),
+                         self.snapshot_path, time.perf_counter() - started)
+                return self.source
+            damage = None
+        except SnapshotError as exc:
+            why = damage = f"snapshot was {exc}, {self._move_aside()}"
+            log.warning("%s: %s; rebuilding the index from PostgreSQL", self.snapshot_path, damage)
+        self.rebuild(save=False)
+        try:
+            self.save_snapshot()
+        except OSError as exc:  # the index serves from memory all the same; the next start rebuilds it again
+            log.warning("could not write the snapshot %s: %s", self.snapshot_path, exc)
+        if damage:
+            self.source = f"rebuilt: {damage}"
+        log.info("%s: rebuilt %s index (%d vectors) from PostgreSQL in %.2f s", why, self.model_name,
                  len(self.index), time.perf_counter() - started)
-        return "rebuilt"
+        return self.source
+
+    def _load_snapshot(self) -> str | None:
+        """Use the snapshot if it is sound and current: None when it was loaded, else why not ('no snapshot',
+        'snapshot is stale'). Raises SnapshotError for a file that cannot be trusted."""
+        if not self.snapshot_path.exists():
+            return "no snapshot"
+        index, meta = read_snapshot(self.snapshot_path, self.model_name, self.index_type, self.dim)
+        with consistent_reads(self.sessions) as s:
+            current, counts = fingerprint(s, self.model_name), category_counts(s, self.model_name)
+        if meta.get("fingerprint") != current:
+            return "snapshot is stale"  # the database moved on since it was written: expected, not damage
+        # The metadata claims the database as it is now; the contents must bear that out.
+        if difference := count_differences(index.category_sizes(), counts, "the snapshot"):
+            raise SnapshotError(f"out of step with PostgreSQL ({difference})")
+        if index_fingerprint(index) != current:
+            raise SnapshotError("out of step with PostgreSQL (the same counts, but other images or categories)")
+        self.index, self.fingerprint, self.source = index, current, "snapshot"
+        return None
+
+    def _move_aside(self) -> str:
+        """Rename the snapshot to <name>.bad-<time>.npz beside it, for a person to look at; says where it went."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in itertools.count():  # two bad files in one second keep both
+            bad = self.snapshot_path.with_name(f"{self.snapshot_path.stem}.bad-{stamp}{f'-{n}' if n else ''}.npz")
+            if not bad.exists():
+                break
+        try:
+            os.replace(self.snapshot_path, bad)
+        except OSError as exc:
+            return f"could not be moved aside ({exc})"
+        return f"moved to {bad}"
 
     def rebuild(self, save: bool = True) -> None:
         """Recompute prototypes exactly in PostgreSQL and rebuild the index from it."""
         with self.sessions() as s, s.begin():
             store.rebuild_prototypes(s, self.model_name)
-        with self.sessions() as s:
+        with consistent_reads(self.sessions) as s:
             current = fingerprint(s, self.model_name)
-            ids, cats, vectors = self._fetch_members(s, None)
+            ids, cats, vectors = fetch_members(s, self.model_name, self.dim)
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
         index = CategoryIndex(self.dim, self.index_type)
         index.add(ids, vectors, cats)
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
-        self.index, self.fingerprint = index, current
+        self.index, self.fingerprint, self.source = index, current, "rebuilt"
         if save:
             self.save_snapshot()
 
     # -- keeping in step ----------------------------------------------------------------------------
     def sync(self, image_ids=None) -> tuple[int, int]:
         """Bring the index in line with PostgreSQL (all images, or just `image_ids`); returns (added, removed)."""
-        with self.sessions() as s:
+        with consistent_reads(self.sessions) as s:
             if image_ids is None:
                 current = fingerprint(s, self.model_name)
                 if current == self.fingerprint:
@@ -100,7 +267,7 @@ class IndexManager:
                 new = sorted(i for i in in_db if i not in self.index)
                 gone = sorted(i for i in wanted if i not in in_db and i in self.index)
                 current = None
-            ids, cats, vectors = self._fetch_members(s, new) if new else ([], [], None)
+            ids, cats, vectors = fetch_members(s, self.model_name, self.dim, new) if new else ([], [], None)
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
         removed = self.index.remove(gone)
         if len(ids):
@@ -113,30 +280,28 @@ class IndexManager:
 
     # -- snapshot ---------------------------------------------------------------------------------
     def save_snapshot(self) -> None:
-        """Write the index and what it was built from; atomic, so a reader never sees half a file."""
+        """Write the index with its metadata and checksum in one file; temp file, fsync and rename, so a crash
+        leaves the old snapshot or the new one, whole."""
         if self.fingerprint is None:  # after incremental changes: check against the whole database first
             self.sync()
-        self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.snapshot_path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **index_state(self.index))
-        meta = {"model": self.model_name, "index_type": self.index_type, "dim": self.dim, "fingerprint": self.fingerprint}
-        self.snapshot_path.with_suffix(".json").write_text(json.dumps(meta))
-        os.replace(tmp, self.snapshot_path)
+        state = index_state(self.index)
+        meta = {"format": SNAPSHOT_FORMAT, "model": self.model_name, "index_type": self.index_type, "dim": self.dim,
+                "fingerprint": self.fingerprint, "vectors": len(self.index),
+                "counts": {str(c): n for c, n in self.index.category_sizes().items()}, "sha256": _checksum(state)}
+        folder = self.snapshot_path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.snapshot_path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **state)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.snapshot_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_directory(folder)
 
     # -- queries ----------------------------------------------------------------------------------
     def _member_ids(self):
         return (sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
                 .where(Embedding.model_name == self.model_name, Image.category_id.is_not(None)))
-
-    def _fetch_members(self, session: Session, image_ids):
-        query = (sa.select(Embedding.image_id, Image.category_id, Embedding.vector)
-                 .join(Image, Image.id == Embedding.image_id)
-                 .where(Embedding.model_name == self.model_name, Image.category_id.is_not(None))
-                 .order_by(Embedding.image_id))
-        if image_ids is not None:
-            query = query.where(Embedding.image_id.in_(list(image_ids)))
-        rows = session.execute(query).all()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        cats = np.array([r[1] for r in rows], dtype=np.int64)
-        vectors = np.stack([np.asarray(r[2], dtype=np.float32) for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
-        return ids, cats, vectors

@@ -80,7 +80,10 @@ class StatusOut(BaseModel):
     dim: int
     index_type: str
     index_size: int
-    index_source: str = Field(description="'snapshot' or 'rebuilt': how the index was loaded at start-up")
+    index_source: str = Field(description="how the index came to be: 'snapshot' (loaded from its snapshot at "
+                              "start-up), 'rebuilt' (built from PostgreSQL: at start-up with no current snapshot, or "
+                              "by a rebuild since), or 'rebuilt: snapshot was <what was wrong>, moved to <file>' "
+                              "(start-up found a snapshot it could not trust, set it aside and rebuilt)")
     database: str = Field(description="'embedded' or 'external'")
     notice: str | None = Field(None, description="set when the stored images have no vectors of this model")
 

@@ -10,6 +10,7 @@ cosine similarity for inner-product indexes (flat IP, HNSW, IVF; the vectors are
 1 / (1 + Euclidean distance) for the flat L2 index, as in the seed project.
 """
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
@@ -165,6 +166,19 @@ class CategoryIndex:
         for cat, vec in zip(np.asarray(categories, dtype=np.int64).tolist(), vectors):
             self._prototypes[cat] = vec
 
+    def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(category ids (c,), prototype vectors (c, d)), by category id."""
+        cats = self.categories
+        vectors = np.stack([self._prototypes[c] for c in cats]) if cats else np.zeros((0, self.dim), np.float32)
+        return np.array(cats, dtype=np.int64), vectors
+
+    def partitions(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(category, ids (n,), vectors (n, d)) of each non-empty category, by category id; not copies: read only."""
+        for c in sorted(self._partitions):
+            part = self._partitions[c]
+            if len(part.ids):
+                yield c, part.ids, part.vectors
+
     def drop_prototypes(self, categories) -> None:
         """Forget the prototypes of categories that no longer have members."""
         for cat in categories:
@@ -231,12 +245,11 @@ class CategoryIndex:
 def index_state(index: CategoryIndex) -> dict[str, np.ndarray]:
     """Everything needed to restore an index, as numpy arrays (FAISS structures serialised)."""
     cats = sorted(c for c, p in index._partitions.items() if len(p.ids))
+    proto_cats, protos = index.prototypes()
     state = {
-        "dim": np.array(index.dim), "index_type": np.array(index.index_type),
+        "dim": np.array(index.dim, dtype=np.int64), "index_type": np.array(index.index_type),
         "partition_categories": np.array(cats, dtype=np.int64),
-        "prototype_categories": np.array(index.categories, dtype=np.int64),
-        "prototypes": np.stack([index._prototypes[c] for c in index.categories]) if index.categories
-        else np.zeros((0, index.dim), np.float32),
+        "prototype_categories": proto_cats, "prototypes": protos,
     }
     for c in cats:
         part = index._partitions[c]
@@ -246,13 +259,41 @@ def index_state(index: CategoryIndex) -> dict[str, np.ndarray]:
 
 
 def index_from_state(state) -> CategoryIndex:
-    """The inverse of index_state."""
-    index = CategoryIndex(int(state["dim"]), str(state["index_type"]))
-    for c in state["partition_categories"].tolist():
+    """The inverse of index_state; raises ValueError (or KeyError) on a state whose parts do not fit together,
+    so a damaged snapshot is refused rather than served."""
+    index = CategoryIndex(int(_state_array(state, "dim", "i", 0)), str(_state_array(state, "index_type", "U", 0)))
+    partition_categories = _state_array(state, "partition_categories", "i", 1).tolist()
+    if len(set(partition_categories)) != len(partition_categories):
+        raise ValueError("partition_categories has duplicates")
+    for c in partition_categories:
         part = _Partition(index.dim, index.index_type)
-        part.ids, part.vectors = state[f"ids_{c}"].astype(np.int64), state[f"vectors_{c}"].astype(np.float32)
-        part._index = faiss.deserialize_index(state[f"faiss_{c}"])
-        index._partitions[c] = part
+        part.ids = _state_array(state, f"ids_{c}", "i", 1).astype(np.int64, copy=False)
+        part.vectors = _state_array(state, f"vectors_{c}", "f", 2).astype(np.float32, copy=False)
+        if part.vectors.shape != (len(part.ids), index.dim):
+            raise ValueError(f"vectors_{c} has shape {part.vectors.shape}, expected ({len(part.ids)}, {index.dim})")
+        # The FAISS structure is searched, the arrays are not: both must describe the same vectors.
+        part._index = faiss.deserialize_index(_state_array(state, f"faiss_{c}", "u", 1))
+        if (part._index.ntotal, part._index.d) != (len(part.ids), index.dim):
+            raise ValueError(f"faiss_{c} holds {part._index.ntotal} {part._index.d}-d vectors, "
+                             f"expected {len(part.ids)} {index.dim}-d")
+        known = len(index._category_of)
         index._category_of.update((i, c) for i in part.ids.tolist())
-    index.set_prototypes(state["prototype_categories"], state["prototypes"])
+        if len(index._category_of) != known + len(part.ids):
+            raise ValueError(f"ids_{c} repeats an image id")
+        index._partitions[c] = part
+    proto_cats = _state_array(state, "prototype_categories", "i", 1)
+    protos = _state_array(state, "prototypes", "f", 2)
+    if protos.shape != (len(proto_cats), index.dim) or len(np.unique(proto_cats)) != len(proto_cats):
+        raise ValueError(f"{len(proto_cats)} prototype categories (unique: {len(np.unique(proto_cats))}) "
+                         f"and prototypes of shape {protos.shape}")
+    index.set_prototypes(proto_cats, protos)
     return index
+
+
+def _state_array(state, key: str, kind: str, ndim: int) -> np.ndarray:
+    """state[key], refused unless it is an ndim-d array of the dtype kind ('i' int, 'u' uint, 'f' float, 'U' str)."""
+    value = state[key]
+    if not isinstance(value, np.ndarray) or value.dtype.kind != kind or value.ndim != ndim:
+        raise ValueError(f"{key} is {getattr(value, 'dtype', type(value).__name__)} of shape "
+                         f"{getattr(value, 'shape', '?')}, expected a {ndim}-d array of kind {kind!r}")
+    return value

@@ -11,6 +11,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
 from backend import store
+from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
 from backend.errors import ImsrcError, InvalidImage
@@ -72,7 +73,7 @@ class ImageSearch:
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
                                     snapshot_dir or settings.snapshot_dir)
         self._lock = threading.RLock()  # searches read the index while writes change it
-        self.index_source = self.manager.load_or_build()
+        self.manager.load_or_build()
 
     @classmethod
     def open(cls, model_name: str | None = None, index_type: str | None = None,
@@ -99,6 +100,12 @@ class ImageSearch:
     @property
     def index(self):
         return self.manager.index
+
+    @property
+    def index_source(self) -> str:
+        """How the index came to be: 'snapshot', 'rebuilt', or after a snapshot that could not be trusted,
+        'rebuilt: snapshot was <what was wrong>, moved to <file>'."""
+        return self.manager.source
 
     # -- search -----------------------------------------------------------------------------------
     def embed(self, image: ImageInput) -> np.ndarray:
@@ -210,6 +217,12 @@ class ImageSearch:
             store.rebuild_prototypes(s, self.embedder.name)
         with self._lock:
             self.manager.sync([])
+
+    def check(self) -> Report:
+        """Compare the live index with PostgreSQL, and PostgreSQL's vectors and prototypes with each other; a write
+        in flight (stored, not yet indexed) shows as a difference, so check a quiet service or check again."""
+        with self._lock:
+            return check(self.sessions, self.embedder.name, self.index, "live")
 
     def save_snapshot(self) -> None:
         """Write the index snapshot now (it is otherwise written on rebuild)."""

@@ -144,6 +144,17 @@ def test_invalid_utf8_is_refused_and_control_characters_leave_file_names(keyed):
     assert info["category"] == "caf\u00e9" and info["original_name"] == "ab.png"
 
 
+def test_absurd_file_names_get_a_400_and_long_ones_are_cut_to_255_characters(keyed):
+    body, headers = _multipart(b"names", b"a" * 10_000 + b".png")
+    absurd = keyed.post("/upload", content=body, headers=headers)
+    assert absurd.status_code == 400 and isinstance(absurd.json()["detail"], str)
+    body, headers = _multipart(b"names", b"b" * 1_000 + b".png")
+    stored = keyed.post("/upload", content=body, headers=headers)
+    assert stored.status_code == 200, stored.text
+    name = keyed.get(f"/images/{stored.json()['image_id']}/info").json()["original_name"]
+    assert len(name) == 255 and name.endswith(".png")
+
+
 def test_a_duplicate_upload_reports_the_category_it_is_stored_under(keyed):
     first = keyed.post("/upload", files=_file((7, 70, 170)), data={"category": "first"}, headers={"X-API-Key": KEY})
     again = keyed.post("/upload", files=_file((7, 70, 170)), data={"category": "second"}, headers={"X-API-Key": KEY})

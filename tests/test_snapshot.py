@@ -1,0 +1,178 @@
+"""The index snapshot can never stop the service or mislead it: a damaged, inconsistent or foreign file is moved
+aside and the index rebuilt from PostgreSQL (real PostgreSQL, stand-in embedder)."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image as PILImage
+
+from backend.index_manager import IndexManager, fingerprint, snapshot_meta
+from backend.models import Embedding, Image
+from backend.service import ImageSearch
+from tests.helpers import PixelEmbedder, write_folder_dataset
+
+MODEL, DIM = PixelEmbedder.name, PixelEmbedder.dim
+
+
+def _open(sessions, folder, index_type="flatip"):
+    return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=folder, batch_size=8)
+
+
+@pytest.fixture
+def built(sessions, tmp_path):
+    """A 24-image collection in PostgreSQL with a current snapshot of it in tmp_path/snap; returns that ImageSearch."""
+    write_folder_dataset(tmp_path / "f", n_per_class=8)
+    search = _open(sessions, tmp_path / "snap")
+    search.build_database("folder", tmp_path / "f", progress=False)
+    search.save_snapshot()
+    assert _open(sessions, tmp_path / "snap").index_source == "snapshot"
+    return search
+
+
+def _results(search):
+    queries = PixelEmbedder().embed([PILImage.new("RGB", (32, 32), c) for c in
+                                     [(200, 20, 20), (20, 200, 20), (20, 20, 200), (120, 120, 120)]])
+    return [[(r.image_id, round(r.score, 5)) for r in search.search_vector(q, 10, top_categories=2).results]
+            for q in queries]
+
+
+def _arrays(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _without_category(arrays, drop):
+    """The arrays with one category's partition gone, as if its vectors had been lost."""
+    arrays = {k: v for k, v in arrays.items() if k not in (f"ids_{drop}", f"vectors_{drop}", f"faiss_{drop}")}
+    arrays["partition_categories"] = arrays["partition_categories"][arrays["partition_categories"] != drop]
+    return arrays
+
+
+def _save(path, arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _truncated(path, sessions):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(path, sessions):
+    path.write_bytes(b"")
+
+
+def _random_bytes(path, sessions):
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def _bit_flipped(path, sessions):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the middle: the zip structure still reads
+    path.write_bytes(bytes(data))
+
+
+def _category_dropped_old_metadata(path, sessions):
+    arrays = _arrays(path)
+    _save(path, _without_category(arrays, int(arrays["partition_categories"][0])))  # "meta" is the old one
+
+
+def _members(sessions, category):
+    """(image id, vector) of a category's images, from PostgreSQL."""
+    with sessions() as s:
+        return s.execute(sa.select(Embedding.image_id, Embedding.vector).join(Image, Image.id == Embedding.image_id)
+                         .where(Image.category_id == category).order_by(Embedding.image_id)).all()
+
+
+def _self_consistent_but_not_postgres(path, sessions):
+    """A well-formed snapshot, checksum and all, that lacks a category while claiming the database's fingerprint."""
+    manager = IndexManager(sessions, MODEL, DIM, "flatip", path.parent)
+    manager.rebuild(save=False)
+    manager.index.remove([i for i, _ in _members(sessions, 1)])
+    manager.index.drop_prototypes([1])
+    with sessions() as s:
+        manager.fingerprint = fingerprint(s, MODEL)  # faked: the contents no longer bear it out
+    manager.save_snapshot()
+
+
+def _categories_swapped_same_counts(path, sessions):
+    """Counts per category as in PostgreSQL, checksum fine, fingerprint claimed; but two images trade categories."""
+    manager = IndexManager(sessions, MODEL, DIM, "flatip", path.parent)
+    manager.rebuild(save=False)
+    (a, vector_a), (b, vector_b) = _members(sessions, 1)[0], _members(sessions, 2)[0]
+    manager.index.add([a, b], np.stack([vector_a, vector_b]), [2, 1])  # an id already present is replaced
+    manager.save_snapshot()  # manager.fingerprint is still the database's
+
+
+def _another_index_type(path, sessions):
+    other = IndexManager(sessions, MODEL, DIM, "flatl2", path.parent)
+    other.rebuild(save=True)
+    os.replace(other.snapshot_path, path)
+
+
+DAMAGE = {
+    "truncated": (_truncated, "unreadable"),
+    "empty": (_empty, "unreadable (ValueError: not an .npz (zip) file)"),
+    "random bytes": (_random_bytes, "unreadable (ValueError: not an .npz (zip) file)"),
+    "one bit flipped": (_bit_flipped, "snapshot was "),
+    "a category dropped, old metadata": (_category_dropped_old_metadata, "corrupt (checksum mismatch)"),
+    "consistent, but not with PostgreSQL": (_self_consistent_but_not_postgres, "out of step with PostgreSQL (category"),
+    "categories swapped, same counts": (_categories_swapped_same_counts, "other images or categories"),
+    "another index type": (_another_index_type, "for another index"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_bad_snapshot_is_moved_aside_and_the_index_rebuilt(built, sessions, tmp_path, caplog, damage):
+    damage_file, reason = DAMAGE[damage]
+    path = built.manager.snapshot_path
+    damage_file(path, sessions)
+    damaged = path.read_bytes()
+    caplog.set_level(logging.INFO, logger="backend.index_manager")
+
+    search = _open(sessions, tmp_path / "snap")  # must not raise
+
+    assert search.index_source.startswith("rebuilt: snapshot was ") and reason in search.index_source
+    bad = sorted((tmp_path / "snap").glob(f"{path.stem}.bad-*.npz"))
+    assert len(bad) == 1 and f"moved to {bad[0]}" in search.index_source
+    assert bad[0].read_bytes() == damaged  # kept for a person to look at, as it was
+    assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records)
+    fresh = _open(sessions, tmp_path / "fresh")
+    assert fresh.index_source == "rebuilt"
+    assert _results(search) == _results(fresh) and search.index.categories == fresh.index.categories
+    assert search.check().ok
+    assert _open(sessions, tmp_path / "snap").index_source == "snapshot"  # a sound snapshot was written
+
+
+def test_rebuild_says_rebuilt(built, sessions, tmp_path):
+    search = _open(sessions, tmp_path / "snap")
+    assert search.index_source == "snapshot"
+    search.rebuild()
+    assert search.index_source == "rebuilt"
+
+
+def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sessions, tmp_path, monkeypatch):
+    folder = tmp_path / "snap"
+    assert sorted(p.name for p in folder.iterdir()) == [built.manager.snapshot_path.name]  # no sidecar, no temp file
+    meta = snapshot_meta(built.manager.snapshot_path)  # what the set-up menu's state line reads
+    assert (meta["model"], meta["fingerprint"], meta["vectors"]) == (MODEL, built.manager.fingerprint, 24)
+    before = built.manager.snapshot_path.read_bytes()
+
+    def crash(file, **arrays):
+        file.write(b"half a snapshot")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("backend.index_manager.np.savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        built.save_snapshot()
+    assert built.manager.snapshot_path.read_bytes() == before  # the old snapshot, whole
+    assert sorted(p.name for p in folder.iterdir()) == [built.manager.snapshot_path.name]
+
+
+def test_a_snapshot_that_cannot_be_written_does_not_stop_start_up(built, sessions, tmp_path, monkeypatch, caplog):
+    built.manager.snapshot_path.write_bytes(b"garbage")
+    monkeypatch.setattr("backend.index_manager.os.fsync", lambda fd: (_ for _ in ()).throw(OSError("read-only")))
+    search = _open(sessions, tmp_path / "snap")
+    assert search.index_source.startswith("rebuilt: snapshot was unreadable") and len(search.index) == 24
+    assert "could not write the snapshot" in caplog.text
