@@ -139,3 +139,16 @@ def wait_healthy(base: str, timeout: float = 180, alive=lambda: True) -> bool:
         except OSError:
             time.sleep(0.5)
     return False
+
+
+def folder_opener(sessions, tmp_path: Path, n_per_class: int = 3, embedder: Embedder | None = None):
+    """An `open_search` for create_app: an ImageSearch over a fresh red/green/blue folder collection."""
+    from backend.service import ImageSearch
+
+    write_folder_dataset(tmp_path / "f", n_per_class=n_per_class)
+
+    def open_search(other: Embedder | None = None):
+        search = ImageSearch(sessions, other or embedder or PixelEmbedder(), snapshot_dir=tmp_path / "snap")
+        search.build_database("folder", tmp_path / "f", progress=False)
+        return search
+    return open_search

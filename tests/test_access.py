@@ -12,8 +12,7 @@ from PIL import Image
 
 from backend.config import settings
 from backend.main import create_app
-from backend.service import ImageSearch
-from tests.helpers import PixelEmbedder, free_port, png_bytes, wait_healthy, write_folder_dataset
+from tests.helpers import PixelEmbedder, folder_opener, free_port, png_bytes, wait_healthy
 
 KEY = "k3y-for-tests"
 
@@ -24,13 +23,7 @@ def _file(rgb=(20, 20, 230), name="q.png"):
 
 @pytest.fixture
 def open_search(sessions, tmp_path):
-    write_folder_dataset(tmp_path / "f", n_per_class=3)
-
-    def opener(embedder=None):
-        search = ImageSearch(sessions, embedder or PixelEmbedder(), snapshot_dir=tmp_path / "snap")
-        search.build_database("folder", tmp_path / "f", progress=False)
-        return search
-    return opener
+    return folder_opener(sessions, tmp_path)
 
 
 @pytest.fixture

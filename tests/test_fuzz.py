@@ -12,8 +12,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 
 from backend.config import settings
 from backend.main import create_app
-from backend.service import ImageSearch
-from tests.helpers import PixelEmbedder, messy_image_bytes, write_folder_dataset
+from tests.helpers import folder_opener, messy_image_bytes
 from tests.hostile_files import corpus
 
 KEY = "fuzz-key"
@@ -36,13 +35,7 @@ def api_schema(pg_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     engine = create_engine_checked(_new_database(pg_server, TEMPLATE))
     sessions = sessionmaker(engine, expire_on_commit=False)
-    write_folder_dataset(tmp / "f", n_per_class=4)
-
-    def open_search():
-        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp / "snap")
-        search.build_database("folder", tmp / "f", progress=False)
-        return search
-
+    open_search = folder_opener(sessions, tmp, n_per_class=4)
     previous = settings.api_key
     settings.api_key = KEY
     app = create_app(open_search)

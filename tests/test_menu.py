@@ -24,6 +24,13 @@ def menu_env(cli_env, tmp_path):
             "API_PORT": str(free_port()), "HUB_TIMEOUT": "2", "TERM": "dumb"}
 
 
+def _quit(child: pexpect.spawn) -> None:
+    child.sendline("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def _menu(env) -> pexpect.spawn:
     child = pexpect.spawn("bash", ["setup.sh"], cwd=str(ROOT), env=env, encoding="utf-8", timeout=180,
                           dimensions=(50, 250))
@@ -68,10 +75,7 @@ def test_menu_survives_a_failing_step_populates_shows_status_serves_and_quits(me
     child.sendcontrol("c")
     child.expect(r"imsrc set-up.{0,12}database: [^|]+ \| 20 images \| [^|]+ \| index ready")
     child.expect("Choose: ")
-    child.sendline("q")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    _quit(child)
 
 
 def test_menu_ignores_unknown_choices_and_leaves_at_end_of_input(menu_env):
@@ -92,10 +96,7 @@ def test_ctrl_c_during_a_step_returns_to_the_menu(menu_env):
     child.sendcontrol("c")
     child.expect(r"stopped \(Ctrl-C\)")
     child.expect("Choose: ")
-    child.sendline("q")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    _quit(child)
 
 
 def test_subcommands_still_fail_with_a_non_zero_exit(menu_env):

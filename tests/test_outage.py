@@ -13,8 +13,7 @@ from backend.config import settings
 from backend.database import create_engine_checked, migrate
 from backend.main import create_app
 from backend.pg_server import EmbeddedPostgres
-from backend.service import ImageSearch
-from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
+from tests.helpers import folder_opener, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +50,7 @@ def test_database_outage_gives_503_json_then_recovers_without_a_restart(tmp_path
     engine = create_engine_checked(url.set(database="outage").render_as_string(hide_password=False))
     migrate(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
-    write_folder_dataset(tmp_path / "f", n_per_class=3)
-
-    def open_search():
-        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
-        search.build_database("folder", tmp_path / "f", progress=False)
-        return search
-
+    open_search = folder_opener(sessions, tmp_path)
     try:
         with TestClient(create_app(open_search)) as client:
             assert client.get("/health").status_code == 200
