@@ -23,14 +23,29 @@ def write_refusal(scheme: str, headers: Headers) -> tuple[int, str] | None:
             origin != f"{scheme}://{headers.get('host', '')}":
         return 403, (f"cross-origin write refused: {origin[:100]} is not this server's origin nor in ALLOWED_ORIGINS")
     if settings.api_key:
-        given = headers.get("x-api-key", "").encode("latin-1", "replace")
+        given = headers.get("x-api-key", "").strip().encode("latin-1", "replace")
         if not secrets.compare_digest(given, settings.api_key.encode()):
             return 401, "missing or wrong X-API-Key header (this server requires an API key for writes)"
         return None
     if not settings.open_writes:
         return 403, ("writes are closed: this server has no API_KEY. Set API_KEY (clients then send it in the "
                      "X-API-Key header), or OPEN_WRITES=true on a machine only you can reach")
+    # Open writes are for this machine: a Host that is not loopback means another machine, or a web page that
+    # rebound its own name to this address (DNS rebinding), whose Origin would otherwise match its Host.
+    if _host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+        return 403, ("writes without an API key are taken only on localhost (OPEN_WRITES): set API_KEY to accept "
+                     "writes addressed to this server by another name")
     return None
+
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def writes_mode() -> str:

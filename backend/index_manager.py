@@ -174,7 +174,8 @@ class IndexManager:
         self.sessions, self.model_name, self.dim, self.index_type = sessions, model_name, dim, index_type
         self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
         self.index = CategoryIndex(dim, index_type)
-        self.fingerprint: str | None = None
+        self.fingerprint: str | None = None  # of the database the index matches; None after incremental changes
+        self.saved_fingerprint: str | None = None  # of the database the snapshot on disk matches
         self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class IndexManager:
         if index_fingerprint(index) != current:
             raise SnapshotError("out of step with PostgreSQL (the same counts, but other images or categories)")
         self.index, self.fingerprint, self.source = index, current, "snapshot"
+        self.saved_fingerprint = current
         return None
 
     def _move_aside(self) -> str:
@@ -300,6 +302,11 @@ class IndexManager:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_directory(folder)
+        self.saved_fingerprint = self.fingerprint
+
+    def snapshot_is_current(self) -> bool:
+        """Whether the snapshot on disk holds the index as it is now."""
+        return self.fingerprint is not None and self.fingerprint == self.saved_fingerprint
 
     # -- queries ----------------------------------------------------------------------------------
     def _member_ids(self):

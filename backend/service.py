@@ -232,7 +232,7 @@ class ImageSearch:
     def close(self) -> None:
         """Snapshot the index if writes changed it since the last snapshot, so the next start loads it."""
         with self._lock:
-            if self.manager.fingerprint is None:
+            if not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
                 self.manager.save_snapshot()
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:

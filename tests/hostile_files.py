@@ -38,6 +38,37 @@ def _png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
+def _jpeg_scan_bomb(size: int, repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each repeat is one more pass over the whole image."""
+    data = _save(Image.new("RGB", (size, size), (90, 30, 200)), "JPEG", progressive=True, quality=95)
+    last_scan, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last_scan:end] * repeats + data[end:]
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _multiscan_jpeg(size: int, components: int) -> bytes:
+    """A baseline (not progressive) JPEG with one scan per component: libjpeg then buffers every coefficient."""
+    dc_bits, ac_bits = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0] * 15 + [1]
+    frame = struct.pack(">BHHB", 8, size, size, components) + b"".join(bytes([c + 1, 0x11, 0]) for c in range(components))
+    data = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64)) + _segment(0xC0, frame)
+    data += _segment(0xC4, b"\x00" + bytes(dc_bits) + bytes(range(12)) + b"\x10" + bytes(ac_bits) + b"\x00")
+    for c in range(components):
+        data += _segment(0xDA, bytes([1, c + 1, 0x00, 0, 63, 0])) + b"\x00" * 64
+    return data + b"\xff\xd9"
+
+
+def _rle_bmp(width: int, height: int) -> bytes:
+    """An 8-bit run-length-encoded BMP of width x height pixels in a few hundred bytes."""
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    rle = b"\x01\x05\x00\x00" * height + b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rle), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rle), 0, 0, offset) + dib + palette + rle
+
+
 def _animated(fmt: str, frames: int, size=(64, 64)) -> bytes:
     images = [Image.new("RGB", size, (i * 7 % 256, 40, 200)) for i in range(frames)]
     return _save(images[0], fmt, save_all=True, append_images=images[1:], duration=20, loop=0)
@@ -74,7 +105,7 @@ def corpus() -> list[HostileFile]:
         HostileFile("big-7000x7000-16bit.png", _save(sixteen, "PNG"), True),
         HostileFile("big-5000x5000-rgba.png", _save(Image.new("RGBA", (5000, 5000), (1, 2, 3, 100)), "PNG"), True),
         HostileFile("big-8000x5000.jpg", _save(Image.new("RGB", (8000, 5000), (30, 60, 90)), "JPEG", quality=50), True),
-        HostileFile("big-6000x1000-float.tiff", _save(Image.new("F", (6000, 1000), 0.5), "TIFF", compression="tiff_deflate"), True),
+        HostileFile("big-6000x1000-float.tiff", _save(Image.new("F", (6000, 1000), 0.5), "TIFF", compression="tiff_deflate"), False),
         # every mode and bit depth
         HostileFile("cmyk.jpg", _save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"), True),
         HostileFile("palette.png", _save(_noise((50, 50)).convert("P"), "PNG"), True),
@@ -82,7 +113,7 @@ def corpus() -> list[HostileFile]:
         HostileFile("grey-alpha.png", _save(Image.new("LA", (50, 50), (100, 50)), "PNG"), True),
         HostileFile("bilevel.png", _save(Image.new("1", (50, 50), 1), "PNG"), True),
         HostileFile("bilevel-big.png", _save(Image.new("1", (6000, 6000), 0), "PNG"), True),
-        HostileFile("sixteen-bit-grey.tiff", _save(Image.fromarray(np.arange(4096, dtype=np.uint16).reshape(64, 64)), "TIFF"), True),
+        HostileFile("sixteen-bit-grey.tiff", _save(Image.fromarray(np.arange(4096, dtype=np.uint16).reshape(64, 64)), "TIFF"), False),
         HostileFile("grey.jpg", _save(Image.new("L", (40, 40), 80), "JPEG"), True),
         HostileFile("progressive.jpg", _save(_noise((300, 200)), "JPEG", progressive=True), True),
         HostileFile("lossless.webp", _save(_noise((64, 64)), "WEBP", lossless=True), True),
@@ -91,7 +122,7 @@ def corpus() -> list[HostileFile]:
         HostileFile("tiny-1x1.gif", _save(Image.new("P", (1, 1), 0), "GIF"), True),
         HostileFile("bmp-24.bmp", _save(_noise((30, 20)), "BMP"), True),
         HostileFile("multipage.tiff", _save(Image.new("RGB", (40, 40)), "TIFF", save_all=True, compression="tiff_deflate",
-                                            append_images=[Image.new("RGB", (4000, 4000))] * 3), True),
+                                            append_images=[Image.new("RGB", (4000, 4000))] * 3), False),
         # orientation
         *[HostileFile(f"exif-orientation-{o}.jpg", _exif_jpeg(o), True) for o in (2, 3, 5, 6, 8)],
         # animations
@@ -113,6 +144,17 @@ def corpus() -> list[HostileFile]:
         HostileFile("bomb-png-50000x50000.png", _png_bomb(50000, 50000), False),
         HostileFile("bomb-png-100000x1000.png", _png_bomb(100000, 1000), False),
         HostileFile("bomb-gif-screen-65535.gif", gif[:6] + struct.pack("<HH", 65535, 65535) + gif[10:], False),
+        HostileFile("bomb-webp-5100x5100-1kb.webp", _save(Image.new("RGB", (5100, 5100), (10, 200, 30)), "WEBP",
+                                                         lossless=True), False),
+        HostileFile("bomb-jpeg-multiscan-7000.jpg", _multiscan_jpeg(7000, 3), False),
+        HostileFile("bomb-bmp-rle-7000x7000.bmp", _rle_bmp(7000, 7000), False),
+        HostileFile("rle-bmp-600x400.bmp", _rle_bmp(600, 400), True),
+        HostileFile("webp-2000x1500.webp", _save(_noise((200, 150)).resize((2000, 1500)), "WEBP"), True),
+        HostileFile("bomb-jpeg-5000-scans.jpg", _jpeg_scan_bomb(2000, 5000), False),
+        HostileFile("progressive-7000x7000.jpg", _save(Image.new("RGB", (7000, 7000), (9, 90, 9)), "JPEG",
+                                                       progressive=True, subsampling=0), False),
+        HostileFile("progressive-4000x3000.jpg", _save(_noise((400, 300)).resize((4000, 3000)), "JPEG",
+                                                       progressive=True), True),
         HostileFile("bomb-jpeg-65000x65000.jpg", jpeg.replace(b"\x00\x30\x00\x40", b"\xfd\xe8\xfd\xe8", 1), False),
         # truncated and damaged
         HostileFile("truncated.png", png[: len(png) // 2], False),

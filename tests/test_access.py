@@ -57,8 +57,12 @@ def test_writes_are_closed_by_default_and_say_how_to_open_them(closed, method, p
 def test_open_writes_is_an_explicit_choice_and_the_log_says_so(open_search, monkeypatch, caplog):
     monkeypatch.setattr(settings, "api_key", None)
     monkeypatch.setattr(settings, "open_writes", True)
-    with caplog.at_level("INFO", logger="backend.main"), TestClient(create_app(open_search)) as c:
+    with caplog.at_level("INFO", logger="backend.main"), \
+            TestClient(create_app(open_search), base_url="http://localhost:8000") as c:
         assert c.post("/upload", files=_file((3, 3, 3)), data={"category": "x"}).status_code == 200
+        # A page that rebound its own name to this machine sends its own Host and a matching Origin.
+        rebound = c.post("/admin/refresh", headers={"Host": "evil.example:8000", "Origin": "http://evil.example:8000"})
+        assert rebound.status_code == 403 and "localhost" in rebound.json()["detail"]
     assert "writes are OPEN to anyone who can reach this port" in caplog.text
 
 
@@ -67,13 +71,14 @@ def test_a_key_opens_writes_and_a_wrong_one_does_not(keyed):
     assert keyed.post("/admin/refresh", headers={"X-API-Key": "wrong"}).status_code == 401
     assert keyed.post("/admin/refresh", headers={"X-API-Key": b"k3y-\xe9"}).status_code == 401  # not ASCII: no 500
     assert keyed.post("/admin/refresh", headers={"X-API-Key": KEY}).status_code == 200
+    assert keyed.post("/admin/refresh", headers={"X-API-Key": f" {KEY} "}).status_code == 200  # header whitespace
 
 
 def test_cross_origin_writes_are_refused_unless_the_origin_is_allowed(open_search, monkeypatch):
     monkeypatch.setattr(settings, "api_key", None)
     monkeypatch.setattr(settings, "open_writes", True)
     monkeypatch.setattr(settings, "allowed_origins", "https://app.example.com")
-    with TestClient(create_app(open_search)) as c:
+    with TestClient(create_app(open_search), base_url="http://localhost") as c:
         before = c.get("/status").json()["index_size"]
         # A page on another site posting a "simple" request (no preflight) to an admin route.
         evil = c.post("/admin/rebuild-index", content=b"x", headers={"Origin": "https://evil.example",
@@ -82,7 +87,7 @@ def test_cross_origin_writes_are_refused_unless_the_origin_is_allowed(open_searc
         evil_delete = c.delete("/images/1", headers={"Origin": "https://evil.example"})
         assert evil_delete.status_code == 403 and c.get("/images/1/info").status_code == 200
         assert c.get("/status").json()["index_size"] == before
-        same_site = c.post("/admin/refresh", headers={"Origin": "http://testserver"})
+        same_site = c.post("/admin/refresh", headers={"Origin": "http://localhost"})
         assert same_site.status_code == 200
         allowed = c.post("/admin/refresh", headers={"Origin": "https://app.example.com"})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example.com"

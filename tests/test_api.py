@@ -19,7 +19,7 @@ def client(sessions, tmp_path, monkeypatch):
         search.build_database("folder", tmp_path / "f", progress=False)
         return search
 
-    with TestClient(create_app(open_search)) as c:
+    with TestClient(create_app(open_search), base_url="http://localhost") as c:  # open writes: localhost only
         yield c
 
 

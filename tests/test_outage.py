@@ -52,7 +52,7 @@ def test_database_outage_gives_503_json_then_recovers_without_a_restart(tmp_path
     sessions = sessionmaker(engine, expire_on_commit=False)
     open_search = folder_opener(sessions, tmp_path)
     try:
-        with TestClient(create_app(open_search)) as client:
+        with TestClient(create_app(open_search), base_url="http://localhost") as client:
             assert client.get("/health").status_code == 200
             stored = client.get("/status").json()["images"]
             server.release()  # the only user: this stops PostgreSQL

@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from backend.index_manager import IndexManager, fingerprint, snapshot_meta
 from backend.models import Embedding, Image
 from backend.service import ImageSearch
-from tests.helpers import PixelEmbedder, write_folder_dataset
+from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 MODEL, DIM = PixelEmbedder.name, PixelEmbedder.dim
 
@@ -176,3 +176,17 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_start_up(built, session
     search = _open(sessions, tmp_path / "snap")
     assert search.index_source.startswith("rebuilt: snapshot was unreadable") and len(search.index) == 24
     assert "could not write the snapshot" in caplog.text
+
+
+def test_a_refresh_after_another_process_wrote_is_snapshotted_at_shutdown(built, sessions, tmp_path):
+    """The server's refresh picks up another process's upload; closing must write the snapshot, so that it matches
+    PostgreSQL afterwards (a check of it passes, and the next start loads it)."""
+    from backend.consistency import check_snapshot
+
+    server = _open(sessions, tmp_path / "snap")
+    other = _open(sessions, tmp_path / "other")
+    other.add_image(png_bytes(PILImage.new("RGB", (32, 32), (3, 140, 70))), "teal")
+    assert server.refresh() == (1, 0)
+    server.close()
+    assert check_snapshot(sessions, MODEL, DIM, "flatip", tmp_path / "snap").ok
+    assert _open(sessions, tmp_path / "snap").index_source == "snapshot"
