@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     model_weights_path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(16, ge=1, le=1024)
-    embed_precision: Literal["fp32", "bf16"] = "fp32"
+    embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # Search
     faiss_index_type: Literal["flatip", "flatl2", "hnsw", "ivfflat"] = "flatip"

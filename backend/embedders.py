@@ -31,12 +31,13 @@ class Embedder(ABC):
     name: str
     dim: int
 
-    def __init__(self, device: str = "auto", batch_size: int = 32, precision: str = "fp32",
+    def __init__(self, device: str = "auto", batch_size: int = 32, precision: str = "auto",
                  weights_path: Path | None = None):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.batch_size = batch_size
-        self.precision = precision
+        self.precision = precision  # "auto" becomes "fp32" or "bf16" when the model loads (backend.precision)
+        self.precision_reason = "set by EMBED_PRECISION" if precision != "auto" else ""
         self.weights_path = Path(weights_path) if weights_path else None
         self._loaded: tuple[nn.Module, nn.Module, Callable] | None = None
 
@@ -60,8 +61,13 @@ class Embedder(ABC):
             backbone = backbone.eval().to(self.device, memory_format=torch.channels_last)
             head = head.eval().to(self.device)
             self._loaded = (backbone, head, preprocess)
+            if self.precision == "auto":
+                from backend.precision import choose
+
+                self.precision, self.precision_reason = choose(self)
             self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
-            log.info("loaded %s on %s in %.1f s", self.name, self.device, time.perf_counter() - started)
+            log.info("loaded %s on %s in %.1f s, %s (%s)", self.name, self.device, time.perf_counter() - started,
+                     self.precision, self.precision_reason)
         return self
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -77,12 +83,12 @@ class Embedder(ABC):
         with torch.inference_mode():
             return head(self._features(images)).float().cpu().numpy()
 
-    def _features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def _features(self, images: Sequence[Image.Image], precision: str | None = None) -> torch.Tensor:
         backbone, _, preprocess = self.load()._loaded
         batch = torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
+                                                    enabled=(precision or self.precision) == "bf16"):
             return backbone(batch).float()
 
     # -- weights ------------------------------------------------------------------------------------

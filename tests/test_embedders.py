@@ -56,7 +56,7 @@ def test_embedder_returns_unit_norm_float32_deterministically(name, images, resn
 @pytest.mark.slow
 def test_resnet50_loads_weights_from_a_local_file(images, resnet_weight_files):
     path, reference = resnet_weight_files["resnet50"]
-    embedder = create_embedder("resnet50", weights_path=path)
+    embedder = create_embedder("resnet50", weights_path=path, precision="fp32")  # compared with fp32 logits
     preprocess = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
     with torch.inference_mode():
         expected_logits = reference(preprocess(images[0])[None]).numpy()

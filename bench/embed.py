@@ -1,0 +1,142 @@
+"""Embedding speed per model on this machine: the naive baseline, imsrc's chosen configuration, and populate.
+
+Usage: python bench/embed.py [--models efficientnet_lite0 resnet50] [--images 256] [--json FILE]
+
+For each model, on the same real images (Fashion-MNIST test images, Debian's dataset-fashion-mnist):
+- naive: fp32, default memory format, batch 16, model only (preprocessed tensors in, features out);
+- imsrc: the configuration EMBED_PRECISION=auto picks here (channels-last, fp32 or bf16), model only;
+- populate: `ingest` end to end (read, hash, decode, embed, store) into a throw-away embedded PostgreSQL;
+- cosine of imsrc's vectors to fp32's, mean and minimum over the images.
+resnet50/18 use randomly initialised weights when no ImageNet weights are available: the speed is the same, but
+their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, ...}}.
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend.datasets import load_dataset, select_balanced  # noqa: E402
+from backend.embedders import TorchvisionResNet, create_embedder  # noqa: E402
+from backend.precision import cpu_flags  # noqa: E402
+
+NAIVE_BATCH = 16
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
+    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def embedder_for(name: str, precision: str):
+    """An embedder of `name`; ResNets without ImageNet weights get random ones (same speed)."""
+    embedder = create_embedder(name, device="cpu", precision=precision, batch_size=NAIVE_BATCH)
+    if isinstance(embedder, TorchvisionResNet) and embedder.weights_problem():
+        import torchvision
+
+        network = getattr(torchvision.models, embedder.arch)(weights=None)
+        transforms = getattr(torchvision.models, embedder.weights_enum).IMAGENET1K_V1.transforms()
+        embedder._load = lambda: (torch.nn.Sequential(*list(network.children())[:-1], torch.nn.Flatten(1)),
+                                  network.fc, transforms)
+        embedder.random_weights = True
+    return embedder.load()
+
+
+def model_only(backbone, batches: list[torch.Tensor], memory_format, precision: str) -> tuple[float, np.ndarray]:
+    """Images/s of a backbone alone over preprocessed batches, and its L2-normalised features."""
+    outputs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for batch in batches[:2]:  # warm-up: the first passes set up kernels
+            backbone(batch.contiguous(memory_format=memory_format))
+        started = time.perf_counter()
+        for batch in batches:
+            outputs.append(backbone(batch.contiguous(memory_format=memory_format)).float())
+        seconds = time.perf_counter() - started
+    vectors = torch.cat(outputs).numpy()
+    return sum(len(b) for b in batches) / seconds, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def populate_speed(embedder, items) -> float:
+    """Images/s of ingest() end to end into a fresh embedded PostgreSQL."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import sessionmaker
+
+    from backend.database import create_engine_checked, migrate
+    from backend.ingest import ingest
+    from backend.pg_server import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="imsrc-bench-") as tmp:
+        server = EmbeddedPostgres(Path(tmp) / "pg")
+        url = make_url(server.acquire())
+        try:
+            admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(sa.text("CREATE DATABASE bench"))
+            admin.dispose()
+            engine = create_engine_checked(url.set(database="bench").render_as_string(hide_password=False))
+            migrate(engine)
+            report = ingest(sessionmaker(engine, expire_on_commit=False), items, embedder,
+                            batch_size=embedder.batch_size, progress=False)
+            engine.dispose()
+        finally:
+            server.release()
+    return report.images_per_second
+
+
+def run(name: str, items) -> dict:
+    from backend.images import decode
+
+    torch.manual_seed(0)  # random ResNet weights, where used, are the same in both
+    naive_backbone = embedder_for(name, "fp32")._loaded[0].to(memory_format=torch.contiguous_format)
+    torch.manual_seed(0)
+    chosen = embedder_for(name, "auto")
+    preprocess = chosen._loaded[2]
+    tensors = torch.stack([preprocess(decode(item.read()).image) for item in items])
+    batches = list(torch.split(tensors, NAIVE_BATCH))
+    naive, fp32_vectors = model_only(naive_backbone, batches, torch.contiguous_format, "fp32")
+    imsrc, chosen_vectors = model_only(chosen._loaded[0], batches, torch.channels_last, chosen.precision)
+    cosine = (fp32_vectors * chosen_vectors).sum(1)
+    return {"naive": round(naive, 1), "imsrc": round(imsrc, 1), "speedup": round(imsrc / naive, 2),
+            "populate": round(populate_speed(chosen, items), 1), "precision": chosen.precision,
+            "why": chosen.precision_reason, "cosine_mean": round(float(cosine.mean()), 5),
+            "cosine_min": round(float(cosine.min()), 5), "random_weights": getattr(chosen, "random_weights", False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX files (default FASHION_MNIST_DIR)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    items = select_balanced(load_dataset("fashion-mnist", "test", args.data_dir), args.images)
+    info = machine()
+    print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['threads']} threads, torch {info['torch']}, "
+          f"{len(items)} Fashion-MNIST test images")
+    print(f"{'model':<20}{'naive':>8}{'imsrc':>8}{'ratio':>7}{'populate':>10}{'pop/imsrc':>10}  precision  cosine mean/min")
+    results = {}
+    for name in args.models:
+        r = results[name] = run(name, items)
+        print(f"{name:<20}{r['naive']:>8.1f}{r['imsrc']:>8.1f}{r['speedup']:>6.2f}x{r['populate']:>10.1f}"
+              f"{r['populate'] / r['imsrc']:>9.0%}  {r['precision']:<9}  {r['cosine_mean']:.4f} / {r['cosine_min']:.4f}"
+              + ("  (random weights)" if r["random_weights"] else ""), flush=True)
+    print("images/s; naive = fp32, default memory format, batch 16; imsrc = EMBED_PRECISION=auto, channels-last")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, **results}, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
