@@ -95,6 +95,15 @@ def create_engine_checked(url: str) -> sa.Engine:
     return engine
 
 
+def migrated_engine(server_url: str, name: str) -> sa.Engine:
+    """An engine on database `name` of the server at `server_url`, created if missing and migrated to head."""
+    url = make_url(server_url)
+    _create_database_if_missing(url, name)
+    engine = create_engine_checked(url.set(database=name).render_as_string(hide_password=False))
+    migrate(engine)
+    return engine
+
+
 @functools.cache
 def get_engine() -> sa.Engine:
     """The process-wide engine."""

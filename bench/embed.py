@@ -69,24 +69,16 @@ def model_only(backbone, batches: list[torch.Tensor], memory_format, precision: 
 
 def populate_speed(embedder, items) -> float:
     """Images/s of ingest() end to end into a fresh embedded PostgreSQL."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
     from sqlalchemy.orm import sessionmaker
 
-    from backend.database import create_engine_checked, migrate
+    from backend.database import migrated_engine
     from backend.ingest import ingest
     from backend.pg_server import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="imsrc-bench-") as tmp:
         server = EmbeddedPostgres(Path(tmp) / "pg")
-        url = make_url(server.acquire())
         try:
-            admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(sa.text("CREATE DATABASE bench"))
-            admin.dispose()
-            engine = create_engine_checked(url.set(database="bench").render_as_string(hide_password=False))
-            migrate(engine)
+            engine = migrated_engine(server.acquire(), "bench")
             report = ingest(sessionmaker(engine, expire_on_commit=False), items, embedder,
                             batch_size=embedder.batch_size, progress=False)
             engine.dispose()

@@ -3,14 +3,12 @@ stored is lost, and the API recovers without a restart when the server is back."
 import time
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from backend.config import settings
-from backend.database import create_engine_checked, migrate
+from backend.database import migrated_engine
 from backend.main import create_app
 from backend.pg_server import EmbeddedPostgres
 from tests.helpers import folder_opener, png_bytes
@@ -42,13 +40,7 @@ REQUESTS = [
 def test_database_outage_gives_503_json_then_recovers_without_a_restart(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "open_writes", True)
     server = EmbeddedPostgres(tmp_path / "pg")
-    url = make_url(server.acquire())
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text("CREATE DATABASE outage"))
-    admin.dispose()
-    engine = create_engine_checked(url.set(database="outage").render_as_string(hide_password=False))
-    migrate(engine)
+    engine = migrated_engine(server.acquire(), "outage")
     sessions = sessionmaker(engine, expire_on_commit=False)
     open_search = folder_opener(sessions, tmp_path)
     try:
