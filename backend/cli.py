@@ -126,7 +126,7 @@ def status_line() -> str:
     from backend.model_choice import choose_model
 
     writes = ("writes need X-API-Key (API_KEY is set)" if settings.api_key else
-              "writes OPEN to anyone (OPEN_WRITES, no API_KEY)" if settings.open_writes else
+              "writes open on localhost (OPEN_WRITES, no API_KEY)" if settings.open_writes else
               "writes closed (no API_KEY)")
     try:
         where = _database_description(short=True)

@@ -14,6 +14,7 @@ from backend.config import settings
 
 MULTIPART_SLACK = 64 * 1024  # boundaries, headers and form fields around the uploaded file
 RETRY_AFTER_BUSY = "1"  # seconds: image jobs take tens of milliseconds each
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 def write_refusal(scheme: str, headers: Headers) -> tuple[int, str] | None:
@@ -38,9 +39,6 @@ def write_refusal(scheme: str, headers: Headers) -> tuple[int, str] | None:
     return None
 
 
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
-
-
 def _host_name(host: str) -> str:
     """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
     if host.startswith("["):
@@ -49,11 +47,11 @@ def _host_name(host: str) -> str:
 
 
 def writes_mode() -> str:
-    """How writes are guarded, in words, for the start-up log and the menu."""
+    """How writes are guarded, in words, for the start-up log."""
     if settings.api_key:
         return "writes need the X-API-Key header (API_KEY is set)"
     if settings.open_writes:
-        return "writes are OPEN to anyone who can reach this port (OPEN_WRITES=true, no API_KEY)"
+        return "writes are OPEN without a key to requests addressed to localhost (OPEN_WRITES=true, no API_KEY)"
     return "writes are closed (no API_KEY; set API_KEY, or OPEN_WRITES=true for a local demo)"
 
 
