@@ -1,4 +1,5 @@
 """The Python API: `ImageSearch` ties the database, the embedder and the index together."""
+import io
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -228,6 +229,14 @@ class ImageSearch:
         """Write the index snapshot now (it is otherwise written on rebuild)."""
         with self._lock:
             self.manager.save_snapshot()
+
+    def warm_up(self) -> None:
+        """Run one search through the whole query path (decode, preprocess, embed, search, look-up), so that the
+        first person to search does not pay for setting it up (kernels, the thread's torch state, plugins)."""
+        gradient = PILImage.linear_gradient("L").resize((320, 240)).convert("RGB")
+        buffer = io.BytesIO()
+        gradient.save(buffer, format="PNG")
+        self.search_similar(buffer.getvalue(), k=1)
 
     def close(self) -> None:
         """Snapshot the index if writes changed it since the last snapshot, so the next start loads it."""

@@ -46,6 +46,13 @@ def test_root_health_status_docs(client):
     assert page.status_code == 200 and "Search Similar Images" in page.text
 
 
+def test_the_query_path_is_warmed_up_before_the_server_reports_ready(sessions, tmp_path):
+    embedder = PixelEmbedder()
+    with TestClient(create_app(lambda: ImageSearch(sessions, embedder, snapshot_dir=tmp_path / "snap"))) as c:
+        assert embedder.calls == 1  # one search ran through decode, embed, search and look-up at start-up
+        assert c.get("/health").status_code == 200
+
+
 def test_search_returns_scored_hits_with_urls_and_timings(client):
     body = client.post("/search?limit=4&prototype_limit=1", files=_file()).json()
     assert [h["category"] for h in body["results"]] == ["blue"] * 4

@@ -1,0 +1,124 @@
+"""HTTP load on loopback against a real `python -m backend serve`: the first search after start-up, then
+POST /search at several concurrencies, with the server's memory. Bounded in requests and time; loopback only.
+
+Usage: python bench/load.py [--images 2000] [--concurrency 1 4 16 64] [--requests 64] [--json FILE]
+
+It populates a throw-away DATA_DIR with Fashion-MNIST train images (MODEL_NAME as configured, default the
+offline choice), starts the server on a free loopback port, and queries with held-out Fashion-MNIST test images.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backend.datasets import load_dataset, select_balanced  # noqa: E402
+from bench.embed import machine  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server did not become ready (exit {proc.poll()})")
+
+
+def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
+    started = time.perf_counter()
+    response = client.post("/search", files={"file": ("q.png", image, "image/png")})
+    return response.status_code, (time.perf_counter() - started) * 1000
+
+
+def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: int) -> dict:
+    """`total` searches by `concurrency` clients at once."""
+    before = rss_mib(pid)
+    with httpx.Client(base_url=base, timeout=60) as client, ThreadPoolExecutor(concurrency) as pool:
+        started = time.perf_counter()
+        results = list(pool.map(lambda i: search(client, queries[i % len(queries)]), range(total)))
+        seconds = time.perf_counter() - started
+    ok = [ms for code, ms in results if code == 200]
+    return {"concurrency": concurrency, "requests": total, "req_per_s": round(len(ok) / seconds, 1),
+            "p50_ms": round(percentile(ok, 0.5), 1) if ok else None,
+            "p95_ms": round(percentile(ok, 0.95), 1) if ok else None,
+            "p99_ms": round(percentile(ok, 0.99), 1) if ok else None,
+            "busy_503": sum(code == 503 for code, _ in results),
+            "errors": sum(code not in (200, 503) for code, _ in results),
+            "rss_before_mib": round(before), "rss_after_mib": round(rss_mib(pid))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST train images to index")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=64, help="searches per concurrency level (at least 4x it)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    queries = [item.read() for item in select_balanced(load_dataset("fashion-mnist", "test"), 50)]
+    with tempfile.TemporaryDirectory(prefix="imsrc-load-") as data_dir:
+        env = {**os.environ, "DATA_DIR": data_dir, "API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+        subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
+                        "--num-images", str(args.images)], cwd=ROOT, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{env['API_PORT']}"
+        server = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(base, server)
+            idle = rss_mib(server.pid)
+            with httpx.Client(base_url=base, timeout=60) as client:
+                _, first = search(client, queries[0])
+                warm = [search(client, queries[i % len(queries)])[1] for i in range(1, 21)]
+            rows = [level(base, queries, c, max(args.requests, 4 * c), server.pid) for c in args.concurrency]
+        finally:
+            server.terminate()
+            server.wait(60)
+    report = {"machine": machine(), "indexed_images": args.images, "idle_rss_mib": round(idle),
+              "first_search_ms": round(first, 1), "warm_search_p50_ms": round(statistics.median(warm), 1),
+              "levels": rows}
+    info = report["machine"]
+    print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['threads']} threads; {args.images} images indexed; "
+          f"idle server RSS {report['idle_rss_mib']} MiB")
+    print(f"first search after /health 200: {report['first_search_ms']} ms; warm p50 {report['warm_search_p50_ms']} ms "
+          f"({first / report['warm_search_p50_ms']:.2f}x)")
+    print(f"{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'503':>6}{'errors':>7}{'RSS MiB':>14}")
+    for r in rows:
+        print(f"{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}"
+              f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
