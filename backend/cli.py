@@ -122,12 +122,11 @@ def status_line() -> str:
     from backend import store
     from backend.config import settings
     from backend.database import session_factory
+    from backend.guard import writes_mode
     from backend.index_manager import fingerprint, snapshot_meta, snapshot_path
     from backend.model_choice import choose_model
 
-    writes = ("writes need X-API-Key (API_KEY is set)" if settings.api_key else
-              "writes open on localhost (OPEN_WRITES, no API_KEY)" if settings.open_writes else
-              "writes closed (no API_KEY)")
+    writes = writes_mode(short=True)
     try:
         where = _database_description(short=True)
         factory = session_factory()

@@ -9,7 +9,9 @@ from backend.guard import ImageJobs, body_too_large, write_refusal
 from backend.service import ImageSearch
 
 RETRY_AFTER_STARTING = "5"  # seconds: the model and index take a few seconds to load
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part of a name imsrc stores
+CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
+MAX_INTEGER, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # PostgreSQL's integer and bigint
 MAX_FILE_NAME = 255
 
 
@@ -63,7 +65,7 @@ def clean_file_name(name: str | None) -> str | None:
 
 
 # Ids and offsets are bounded by what PostgreSQL stores (bigint, integer), so an absurd one is a 422, not a 500.
-ImageId = Annotated[int, Path(ge=1, le=2**63 - 1, description="an image's id")]
-CategoryId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a category's id")]
+ImageId = Annotated[int, Path(ge=1, le=MAX_BIGINT, description="an image's id")]
+CategoryId = Annotated[int, Path(ge=1, le=MAX_INTEGER, description="a category's id")]
 # A category name as stored: printable text (no NUL or other control characters).
-CATEGORY_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+CATEGORY_PATTERN = f"^[^{_CONTROL}]*$"

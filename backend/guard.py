@@ -46,13 +46,16 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def writes_mode() -> str:
-    """How writes are guarded, in words, for the start-up log."""
+def writes_mode(short: bool = False) -> str:
+    """How writes are guarded, in words: for the start-up log, or short for the set-up menu's state line."""
     if settings.api_key:
-        return "writes need the X-API-Key header (API_KEY is set)"
+        return "writes need X-API-Key (API_KEY is set)" if short else \
+            "writes need the X-API-Key header (API_KEY is set)"
     if settings.open_writes:
-        return "writes are OPEN without a key to requests addressed to localhost (OPEN_WRITES=true, no API_KEY)"
-    return "writes are closed (no API_KEY; set API_KEY, or OPEN_WRITES=true for a local demo)"
+        return "writes open on localhost (OPEN_WRITES, no API_KEY)" if short else \
+            "writes are OPEN without a key to requests addressed to localhost (OPEN_WRITES=true, no API_KEY)"
+    return "writes closed (no API_KEY)" if short else \
+        "writes are closed (no API_KEY; set API_KEY, or OPEN_WRITES=true for a local demo)"
 
 
 def body_too_large() -> HTTPException:
@@ -66,7 +69,11 @@ class RequestGuard:
     response nosniff. Write routes are those that depend on `write_dependency`."""
 
     def __init__(self, app, routes: list, write_dependency):
-        self.app, self.routes, self.write_dependency = app, routes, write_dependency
+        self.app = app
+        self.routes = [r for r in routes if isinstance(r, APIRoute)]
+        # Decided once here, not on every request: which (methods, path pattern) pairs are writes.
+        self.writes = [(r.methods, r.path_regex) for r in self.routes
+                       if any(d.call is write_dependency for d in r.dependant.dependencies)]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -105,11 +112,10 @@ class RequestGuard:
         return None
 
     def _is_write(self, scope) -> bool:
-        return any(isinstance(r, APIRoute) and scope["method"] in r.methods and r.path_regex.match(scope["path"])
-                   and any(d.call is self.write_dependency for d in r.dependant.dependencies) for r in self.routes)
+        return any(scope["method"] in methods and pattern.match(scope["path"]) for methods, pattern in self.writes)
 
     def _methods(self, path: str) -> list[str]:
-        found = {m for r in self.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods}
+        found = {m for r in self.routes if r.path_regex.match(path) for m in r.methods}
         return sorted(found | {"OPTIONS"}) if found else []
 
 

@@ -5,8 +5,8 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from starlette.concurrency import run_in_threadpool
 
 from backend import store
-from backend.deps import (CATEGORY_PATTERN, CategoryId, ImageId, ImageJobsDep, SearchDep, clean_file_name, read_upload,
-                          require_write_access)
+from backend.deps import (CATEGORY_PATTERN, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep, clean_file_name,
+                          read_upload, require_write_access)
 from backend.models import Category
 from backend.routes.search import ERRORS
 from backend.schemas import CategoryOut, ImageInfo, ImagePage, Problem, UploadOut
@@ -46,7 +46,7 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
                  file: Annotated[UploadFile, File(description="the image")],
                  category: Annotated[str | None, Form(max_length=200, pattern=CATEGORY_PATTERN,
                                                       description="category name (created if new)")] = None,
-                 category_id: Annotated[int | None, Form(ge=1, le=2**31 - 1,
+                 category_id: Annotated[int | None, Form(ge=1, le=MAX_INTEGER,
                                                          description="or an existing category's id")] = None):
     """Store an image under a category, embed it and add it to the index; a duplicate returns the existing id
     and the category it is stored under."""
@@ -103,7 +103,7 @@ def categories(search: SearchDep):
 
 @router.get("/categories/{category_id}/images", response_model=ImagePage, responses=NOT_FOUND, tags=["categories"])
 def category_images(category_id: CategoryId, search: SearchDep, request: Request,
-                    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50):
+                    offset: Annotated[int, Query(ge=0, le=MAX_INTEGER)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50):
     """One page of a category's images, oldest first."""
     with search.sessions() as s:
         if s.get(Category, category_id) is None:
