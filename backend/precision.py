@@ -57,12 +57,14 @@ def choose(embedder) -> tuple[str, str]:
 
 
 def _measure(embedder, hardware: str) -> tuple[str, str]:
+    from backend.embedders import l2_normalize
+
     images = calibration_images()
     seconds, vectors = {}, {}
     for precision in ("fp32", "bf16"):
         embedder._features(images[:2], precision)  # the first pass of each precision sets up kernels
         started = time.perf_counter()
-        vectors[precision] = _unit(embedder._features(images, precision).float().cpu().numpy())
+        vectors[precision] = l2_normalize(embedder._features(images, precision).float().cpu().numpy())
         seconds[precision] = time.perf_counter() - started
     cosine = (vectors["fp32"] * vectors["bf16"]).sum(1)
     speedup = seconds["fp32"] / seconds["bf16"]
@@ -73,7 +75,3 @@ def _measure(embedder, hardware: str) -> tuple[str, str]:
     if speedup < MIN_SPEEDUP:
         return "fp32", f"{measured}: bf16 not faster enough"
     return "bf16", measured
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

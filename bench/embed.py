@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from backend.embedders import TorchvisionResNet, create_embedder  # noqa: E402
+from backend.embedders import TorchvisionResNet, create_embedder, l2_normalize  # noqa: E402
 from backend.precision import cpu_flags  # noqa: E402
 
 NAIVE_BATCH = 16
@@ -63,8 +63,7 @@ def model_only(backbone, batches: list[torch.Tensor], memory_format, precision: 
         for batch in batches:
             outputs.append(backbone(batch.contiguous(memory_format=memory_format)).float())
         seconds = time.perf_counter() - started
-    vectors = torch.cat(outputs).numpy()
-    return sum(len(b) for b in batches) / seconds, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return sum(len(b) for b in batches) / seconds, l2_normalize(torch.cat(outputs).numpy())
 
 
 def populate_speed(embedder, items) -> float:
