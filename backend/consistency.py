@@ -8,12 +8,12 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.index_manager import (SnapshotError, consistent_reads, count_differences, fetch_members,
-                                   read_snapshot, snapshot_path)
+from backend.bulk import fetch_members
+from backend.index_manager import SnapshotError, consistent_reads, count_differences, read_snapshot, snapshot_path
 from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
 from backend.search import CategoryIndex
 
-VECTOR_TOLERANCE = 1e-6  # the index holds float32 copies of PostgreSQL's float32 vectors: equal but for rounding
+VECTOR_TOLERANCE = 1e-6  # float32 copies of PostgreSQL's float32 vectors: equal but for rounding
 # Stored prototypes come from float32 running sums that round at every add and delete; the check recomputes in
 # float64. The sum's bound grows with the members summed (each component of a unit vector is at most 1).
 PROTOTYPE_TOLERANCE = 1e-5
@@ -162,7 +162,7 @@ def _index_findings(index: CategoryIndex, ids: np.ndarray, cats: np.ndarray, vec
         in_index[pos] = True
         moved += [(i, c, db_c) for i, db_c in zip(hits.tolist(), cats[pos].tolist()) if db_c != c]
         error = np.abs(part_vectors[found] - vectors[pos]).max(axis=1, initial=0)
-        differ += hits[~(error <= VECTOR_TOLERANCE)].tolist()
+        differ += hits[~(error <= max(VECTOR_TOLERANCE, index.kind.tolerance))].tolist()  # float16 codes round
     unique, times = np.unique(np.concatenate(indexed) if indexed else ids[:0], return_counts=True)
     if (repeated := unique[times > 1]).size:
         findings.append(f"images in the index more than once: {_count(repeated)}")

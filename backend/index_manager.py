@@ -1,38 +1,32 @@
 """The search index's life cycle: built from PostgreSQL, snapshotted to disk, kept in step with the database.
 
-A snapshot is one .npz file: the index's arrays (backend.search.index_state) plus a `meta` entry, JSON, saying what
-it was built from (model, index type, dim, the database's fingerprint, vectors per category) and the SHA-256 of
-the arrays. It is written to a temporary file, fsynced and renamed into place, so a reader finds the old file or
-the new one, whole, and the metadata travels inside the file it describes. At start-up a snapshot is used only if
-it reads back, its checksum and contents agree with its metadata, and it matches PostgreSQL; a file that fails is
-moved aside (never deleted) and the index is rebuilt from PostgreSQL.
+A snapshot is one file (backend.snapshot: every category's FAISS index, the prototypes, and a footer saying what
+it was built from: model, index type, dim, the database's fingerprint, vectors per category, with a CRC-32 of each
+part). It is written to a temporary file, fsynced and renamed into place, so a reader finds the old file or the new
+one, whole. At start-up a snapshot is used only if it reads back, its checksums and contents agree with its footer,
+and it matches PostgreSQL; a file that fails is moved aside (never deleted) and the index is rebuilt from
+PostgreSQL, reading the vectors in bulk (backend.bulk).
 """
 import hashlib
 import itertools
-import json
 import logging
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend import store
+from backend import snapshot, store
+from backend.bulk import copy_members, fetch_members
 from backend.models import Embedding, Image
-from backend.search import CategoryIndex, index_from_state, index_state
+from backend.search import CategoryIndex
+from backend.snapshot import SnapshotError
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 2  # 1 kept the metadata in a .json beside the .npz, where a crash could leave the two disagreeing
 EXAMPLES = 3  # differences named in one message
-ZIP_MAGIC = b"PK\x03\x04"  # how every .npz file begins
-
-
-class SnapshotError(Exception):
-    """A snapshot file that cannot be trusted; the message completes "the snapshot was ..."."""
 
 
 def fingerprint(session: Session, model_name: str) -> str:
@@ -46,7 +40,7 @@ def fingerprint(session: Session, model_name: str) -> str:
 
 def index_fingerprint(index: CategoryIndex) -> str:
     """fingerprint() of what an index holds, computed alike, so its contents can be compared with the database."""
-    members = sorted((i, c) for c, ids, _ in index.partitions() for i in ids.tolist())
+    members = sorted((i, c) for c, ids in index.members() for i in ids.tolist())
     text = ",".join(f"{i}:{c}" for i, c in members)
     return f"{len(members)}:{hashlib.md5(text.encode()).hexdigest()}"
 
@@ -78,81 +72,32 @@ def consistent_reads(sessions: sessionmaker):
         yield s
 
 
-def fetch_members(session: Session, model_name: str, dim: int, image_ids=None):
-    """(ids, category ids, vectors (n, dim) float32) of the images in a category with a vector of the model, by id;
-    all of them, or those among `image_ids`."""
-    query = (sa.select(Embedding.image_id, Image.category_id, Embedding.vector)
-             .join(Image, Image.id == Embedding.image_id)
-             .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
-             .order_by(Embedding.image_id))
-    if image_ids is not None:
-        query = query.where(Embedding.image_id.in_(list(image_ids)))
-    rows = session.execute(query).all()
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    cats = np.array([r[1] for r in rows], dtype=np.int64)
-    vectors = np.stack([np.asarray(r[2], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
-    return ids, cats, vectors
-
-
 def snapshot_path(snapshot_dir: Path, model_name: str, index_type: str) -> Path:
     """Where the index snapshot of a model and index type lives."""
-    return Path(snapshot_dir) / f"{model_name}-{index_type}.npz"
+    return Path(snapshot_dir) / f"{model_name}-{index_type}{snapshot.SUFFIX}"
 
 
 def snapshot_meta(path: Path) -> dict | None:
     """What a snapshot says it was built from (model, index type, dim, fingerprint, counts), read without checking
     the rest of the file; None if there is none or it cannot be read."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-    except Exception:  # missing or damaged, in any of the ways numpy and zipfile report: no metadata to show
-        return None
-    return meta if isinstance(meta, dict) else None
+    return snapshot.read_meta(path)
 
 
 def read_snapshot(path: Path, model_name: str, index_type: str, dim: int) -> tuple[CategoryIndex, dict]:
     """The index in a snapshot file and its metadata, checked on their own (the database is not asked): the file
-    reads back, its checksum matches, its contents agree with its metadata, and it is the model's, index type's
+    reads back, its checksums match, its contents agree with its metadata, and it is the model's, index type's
     and dim's asked for. Raises SnapshotError saying what is wrong."""
-    try:
-        with open(path, "rb") as f:  # else np.load tries other formats, and says why they failed instead
-            if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
-                raise ValueError("not an .npz (zip) file")
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-        if "meta" not in arrays:
-            raise ValueError("no metadata inside (a snapshot from an older imsrc?)")
-        meta = json.loads(str(arrays.pop("meta")))
-    except Exception as exc:  # a damaged file fails in numpy, zipfile or json, each in its own way
-        raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotError(f"unreadable (metadata of an unknown format: {str(meta)[:80]})")
-    if meta.get("sha256") != _checksum(arrays):
-        raise SnapshotError("corrupt (checksum mismatch)")
+    meta = snapshot.read_meta(path)
     expected = {"model": model_name, "index_type": index_type, "dim": dim}
-    if (found := {key: meta.get(key) for key in expected}) != expected:
+    if meta is not None and (found := {key: meta.get(key) for key in expected}) != expected:
         raise SnapshotError(f"for another index ({found}; expected {expected})")
-    try:
-        index = index_from_state(arrays)
-    except Exception as exc:  # the checksum held, so the writer saved a broken state; FAISS raises RuntimeError
-        raise SnapshotError(f"corrupt ({type(exc).__name__}: {exc})") from exc
+    index, meta = snapshot.read(path)
     counts = {str(c): n for c, n in index.category_sizes().items()}
-    if (index.dim, index.index_type, len(index), counts) != (dim, index_type, meta.get("vectors"), meta.get("counts")):
+    if (len(index), counts) != (meta.get("vectors"), meta.get("counts")):
         raise SnapshotError(
-            f"inconsistent with its metadata (it holds {len(index)} {index.dim}-d {index.index_type} vectors in "
-            f"{len(counts)} categories; its metadata says {meta.get('vectors')} {dim}-d {index_type} vectors in "
-            f"{len(meta.get('counts') or {})})")
+            f"inconsistent with its metadata (it holds {len(index)} vectors in {len(counts)} categories; its "
+            f"metadata says {meta.get('vectors')} vectors in {len(meta.get('counts') or {})})")
     return index, meta
-
-
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 of every array's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(arrays):
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array)
-    return digest.hexdigest()
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -224,10 +169,11 @@ class IndexManager:
         return None
 
     def _move_aside(self) -> str:
-        """Rename the snapshot to <name>.bad-<time>.npz beside it, for a person to look at; says where it went."""
+        """Rename the snapshot to <name>.bad-<time>.snapshot beside it, for a person to look at; says where it went."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for n in itertools.count():  # two bad files in one second keep both
-            bad = self.snapshot_path.with_name(f"{self.snapshot_path.stem}.bad-{stamp}{f'-{n}' if n else ''}.npz")
+            bad = self.snapshot_path.with_name(
+                f"{self.snapshot_path.stem}.bad-{stamp}{f'-{n}' if n else ''}{snapshot.SUFFIX}")
             if not bad.exists():
                 break
         try:
@@ -237,15 +183,15 @@ class IndexManager:
         return f"moved to {bad}"
 
     def rebuild(self, save: bool = True) -> None:
-        """Recompute prototypes exactly in PostgreSQL and rebuild the index from it."""
+        """Recompute prototypes exactly in PostgreSQL and rebuild the index from it, streaming the vectors in."""
         with self.sessions() as s, s.begin():
             store.rebuild_prototypes(s, self.model_name)
+        index = CategoryIndex(self.dim, self.index_type)
         with consistent_reads(self.sessions) as s:
             current = fingerprint(s, self.model_name)
-            ids, cats, vectors = fetch_members(s, self.model_name, self.dim)
+            copy_members(s, self.model_name, self.dim, lambda ids, cats, vectors: index.add(ids, vectors, cats, False))
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
-        index = CategoryIndex(self.dim, self.index_type)
-        index.add(ids, vectors, cats)
+        index.optimise()
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
         self.index, self.fingerprint, self.source = index, current, "rebuilt"
@@ -286,16 +232,14 @@ class IndexManager:
         leaves the old snapshot or the new one, whole."""
         if self.fingerprint is None:  # after incremental changes: check against the whole database first
             self.sync()
-        state = index_state(self.index)
-        meta = {"format": SNAPSHOT_FORMAT, "model": self.model_name, "index_type": self.index_type, "dim": self.dim,
-                "fingerprint": self.fingerprint, "vectors": len(self.index),
-                "counts": {str(c): n for c, n in self.index.category_sizes().items()}, "sha256": _checksum(state)}
+        meta = {"model": self.model_name, "fingerprint": self.fingerprint, "vectors": len(self.index),
+                "counts": {str(c): n for c, n in self.index.category_sizes().items()}}
         folder = self.snapshot_path.parent
         folder.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(f".{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta)), **state)
+                snapshot.write(f, self.index, meta)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.snapshot_path)

@@ -5,22 +5,59 @@ vector per category. Stage 1 ranks the prototypes against the query; stage 2 sea
 of the top categories and merges their hits. Searching every category is the exhaustive baseline, and
 with an exact index it returns exactly the brute-force result.
 
-Scores are comparable across index types, and higher is always more similar:
-cosine similarity for inner-product indexes (flat IP, HNSW, IVF; the vectors are L2-normalised), and
-1 / (1 + Euclidean distance) for the flat L2 index, as in the seed project.
+Each category's vectors live once, inside its FAISS index, under their image ids (no numpy copy beside it):
+adding appends to that index, deleting removes from it (FAISS remove_ids; HNSW, which cannot remove, hides
+deleted ids behind a selector until a quarter of the category is dead and then rebuilds that category).
+
+Index types (FAISS_INDEX_TYPE), per category:
+  flatip   exact inner product over float32 (the default)
+  flatl2   exact L2 over float32, scored 1 / (1 + distance) as in the seed project
+  fp16     exact scan over float16 codes: half the memory, and faster (less to read)
+  hnsw     an HNSW graph over float32
+  ivfflat  an inverted file over float32 in categories of IVF_MIN_VECTORS or more, exact below
+  ivffp16  the same over float16 codes
+Scores are comparable across index types, and higher is always more similar: cosine similarity for the
+inner-product types (the vectors are L2-normalised), 1 / (1 + Euclidean distance) for flatl2.
 """
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+from faiss.contrib.inspect_tools import get_invlist
 
-INDEX_TYPES = ("flatip", "flatl2", "hnsw", "ivfflat")
 HNSW_M = 32  # graph degree: FAISS's usual default for high-dimensional float vectors
 HNSW_EF_SEARCH = 128
+HIDDEN_LIMIT = 0.25  # an HNSW category is rebuilt once this share of it is deleted-but-hidden
 IVF_MIN_VECTORS = 1000  # smaller categories gain nothing from IVF: they are scanned exactly
-IVF_NPROBE = 8
+IVF_PROBE_SHARE = 1 / 8  # lists probed per query; on Fashion-MNIST vectors 1/8 of the lists gives recall@10 0.99
+IVF_MIN_PROBES = 8  # ... and never fewer than this: a small category's few lists each hold much of it
+IVF_POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training points per centroid
+FP16_TOLERANCE = 1e-3  # float16 keeps 11 significant bits: a unit vector's components come back within 2**-11
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """How one FAISS_INDEX_TYPE stores and searches a category."""
+
+    codes: str  # FAISS factory string of a category's storage
+    metric: int = faiss.METRIC_INNER_PRODUCT
+    ivf: bool = False  # categories of IVF_MIN_VECTORS or more get an inverted file over these codes
+    removable: bool = True  # FAISS removes ids from it; else deletions stay hidden until the category is rebuilt
+    tolerance: float = 1e-6  # how far a vector read back from the index may be from the one added
+
+
+INDEX_KINDS = {
+    "flatip": IndexKind("Flat"),
+    "flatl2": IndexKind("Flat", metric=faiss.METRIC_L2),
+    "fp16": IndexKind("SQfp16", tolerance=FP16_TOLERANCE),
+    "hnsw": IndexKind(f"HNSW{HNSW_M},Flat", removable=False),
+    "ivfflat": IndexKind("Flat", ivf=True),
+    "ivffp16": IndexKind("SQfp16", ivf=True, tolerance=FP16_TOLERANCE),
+}
+INDEX_TYPES = tuple(INDEX_KINDS)
 
 
 def _check_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
@@ -30,6 +67,15 @@ def _check_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray
     if vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim):
         raise ValueError(f"{what} must have shape (n, {dim}), got {vectors.shape}")
     return np.ascontiguousarray(vectors)
+
+
+def ivf_lists(n: int, current: int) -> int:
+    """Inverted lists for a category of n vectors that has `current` (0: none, scanned exactly): about sqrt(n) from
+    IVF_MIN_VECTORS on (fewer where k-means would have too few points per list), kept until n has moved 4-fold so that a growing category is re-clustered only now and then."""
+    if n < IVF_MIN_VECTORS:
+        return current if current and n >= IVF_MIN_VECTORS // 2 else 0
+    target = max(1, min(round(math.sqrt(n)), n // IVF_POINTS_PER_LIST))
+    return current if current and target / 2 <= current <= target * 2 else target
 
 
 @dataclass
@@ -46,73 +92,142 @@ class Hits:
 
 
 class _Partition:
-    """The images of one category: their ids and vectors, and a FAISS index built from them on demand."""
+    """The images of one category: their vectors, held by one FAISS index under their image ids."""
 
-    def __init__(self, dim: int, index_type: str):
-        self.dim, self.index_type = dim, index_type
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.vectors = np.zeros((0, dim), dtype=np.float32)
-        self._index: faiss.Index | None = None
+    def __init__(self, dim: int, kind: IndexKind, index: faiss.Index | None = None, source: np.ndarray | None = None):
+        self.dim, self.kind = dim, kind
+        self.index = index if index is not None else self._build(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+        # The snapshot bytes a loaded index still reads its codes from; it gets its own copy before any change.
+        self._source = source
+        self.hidden: set[int] = set()  # deleted from an index that cannot remove ids; filtered out of every search
+        self._params = None
 
+    def __len__(self) -> int:
+        return self.index.ntotal - len(self.hidden)
+
+    # -- changes ----------------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.ids = np.concatenate([self.ids, ids])
-        self.vectors = np.concatenate([self.vectors, vectors])
-        if self._index is not None and self._index.is_trained:
-            self._index.add(vectors)  # internal ids are positions in self.ids
+        self._own()
+        if self.hidden and not self.hidden.isdisjoint(ids.tolist()):
+            self._rebuild()  # else a hidden copy of a re-added id would hide the new one too
+        self.index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        if self.kind.removable:
+            self._own()
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+            return
+        self.hidden.update(ids.tolist())
+        self._params = None
+        if len(self.hidden) > HIDDEN_LIMIT * self.index.ntotal:
+            self._rebuild()
+
+    def optimise(self) -> None:
+        """Give a category of the IVF types the inverted file its size calls for (see ivf_lists)."""
+        if self.kind.ivf and ivf_lists(len(self), self.lists()) != self.lists():
+            self._rebuild()
+
+    def _own(self) -> None:
+        if self._source is not None:
+            self.index, self._source = faiss.deserialize_index(self._source), None
+
+    def _rebuild(self) -> None:
+        ids, vectors = self.contents()
+        self.index, self._source, self.hidden, self._params = self._build(ids, vectors), None, set(), None
+
+    def _build(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+        lists = ivf_lists(len(ids), 0) if self.kind.ivf else 0
+        if lists:
+            index = faiss.index_factory(self.dim, f"IVF{lists},{self.kind.codes}", self.kind.metric)
+            index.by_residual = False  # codes of the vectors themselves: exact float16, and decodable on their own
+            index.train(vectors)
+            index.nprobe = min(lists, max(IVF_MIN_PROBES, math.ceil(lists * IVF_PROBE_SHARE)))
         else:
-            self._index = None
-
-    def remove(self, ids: np.ndarray) -> int:
-        keep = ~np.isin(self.ids, ids)
-        removed = int((~keep).sum())
-        if removed:
-            self.ids, self.vectors = self.ids[keep], self.vectors[keep]
-            self._index = None  # positions moved: rebuilt on the next search
-        return removed
-
-    def index(self) -> faiss.Index:
-        if self._index is None:
-            self._index = self._build()
-        return self._index
-
-    def _build(self) -> faiss.Index:
-        n, d = len(self.ids), self.dim
-        if self.index_type == "flatl2":
-            index = faiss.IndexFlatL2(d)
-        elif self.index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = HNSW_EF_SEARCH
-        elif self.index_type == "ivfflat" and n >= IVF_MIN_VECTORS:
-            nlist = int(np.sqrt(n))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(self.vectors)
-            index.nprobe = IVF_NPROBE
-        else:
-            index = faiss.IndexFlatIP(d)
-        index.add(self.vectors)
+            index = faiss.index_factory(self.dim, f"IDMap,{self.kind.codes}", self.kind.metric)
+        index.add_with_ids(vectors, ids)
         return index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better."""
-        k = min(k, len(self.ids))
-        raw, positions = self.index().search(queries, k)
-        scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.index_type == "flatl2" else raw
-        valid = positions >= 0  # FAISS pads with -1 when an approximate index finds fewer than k
-        ids = np.where(valid, self.ids[np.where(valid, positions, 0)], -1)
-        return ids, np.where(valid, scores, -np.inf).astype(np.float32)
+    # -- contents ---------------------------------------------------------------------------------
+    def _ivf(self):
+        return self.index if isinstance(self.index, faiss.IndexIVF) else None  # FAISS hands back the subclass
+
+    def lists(self) -> int:
+        """Inverted lists in use; 0 when the category is scanned or walked without them."""
+        ivf = self._ivf()
+        return ivf.nlist if ivf is not None else 0
+
+    def ids(self) -> np.ndarray:
+        """Image ids held (hidden ones left out)."""
+        ivf = self._ivf()
+        if ivf is None:
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        else:
+            ids = np.concatenate([np.zeros(0, np.int64)] + [get_invlist(ivf.invlists, i)[0].astype(np.int64)
+                                                            for i in range(ivf.nlist)])
+        return ids[~np.isin(ids, list(self.hidden))] if self.hidden else ids
+
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,), vectors (n, d)) held, decoded from the index's codes: copies (hidden ones left out)."""
+        ivf = self._ivf()
+        if ivf is None:
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            vectors = faiss.downcast_index(self.index.index).reconstruct_n(0, len(ids)) if len(ids) else \
+                np.zeros((0, self.dim), np.float32)
+        else:
+            parts = [get_invlist(ivf.invlists, i) for i in range(ivf.nlist)]
+            ids = np.concatenate([np.zeros(0, np.int64)] + [p[0].astype(np.int64) for p in parts])
+            codes = np.concatenate([np.zeros((0, ivf.code_size), np.uint8)] + [p[1] for p in parts])
+            vectors = codes.view(np.float32) if isinstance(ivf, faiss.IndexIVFFlat) else ivf.sq.decode(codes)
+            vectors = vectors.reshape(-1, self.dim)
+        if self.hidden:
+            keep = ~np.isin(ids, list(self.hidden))
+            ids, vectors = ids[keep], vectors[keep]
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def stored(self) -> faiss.Index | np.ndarray:
+        """What a snapshot writes: the FAISS index with deletions applied, or the snapshot bytes it still reads."""
+        if self.hidden:
+            self._rebuild()
+        return self._source if self._source is not None else self.index
 
     def nbytes(self) -> int:
-        index_bytes = faiss.serialize_index(self.index()).nbytes if len(self.ids) else 0
-        return self.ids.nbytes + self.vectors.nbytes + int(index_bytes)
+        """Bytes held: codes and ids, plus the coarse centroids of an inverted file or the links of a graph."""
+        ivf = self._ivf()
+        if ivf is not None:
+            return self.index.ntotal * (ivf.code_size + 8) + ivf.nlist * self.dim * 4
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            links = inner.hnsw.neighbors.size() * 4 + inner.hnsw.offsets.size() * 8 + inner.hnsw.levels.size() * 4
+            return self.index.ntotal * (faiss.downcast_index(inner.storage).code_size + 8) + links
+        return self.index.ntotal * (inner.code_size + 8)
+
+    # -- search -----------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better, -1 ids where fewer were found."""
+        k = min(k, len(self))
+        if k < 1:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        raw, ids = self.index.search(queries, k, params=self._search_params())
+        scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.kind.metric == faiss.METRIC_L2 else raw
+        return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+    def _search_params(self):
+        if self._params is None and isinstance(self.index, faiss.IndexIDMap) and \
+                isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+            batch = faiss.IDSelectorBatch(np.array(sorted(self.hidden), np.int64)) if self.hidden else None
+            hide = faiss.IDSelectorNot(batch) if batch is not None else None
+            # The selectors are kept beside the parameters: FAISS holds bare pointers to them.
+            self._params = (faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH, sel=hide), batch, hide)
+        return self._params[0] if self._params else None
 
 
 class CategoryIndex:
     """Category prototypes plus one FAISS sub-index per category; see the module docstring."""
 
     def __init__(self, dim: int, index_type: str = "flatip"):
-        if index_type not in INDEX_TYPES:
+        if index_type not in INDEX_KINDS:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-        self.dim, self.index_type = dim, index_type
+        self.dim, self.index_type, self.kind = dim, index_type, INDEX_KINDS[index_type]
         self._partitions: dict[int, _Partition] = {}
         self._prototypes: dict[int, np.ndarray] = {}
         self._category_of: dict[int, int] = {}
@@ -128,7 +243,7 @@ class CategoryIndex:
 
     def category_sizes(self) -> dict[int, int]:
         """Vectors per category."""
-        return {c: len(p.ids) for c, p in self._partitions.items() if len(p.ids)}
+        return {c: len(p) for c, p in self._partitions.items() if len(p)}
 
     def ids(self) -> np.ndarray:
         """All image ids in the index, sorted."""
@@ -137,8 +252,9 @@ class CategoryIndex:
     def __contains__(self, image_id: int) -> bool:
         return int(image_id) in self._category_of
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray, categories: np.ndarray) -> None:
-        """Add images (n,) with vectors (n, d) and category ids (n,); an id already present is replaced."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, categories: np.ndarray, optimise: bool = True) -> None:
+        """Add images (n,) with vectors (n, d) and category ids (n,); an id already present is replaced.
+        optimise=False leaves re-clustering the IVF types to optimise(), for loading in many batches."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         vectors = _check_matrix(vectors, self.dim, "vectors")
         categories = np.asarray(categories, dtype=np.int64).ravel()
@@ -149,8 +265,16 @@ class CategoryIndex:
         self.remove([i for i in ids.tolist() if i in self._category_of])
         for cat in np.unique(categories).tolist():
             mask = categories == cat
-            self._partitions.setdefault(cat, _Partition(self.dim, self.index_type)).add(ids[mask], vectors[mask])
+            part = self._partitions.get(cat) or self._partitions.setdefault(cat, _Partition(self.dim, self.kind))
+            part.add(ids[mask], vectors[mask])
+            if optimise:
+                part.optimise()
         self._category_of.update(zip(ids.tolist(), categories.tolist()))
+
+    def optimise(self) -> None:
+        """Give every category the structure its size calls for (after add(..., optimise=False))."""
+        for part in self._partitions.values():
+            part.optimise()
 
     def remove(self, ids) -> int:
         """Remove images by id; returns how many were present."""
@@ -158,7 +282,14 @@ class CategoryIndex:
         for i in np.asarray(ids, dtype=np.int64).ravel().tolist():
             if i in self._category_of:
                 by_cat.setdefault(self._category_of.pop(i), []).append(i)
-        return sum(self._partitions[c].remove(np.array(v, dtype=np.int64)) for c, v in by_cat.items())
+        for c, members in by_cat.items():
+            part = self._partitions[c]
+            part.remove(np.array(members, dtype=np.int64))
+            if not len(part):
+                del self._partitions[c]
+            else:
+                part.optimise()
+        return sum(map(len, by_cat.values()))
 
     def set_prototypes(self, categories, vectors: np.ndarray) -> None:
         """Set (or replace) the prototypes (c, d) of the given categories."""
@@ -172,12 +303,21 @@ class CategoryIndex:
         vectors = np.stack([self._prototypes[c] for c in cats]) if cats else np.zeros((0, self.dim), np.float32)
         return np.array(cats, dtype=np.int64), vectors
 
-    def partitions(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(category, ids (n,), vectors (n, d)) of each non-empty category, by category id; not copies: read only."""
+    def members(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(category, image ids (n,)) of each non-empty category, by category id."""
         for c in sorted(self._partitions):
-            part = self._partitions[c]
-            if len(part.ids):
-                yield c, part.ids, part.vectors
+            yield c, self._partitions[c].ids()
+
+    def partitions(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(category, ids (n,), vectors (n, d)) of each non-empty category, by category id: copies, decoded from the
+        index's codes, one category at a time."""
+        for c in sorted(self._partitions):
+            yield c, *self._partitions[c].contents()
+
+    def stored_partitions(self) -> list[tuple[int, faiss.Index | np.ndarray]]:
+        """(category, its FAISS index or the snapshot bytes it still reads) of each category, by id: what a snapshot
+        writes."""
+        return [(c, self._partitions[c].stored()) for c in sorted(self._partitions)]
 
     def drop_prototypes(self, categories) -> None:
         """Forget the prototypes of categories that no longer have members."""
@@ -185,8 +325,38 @@ class CategoryIndex:
             self._prototypes.pop(int(cat), None)
 
     def nbytes(self) -> int:
-        """Memory held by vectors, ids and FAISS structures, in bytes."""
+        """Memory held by codes, ids and FAISS structures, in bytes."""
         return sum(p.nbytes() for p in self._partitions.values()) + len(self._prototypes) * self.dim * 4
+
+    @classmethod
+    def from_stored(cls, dim: int, index_type: str, partitions: dict[int, np.ndarray], prototype_categories,
+                    prototypes: np.ndarray) -> "CategoryIndex":
+        """The inverse of stored_partitions: each category's FAISS bytes (read in place, without a copy, until the
+        category changes; the caller keeps them valid). Raises ValueError on parts that do not fit together."""
+        index = cls(dim, index_type)
+        for c, blob in partitions.items():
+            try:
+                faiss_index = faiss.read_index(faiss.ZeroCopyIOReader(faiss.swig_ptr(blob), blob.size))
+            except RuntimeError as exc:
+                raise ValueError(f"category {c}: FAISS cannot read it ({str(exc).splitlines()[0][:200]})") from None
+            if faiss_index.d != dim or not isinstance(faiss_index, (faiss.IndexIDMap, faiss.IndexIVF)):
+                raise ValueError(f"category {c}: a {faiss_index.d}-d {type(faiss_index).__name__}, expected a "
+                                 f"{dim}-d {index_type} index")
+            part = _Partition(dim, index.kind, faiss_index, blob)
+            ids = part.ids()
+            known = len(index._category_of)
+            index._category_of.update(dict.fromkeys(ids.tolist(), c))
+            if len(index._category_of) != known + len(ids):
+                raise ValueError(f"category {c} repeats an image id")
+            if len(ids):
+                index._partitions[c] = part
+        prototypes = _check_matrix(prototypes, dim, "prototypes")
+        prototype_categories = np.asarray(prototype_categories, dtype=np.int64)
+        if len(prototype_categories) != len(prototypes) or len(np.unique(prototype_categories)) != len(prototypes):
+            raise ValueError(f"{len(prototype_categories)} prototype categories (unique: "
+                             f"{len(np.unique(prototype_categories))}) and {len(prototypes)} prototypes")
+        index.set_prototypes(prototype_categories, prototypes)
+        return index
 
     # -- search -----------------------------------------------------------------------------------
     def rank_prototypes(self, queries: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,8 +379,8 @@ class CategoryIndex:
             raise ValueError("k must be at least 1")
         if top_categories is not None and top_categories < 1:
             raise ValueError("top_categories must be at least 1")
-        allowed = [c for c in self._partitions if len(self._partitions[c].ids)] if categories is None else \
-            [int(c) for c in categories if int(c) in self._partitions and len(self._partitions[int(c)].ids)]
+        allowed = list(self._partitions) if categories is None else \
+            [int(c) for c in categories if int(c) in self._partitions]
         started = time.perf_counter()
         if use_prototypes:
             ranked_cats, ranked_sims = self.rank_prototypes(queries, allowed)
@@ -240,60 +410,3 @@ class CategoryIndex:
         ids, scores, cats = ids[valid], scores[valid], cats[valid]
         best = np.lexsort((ids, -scores))[:k]  # score descending, ties by id: independent of build order
         return Hits(ids[best], scores[best], cats[best], ranking, chosen)
-
-
-def index_state(index: CategoryIndex) -> dict[str, np.ndarray]:
-    """Everything needed to restore an index, as numpy arrays (FAISS structures serialised)."""
-    cats = sorted(c for c, p in index._partitions.items() if len(p.ids))
-    proto_cats, protos = index.prototypes()
-    state = {
-        "dim": np.array(index.dim, dtype=np.int64), "index_type": np.array(index.index_type),
-        "partition_categories": np.array(cats, dtype=np.int64),
-        "prototype_categories": proto_cats, "prototypes": protos,
-    }
-    for c in cats:
-        part = index._partitions[c]
-        state[f"ids_{c}"], state[f"vectors_{c}"] = part.ids, part.vectors
-        state[f"faiss_{c}"] = faiss.serialize_index(part.index())
-    return state
-
-
-def index_from_state(state) -> CategoryIndex:
-    """The inverse of index_state; raises ValueError (or KeyError) on a state whose parts do not fit together,
-    so a damaged snapshot is refused rather than served."""
-    index = CategoryIndex(int(_state_array(state, "dim", "i", 0)), str(_state_array(state, "index_type", "U", 0)))
-    partition_categories = _state_array(state, "partition_categories", "i", 1).tolist()
-    if len(set(partition_categories)) != len(partition_categories):
-        raise ValueError("partition_categories has duplicates")
-    for c in partition_categories:
-        part = _Partition(index.dim, index.index_type)
-        part.ids = _state_array(state, f"ids_{c}", "i", 1).astype(np.int64, copy=False)
-        part.vectors = _state_array(state, f"vectors_{c}", "f", 2).astype(np.float32, copy=False)
-        if part.vectors.shape != (len(part.ids), index.dim):
-            raise ValueError(f"vectors_{c} has shape {part.vectors.shape}, expected ({len(part.ids)}, {index.dim})")
-        # The FAISS structure is searched, the arrays are not: both must describe the same vectors.
-        part._index = faiss.deserialize_index(_state_array(state, f"faiss_{c}", "u", 1))
-        if (part._index.ntotal, part._index.d) != (len(part.ids), index.dim):
-            raise ValueError(f"faiss_{c} holds {part._index.ntotal} {part._index.d}-d vectors, "
-                             f"expected {len(part.ids)} {index.dim}-d")
-        known = len(index._category_of)
-        index._category_of.update((i, c) for i in part.ids.tolist())
-        if len(index._category_of) != known + len(part.ids):
-            raise ValueError(f"ids_{c} repeats an image id")
-        index._partitions[c] = part
-    proto_cats = _state_array(state, "prototype_categories", "i", 1)
-    protos = _state_array(state, "prototypes", "f", 2)
-    if protos.shape != (len(proto_cats), index.dim) or len(np.unique(proto_cats)) != len(proto_cats):
-        raise ValueError(f"{len(proto_cats)} prototype categories (unique: {len(np.unique(proto_cats))}) "
-                         f"and prototypes of shape {protos.shape}")
-    index.set_prototypes(proto_cats, protos)
-    return index
-
-
-def _state_array(state, key: str, kind: str, ndim: int) -> np.ndarray:
-    """state[key], refused unless it is an ndim-d array of the dtype kind ('i' int, 'u' uint, 'f' float, 'U' str)."""
-    value = state[key]
-    if not isinstance(value, np.ndarray) or value.dtype.kind != kind or value.ndim != ndim:
-        raise ValueError(f"{key} is {getattr(value, 'dtype', type(value).__name__)} of shape "
-                         f"{getattr(value, 'shape', '?')}, expected a {ndim}-d array of kind {kind!r}")
-    return value

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from backend.service import ImageSearch
+from backend.snapshot import read_footer
 from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_fashion_mnist, write_folder_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,8 @@ def _removed_from_the_index(search, sessions):
 
 
 def _vector_changed_in_the_index(search, sessions):
-    _, ids, vectors = next(search.index.partitions())
-    vectors[0] += 1e-3  # the index's own array
+    category, ids, vectors = next(search.index.partitions())
+    search.index.add(ids[:1], vectors[:1] + 1e-3, [category])  # replaced in the index only
     return [f"images whose vector in the index differs from PostgreSQL's: 1 (ids {ids[0]})"]
 
 
@@ -138,12 +139,11 @@ def test_check_command(cli_env, db_url, tmp_path):
     assert f"check: 1 problem: {counts}, index (snapshot)" in tampered.stdout and "to repair" in tampered.stdout
 
     assert run(cli_env, "-m", "backend", "rebuild").returncode == 0  # recomputes the prototypes
-    snapshot = Path(cli_env["DATA_DIR"]) / "index" / "efficientnet_lite0-flatip.npz"
-    with np.load(snapshot, allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    arrays["prototypes"][0, 0] += 0.5  # saved again with the old metadata, checksum and all
-    with open(snapshot, "wb") as f:
-        np.savez(f, **arrays)
+    snapshot = Path(cli_env["DATA_DIR"]) / "index" / "efficientnet_lite0-flatip.snapshot"
+    data = bytearray(snapshot.read_bytes())
+    _, offset, _, _ = read_footer(np.frombuffer(bytes(data), np.uint8))["prototypes"]
+    data[offset:offset + 4] = np.float32(0.5).tobytes()  # a prototype changed under the old footer
+    snapshot.write_bytes(bytes(data))
     damaged = run(cli_env, "-m", "backend", "check")
     assert damaged.returncode == 1 and f"the snapshot {snapshot} is corrupt (checksum mismatch)" in damaged.stdout
     assert sorted(p.name for p in snapshot.parent.iterdir()) == [snapshot.name]  # checked, not repaired nor moved

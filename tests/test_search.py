@@ -1,10 +1,11 @@
 """The two-stage search module on small hand-checkable vectors: numpy in, numpy out."""
+import faiss
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from backend.embedders import l2_normalize
-from backend.search import INDEX_TYPES, CategoryIndex, index_from_state, index_state
+from backend.search import INDEX_TYPES, CategoryIndex
 
 
 def _collection(n=300, d=16, categories=5, seed=0):
@@ -70,7 +71,7 @@ def test_flat_l2_scores_are_one_over_one_plus_distance_and_rank_like_cosine():
         assert b.scores[0] == pytest.approx(1.0, abs=1e-3)  # the query itself, distance 0
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivfflat"])
+@pytest.mark.parametrize("index_type", ["fp16", "hnsw", "ivfflat", "ivffp16"])
 def test_approximate_indexes_find_the_exact_neighbours(index_type, monkeypatch):
     monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
     ids, vectors, cats = _collection(n=600)
@@ -118,13 +119,70 @@ def test_bad_shapes_are_rejected():
 
 
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
-def test_state_round_trip(index_type):
+def test_stored_round_trip_reads_in_place_until_changed(index_type, monkeypatch):
+    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
     ids, vectors, cats = _collection()
     index = _index(ids, vectors, cats, index_type)
-    restored = index_from_state(index_state(index))
+    blobs = {c: faiss.serialize_index(stored) for c, stored in index.stored_partitions()}
+    restored = CategoryIndex.from_stored(index.dim, index_type, blobs, *index.prototypes())
     a, b = index.search(vectors[:5], 7), restored.search(vectors[:5], 7)
     assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
     assert restored.categories == index.categories and len(restored) == len(index)
+    assert all(isinstance(stored, np.ndarray) for _, stored in restored.stored_partitions())  # still the bytes
+    restored.remove(ids[:3])
+    restored.add(ids[:2], vectors[:2], cats[:2])  # each change copies its category out of the bytes first
+    assert len(restored) == len(index) - 1 and ids[2] not in restored
+    assert restored.search(vectors[:2], 1, use_prototypes=False)[0].ids.tolist()[0] == ids[0]
+
+
+@pytest.mark.parametrize("index_type", INDEX_TYPES)
+def test_vectors_read_back_from_each_index_type(index_type, monkeypatch):
+    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)
+    ids, vectors, cats = _collection()
+    index = _index(ids, vectors, cats, index_type)
+    position = {i: p for p, i in enumerate(ids.tolist())}
+    seen = 0
+    for c, part_ids, part_vectors in index.partitions():
+        rows = [position[i] for i in part_ids.tolist()]
+        assert (cats[rows] == c).all()
+        np.testing.assert_allclose(part_vectors, vectors[rows], atol=index.kind.tolerance)
+        seen += len(part_ids)
+    assert seen == len(ids)
+    sizes = index.category_sizes()
+    assert index.nbytes() >= len(ids) * vectors.shape[1] * (2 if "fp16" in index_type else 4)
+    assert sum(sizes.values()) == len(ids)
+
+
+def test_ivf_categories_are_reclustered_as_they_grow_and_shrink(monkeypatch):
+    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)
+    ids, vectors, cats = _collection(n=1200, categories=1)
+    index = CategoryIndex(vectors.shape[1], "ivfflat")
+    index.add(ids[:40], vectors[:40], cats[:40])
+    part = index._partitions[int(cats[0])]
+    assert part.lists() == 0  # small: scanned exactly
+    index.add(ids[40:160], vectors[40:160], cats[40:160])
+    assert part.lists() == 160 // 39  # k-means wants 39 points a list
+    index.add(ids[160:300], vectors[160:300], cats[160:300])
+    assert part.lists() == 160 // 39  # within 2x of what 300 would get: kept
+    index.add(ids[300:], vectors[300:], cats[300:])
+    assert part.lists() == 1200 // 39  # below sqrt(1200) = 35 for the same reason
+    index.remove(ids[20:])
+    assert part.lists() == 0 and len(index) == 20
+
+
+def test_hnsw_hides_deletions_and_rebuilds_a_category_once_a_quarter_is_gone():
+    ids, vectors, cats = _collection(n=200, categories=1)
+    index = _index(ids, vectors, cats, "hnsw")
+    part = index._partitions[int(cats[0])]
+    index.remove(ids[:40])
+    assert part.hidden == set(ids[:40].tolist()) and part.index.ntotal == 200
+    hits = index.search(vectors[:40], 5, use_prototypes=False)
+    assert not set(np.concatenate([h.ids for h in hits]).tolist()) & set(ids[:40].tolist())
+    index.add(ids[:1], vectors[:1], cats[:1])  # re-adding a hidden id rebuilds first: it is found again
+    assert index.search(vectors[:1], 1, use_prototypes=False)[0].ids.tolist() == [ids[0]]
+    index.remove(ids[1:80])
+    assert not part.hidden or part.index.ntotal < 200  # past a quarter: rebuilt without them
+    assert len(index) == 121 and sorted(index._partitions[int(cats[0])].ids().tolist()) == index.ids().tolist()
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["add", "delete"]), st.integers(1, 40), st.integers(0, 2**31)),
@@ -133,9 +191,10 @@ OPS = st.lists(st.tuples(st.sampled_from(["add", "delete"]), st.integers(1, 40),
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
-def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(ops):
+@pytest.mark.parametrize("index_type", ["flatip", "fp16"])  # the exact scans: the same answers however built
+def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(index_type, ops):
     ids, vectors, cats = _collection(n=400)
-    index = CategoryIndex(vectors.shape[1])
+    index = CategoryIndex(vectors.shape[1], index_type)
     present: set[int] = set()
     for op, n, seed in ops:
         rng = np.random.default_rng(seed)
@@ -153,7 +212,7 @@ def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(ops):
     if not len(rows):
         assert len(index) == 0
         return
-    fresh = CategoryIndex(vectors.shape[1])
+    fresh = CategoryIndex(vectors.shape[1], index_type)
     fresh.add(ids[rows][::-1], vectors[rows][::-1], cats[rows][::-1])  # another order on purpose
     for built in (index, fresh):
         built.set_prototypes(*_prototypes(ids[rows], vectors[rows], cats[rows]))

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image as PILImage
 
+from backend import snapshot
 from backend.index_manager import IndexManager, fingerprint, snapshot_meta
 from backend.models import Embedding, Image
 from backend.service import ImageSearch
@@ -38,23 +39,6 @@ def _results(search):
             for q in queries]
 
 
-def _arrays(path):
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def _without_category(arrays, drop):
-    """The arrays with one category's partition gone, as if its vectors had been lost."""
-    arrays = {k: v for k, v in arrays.items() if k not in (f"ids_{drop}", f"vectors_{drop}", f"faiss_{drop}")}
-    arrays["partition_categories"] = arrays["partition_categories"][arrays["partition_categories"] != drop]
-    return arrays
-
-
-def _save(path, arrays):
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def _truncated(path, sessions):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -73,9 +57,16 @@ def _bit_flipped(path, sessions):
     path.write_bytes(bytes(data))
 
 
-def _category_dropped_old_metadata(path, sessions):
-    arrays = _arrays(path)
-    _save(path, _without_category(arrays, int(arrays["partition_categories"][0])))  # "meta" is the old one
+def _category_zeroed_old_footer(path, sessions):
+    data = bytearray(path.read_bytes())
+    _, offset, length, _ = snapshot.read_footer(np.frombuffer(bytes(data), np.uint8))["partitions"][0]
+    data[offset:offset + length] = bytes(length)  # the footer still describes the old bytes
+    path.write_bytes(bytes(data))
+
+
+def _footer_edited(path, sessions):
+    text = path.read_bytes()
+    path.write_bytes(text.replace(b'"vectors": 24', b'"vectors": 25'))  # same length; the footer's CRC no longer fits
 
 
 def _members(sessions, category):
@@ -113,10 +104,11 @@ def _another_index_type(path, sessions):
 
 DAMAGE = {
     "truncated": (_truncated, "unreadable"),
-    "empty": (_empty, "unreadable (ValueError: not an .npz (zip) file)"),
-    "random bytes": (_random_bytes, "unreadable (ValueError: not an .npz (zip) file)"),
+    "empty": (_empty, "unreadable (ValueError: cannot mmap an empty file)"),
+    "random bytes": (_random_bytes, "unreadable (ValueError: not an imsrc snapshot (no header))"),
     "one bit flipped": (_bit_flipped, "snapshot was "),
-    "a category dropped, old metadata": (_category_dropped_old_metadata, "corrupt (checksum mismatch)"),
+    "a category zeroed, old footer": (_category_zeroed_old_footer, "corrupt (checksum mismatch)"),
+    "footer edited": (_footer_edited, "unreadable (ValueError: footer checksum mismatch)"),
     "consistent, but not with PostgreSQL": (_self_consistent_but_not_postgres, "out of step with PostgreSQL (category"),
     "categories swapped, same counts": (_categories_swapped_same_counts, "other images or categories"),
     "another index type": (_another_index_type, "for another index"),
@@ -134,7 +126,7 @@ def test_a_bad_snapshot_is_moved_aside_and_the_index_rebuilt(built, sessions, tm
     search = _open(sessions, tmp_path / "snap")  # must not raise
 
     assert search.index_source.startswith("rebuilt: snapshot was ") and reason in search.index_source
-    bad = sorted((tmp_path / "snap").glob(f"{path.stem}.bad-*.npz"))
+    bad = sorted((tmp_path / "snap").glob(f"{path.stem}.bad-*{snapshot.SUFFIX}"))
     assert len(bad) == 1 and f"moved to {bad[0]}" in search.index_source
     assert bad[0].read_bytes() == damaged  # kept for a person to look at, as it was
     assert any(r.levelno == logging.WARNING and reason in r.getMessage() for r in caplog.records)
@@ -159,11 +151,11 @@ def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sess
     assert (meta["model"], meta["fingerprint"], meta["vectors"]) == (MODEL, built.manager.fingerprint, 24)
     before = built.manager.snapshot_path.read_bytes()
 
-    def crash(file, **arrays):
+    def crash(file, index, meta):
         file.write(b"half a snapshot")
         raise OSError("disk full")
 
-    monkeypatch.setattr("backend.index_manager.np.savez", crash)
+    monkeypatch.setattr("backend.index_manager.snapshot.write", crash)
     with pytest.raises(OSError, match="disk full"):
         built.save_snapshot()
     assert built.manager.snapshot_path.read_bytes() == before  # the old snapshot, whole
