@@ -4,6 +4,8 @@ Every row of the COPY has the same layout (image id, category id, a pgvector of 
 of rows is one numpy structured array over the bytes PostgreSQL sent: a million 2048-d vectors stream through in
 about a minute, where an ORM object per row took nine.
 """
+import queue
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -25,16 +27,23 @@ def _row_layout(dim: int) -> np.dtype:
 
 
 class _RowParser:
-    """The file object psycopg2's copy_expert writes to: cuts the stream into whole rows and hands them on in
-    batches of BATCH_ROWS."""
+    """The file object psycopg2's copy_expert writes to: cuts the stream into batches of whole rows, which a second
+    thread parses and hands to consume() in order, so that PostgreSQL's sending and our parsing overlap (numpy and
+    FAISS release the GIL)."""
 
     def __init__(self, dim: int, consume: Consumer):
         self.dim, self.consume, self.layout = dim, consume, _row_layout(dim)
         self.pending = bytearray()
         self.header_seen = False
         self.rows = 0
+        self._batches: queue.Queue[bytes | None] = queue.Queue(maxsize=2)  # bounds the bytes in flight
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._parse_batches, name="copy-parser", daemon=True)
+        self._worker.start()
 
     def write(self, data) -> int:
+        if self._error is not None:
+            raise self._error  # aborts the COPY
         self.pending += data
         if not self.header_seen and len(self.pending) >= HEADER:
             if bytes(self.pending[:len(SIGNATURE)]) != SIGNATURE:
@@ -42,15 +51,26 @@ class _RowParser:
             del self.pending[:HEADER]
             self.header_seen = True
         if self.header_seen and len(self.pending) >= BATCH_ROWS * self.layout.itemsize:
-            self._flush()
+            self._hand_over()
         return len(data)
 
-    def _flush(self) -> None:
-        whole = len(self.pending) // self.layout.itemsize
-        if not whole:
-            return
-        rows = np.frombuffer(self.pending[:whole * self.layout.itemsize], dtype=self.layout)  # a copy: pending moves on
-        del self.pending[:whole * self.layout.itemsize]
+    def _hand_over(self) -> None:
+        whole = len(self.pending) // self.layout.itemsize * self.layout.itemsize
+        if whole:
+            self._batches.put(bytes(self.pending[:whole]))
+            del self.pending[:whole]
+
+    def _parse_batches(self) -> None:
+        while (chunk := self._batches.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so that the writer never blocks
+            try:
+                self._parse(chunk)
+            except BaseException as exc:  # reported to the COPY's next write and by finish()
+                self._error = exc
+
+    def _parse(self, chunk: bytes) -> None:
+        rows = np.frombuffer(chunk, dtype=self.layout)
         expected = (3, 8, 4, 4 + 4 * self.dim, self.dim)
         found = [rows[key] for key in ("fields", "id_len", "cat_len", "vec_len", "vec_dim")]
         if not all((column == value).all() for column, value in zip(found, expected)):
@@ -58,11 +78,17 @@ class _RowParser:
         self.rows += len(rows)
         self.consume(rows["id"].astype(np.int64), rows["cat"].astype(np.int64), rows["vec"].astype(np.float32))
 
-    def finish(self) -> int:
-        if self.pending.endswith(TRAILER):
+    def finish(self, completed: bool = True) -> int:
+        """Wait for the last batch; raises what parsing raised, or ValueError for a stream cut inside a row."""
+        if completed and self.pending.endswith(TRAILER):
             del self.pending[-len(TRAILER):]
-        self._flush()
-        if self.pending or not self.header_seen:
+        if completed:
+            self._hand_over()
+        self._batches.put(None)
+        self._worker.join()
+        if self._error is not None:
+            raise self._error
+        if completed and (self.pending or not self.header_seen):
             raise ValueError(f"the COPY stream ended inside a row ({len(self.pending)} bytes left over)")
         return self.rows
 
@@ -83,6 +109,9 @@ def copy_members(session: Session, model_name: str, dim: int, consume: Consumer,
     parser = _RowParser(dim, consume)
     try:
         cursor.copy_expert(query, parser)
+    except BaseException:
+        parser.finish(completed=False)  # stop the parser thread; the COPY's own error is the one to report
+        raise
     finally:
         cursor.close()
     return parser.finish()

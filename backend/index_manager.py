@@ -7,11 +7,13 @@ one, whole. At start-up a snapshot is used only if it reads back, its checksums 
 and it matches PostgreSQL; a file that fails is moved aside (never deleted) and the index is rebuilt from
 PostgreSQL, reading the vectors in bulk (backend.bulk).
 """
+import ctypes
 import hashlib
 import itertools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,6 +102,15 @@ def read_snapshot(path: Path, model_name: str, index_type: str, dim: int) -> tup
     return index, meta
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory freed while building back to the OS: glibc keeps it for reuse otherwise, and the process
+    would go on counting the flat copies that IVF categories replaced. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _fsync_directory(folder: Path) -> None:
     """Make a rename in `folder` durable; a no-op where directories cannot be opened (Windows)."""
     try:
@@ -183,20 +194,30 @@ class IndexManager:
         return f"moved to {bad}"
 
     def rebuild(self, save: bool = True) -> None:
-        """Recompute prototypes exactly in PostgreSQL and rebuild the index from it, streaming the vectors in."""
-        with self.sessions() as s, s.begin():
-            store.rebuild_prototypes(s, self.model_name)
+        """Recompute prototypes exactly in PostgreSQL and rebuild the index from it, streaming the vectors in. Both
+        read every vector, so they run side by side on two connections: PostgreSQL averages while we parse."""
         index = CategoryIndex(self.dim, self.index_type)
-        with consistent_reads(self.sessions) as s:
-            current = fingerprint(s, self.model_name)
-            copy_members(s, self.model_name, self.dim, lambda ids, cats, vectors: index.add(ids, vectors, cats, False))
+        with ThreadPoolExecutor(1, thread_name_prefix="prototypes") as pool:
+            prototypes = pool.submit(self._rebuild_prototypes)
+            with consistent_reads(self.sessions) as s:
+                current = fingerprint(s, self.model_name)
+                copy_members(s, self.model_name, self.dim,
+                             lambda ids, cats, vectors: index.add(ids, vectors, cats, optimise=False))
+            prototypes.result()
+        # Read after the members: a writer in between changes the fingerprint, and the next sync() catches up.
+        with self.sessions() as s:
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
         index.optimise()
+        _return_freed_memory()
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
         self.index, self.fingerprint, self.source = index, current, "rebuilt"
         if save:
             self.save_snapshot()
+
+    def _rebuild_prototypes(self) -> None:
+        with self.sessions() as s, s.begin():
+            store.rebuild_prototypes(s, self.model_name)
 
     # -- keeping in step ----------------------------------------------------------------------------
     def sync(self, image_ids=None) -> tuple[int, int]:

@@ -64,3 +64,19 @@ def test_a_subset_by_id(sessions, stored):
 def test_a_dimension_that_does_not_match_is_refused(sessions, stored):
     with sessions() as s, pytest.raises(ValueError, match="not \\(bigint, integer, 8-d vector\\)"):
         fetch_members(s, "m", DIM + 1)
+
+
+def test_an_error_while_consuming_stops_the_copy_and_is_raised(sessions, stored, monkeypatch):
+    monkeypatch.setattr("backend.bulk.BATCH_ROWS", 2)
+    seen = []
+
+    def consume(ids, cats, vectors):
+        seen.append(len(ids))
+        if len(seen) == 2:
+            raise RuntimeError("index full")
+
+    with sessions() as s, pytest.raises(RuntimeError, match="index full"):
+        copy_members(s, "m", DIM, consume)
+    assert len(seen) == 2  # nothing handed over after the failure
+    with sessions() as s:  # and the connection is fit for use again
+        assert fetch_members(s, "m", DIM)[0].size == 23
