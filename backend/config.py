@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # Search
-    faiss_index_type: Literal["flatip", "flatl2", "hnsw", "ivfflat"] = "flatip"
+    faiss_index_type: Literal["flatip", "flatl2", "fp16", "hnsw", "ivfflat", "ivffp16"] = "flatip"
     index_dir: Path | None = None
     use_prototype_filtering: bool = True
     prototype_limit: int = Field(3, ge=1, le=10)
@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     allowed_origins: str = ""
     max_upload_size: int = Field(10 * 1024 * 1024, ge=1)
     embed_workers: int = Field(1, ge=1, le=64)
-    queue_size: int = Field(8, ge=0, le=1024)
+    queue_size: int = Field(32, ge=0, le=1024)
+    query_batch: int = Field(16, ge=1, le=256)
 
     # Datasets
     cifar10_dir: Path | None = None

@@ -74,8 +74,8 @@ class Embedder(ABC):
         """Embed RGB images; returns float32 (len(images), dim), each row of unit L2 norm."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        chunks = [self._features(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return l2_normalize(torch.cat(chunks).float().cpu().numpy())
+        return np.concatenate([self.embed_prepared(self.prepare(images[i:i + self.batch_size]))
+                               for i in range(0, len(images), self.batch_size)])
 
     def logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         """ImageNet class logits (n, 1000), for checking that the weights are the real ones."""
@@ -83,9 +83,20 @@ class Embedder(ABC):
         with torch.inference_mode():
             return head(self._features(images)).float().cpu().numpy()
 
+    def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's input for RGB images: (n, 3, H, W), preprocessed as its weights expect; thread-safe."""
+        _, _, preprocess = self.load()._loaded
+        return torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
+
+    def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
+        """embed() of what prepare() made, in one forward pass."""
+        return l2_normalize(self._forward(batch).float().cpu().numpy())
+
     def _features(self, images: Sequence[Image.Image], precision: str | None = None) -> torch.Tensor:
-        backbone, _, preprocess = self.load()._loaded
-        batch = torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
+        return self._forward(self.prepare(images), precision)
+
+    def _forward(self, batch: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        backbone, _, _ = self.load()._loaded
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=(precision or self.precision) == "bf16"):

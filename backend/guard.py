@@ -132,23 +132,28 @@ formparsers._user_safe_decode = _strict_decode
 
 
 class ImageJobs:
-    """At most `workers` image jobs (decode and embed) run at once and at most `queue_size` more wait; the rest
-    are refused at once with 503 and Retry-After, so memory stays bounded however many requests arrive."""
+    """At most `workers + queue_size` image requests are under way at once; the rest are refused at once with 503
+    and Retry-After, so memory and waiting stay bounded however many requests arrive. Searches then share the
+    model through the query batcher (which decodes at most `workers` at once); uploads, which decode and embed on
+    their own, also take one of `workers` places."""
 
     def __init__(self, workers: int, queue_size: int):
         self.capacity = workers + queue_size
-        self._running = asyncio.Semaphore(workers)
+        self._embedding = asyncio.Semaphore(workers)
         self._admitted = 0
 
     @asynccontextmanager
-    async def slot(self):
-        """Hold a place for one image job: a queue place at once, then a worker."""
+    async def slot(self, own_embedding: bool = False):
+        """Hold a place for one image request; with own_embedding (an upload) then also a worker."""
         if self._admitted >= self.capacity:
             raise HTTPException(503, f"busy: {self.capacity} image requests are already under way; try again "
                                      "shortly", headers={"Retry-After": RETRY_AFTER_BUSY})
         self._admitted += 1
         try:
-            async with self._running:
+            if own_embedding:
+                async with self._embedding:
+                    yield
+            else:
                 yield
         finally:
             self._admitted -= 1

@@ -40,6 +40,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         app.state.search, app.state.startup_error = None, None
         try:  # the model and index load once, off the event loop
             app.state.search = await run_in_threadpool(open_search)
+            app.state.search.start_batching(settings.query_batch, settings.embed_workers)
             await run_in_threadpool(app.state.search.warm_up)  # on the thread pool that will serve searches
             notice = await run_in_threadpool(app.state.search.unserved_notice)
             if notice:  # not "ready": the stored images are there but this model cannot search them

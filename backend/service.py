@@ -74,6 +74,7 @@ class ImageSearch:
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
                                     snapshot_dir or settings.snapshot_dir)
         self._lock = threading.RLock()  # searches read the index while writes change it
+        self.batcher = None  # see start_batching
         self.manager.load_or_build()
 
     @classmethod
@@ -110,11 +111,23 @@ class ImageSearch:
 
     # -- search -----------------------------------------------------------------------------------
     def embed(self, image: ImageInput) -> np.ndarray:
-        """The query's vector (d,), from a PIL image, encoded bytes or a file path."""
-        if isinstance(image, PILImage.Image):
-            return self.embedder.embed([image.convert("RGB")])[0]
-        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        return self.embedder.embed([decode(data).image])[0]
+        """The query's vector (d,), from a PIL image, encoded bytes or a file path; batched with concurrent queries
+        once start_batching() was called."""
+        def picture() -> PILImage.Image:
+            if isinstance(image, PILImage.Image):
+                return image.convert("RGB")
+            return decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image).image
+
+        if self.batcher is not None:
+            return self.batcher.embed(picture)
+        return self.embedder.embed([picture()])[0]
+
+    def start_batching(self, max_batch: int, preparing: int) -> None:
+        """Embed queries through a QueryBatcher from now on (what a server does): concurrent queries share forward
+        passes of up to max_batch images, and at most `preparing` decode at once."""
+        from backend.batching import QueryBatcher
+
+        self.batcher = QueryBatcher(self.embedder, max_batch, preparing)
 
     def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
                        category: str | int | None = None) -> SearchResponse:
@@ -239,7 +252,11 @@ class ImageSearch:
         self.search_similar(buffer.getvalue(), k=1)
 
     def close(self) -> None:
-        """Snapshot the index if writes changed it since the last snapshot, so the next start loads it."""
+        """Stop batching queries, and snapshot the index if writes changed it since the last snapshot, so the next
+        start loads it."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
         with self._lock:
             if not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
                 self.manager.save_snapshot()

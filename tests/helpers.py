@@ -30,11 +30,11 @@ class PixelEmbedder(Embedder):
         preprocess = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
         return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(1)), nn.Identity(), preprocess
 
-    def embed(self, images):
+    def embed_prepared(self, batch):
         self.calls += 1
         if self.fail_after_batches is not None and self.calls > self.fail_after_batches:
             raise KeyboardInterrupt("simulated interruption")
-        return super().embed(images)
+        return super().embed_prepared(batch)
 
 
 def class_images(n_per_class: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

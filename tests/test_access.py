@@ -224,11 +224,11 @@ def test_a_streamed_body_without_length_is_cut_off_at_the_limit(live):
 
 
 class SlowPixels(PixelEmbedder):
-    """Embeds after a pause, so that requests pile up."""
+    """Runs the model after a pause, so that requests pile up."""
 
-    def embed(self, images):
+    def _forward(self, batch, precision=None):
         time.sleep(0.5)
-        return super().embed(images)
+        return super()._forward(batch, precision)
 
 
 @pytest.mark.slow

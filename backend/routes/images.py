@@ -58,7 +58,7 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
             raise HTTPException(404, f"category {category_id} not found")
     if not category or not category.strip():
         raise HTTPException(422, "give the image a category: form field `category` (name) or `category_id`")
-    async with jobs.slot():
+    async with jobs.slot(own_embedding=True):
         data = await read_upload(file)
         added = await run_in_threadpool(search.add_image, data, category.strip(), clean_file_name(file.filename))
     stored_category = _find(search, added.image_id)[1] if added.duplicate else category.strip()

@@ -1,0 +1,96 @@
+"""Dynamic batching of queries: concurrent queries share forward passes, a lone query runs at once, and each
+query gets exactly the vector it would get on its own."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.batching import QueryBatcher
+from tests.helpers import PixelEmbedder
+
+
+class RecordingPixels(PixelEmbedder):
+    """Records each forward pass's batch size, and takes `pause` seconds per pass."""
+
+    def __init__(self, pause: float = 0.0, fail: bool = False):
+        super().__init__()
+        self.pause, self.fail, self.sizes = pause, fail, []
+
+    def _forward(self, batch, precision=None):
+        self.sizes.append(len(batch))
+        time.sleep(self.pause)
+        if self.fail:
+            raise RuntimeError("the model broke")
+        return super()._forward(batch, precision)
+
+
+def _pictures(n):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _concurrently(batcher, pictures):
+    results = [None] * len(pictures)
+
+    def one(i):
+        results[i] = batcher.embed(lambda: pictures[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pictures))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_concurrent_queries_share_passes_and_get_their_own_vectors():
+    embedder = RecordingPixels(pause=0.2).load()
+    batcher = QueryBatcher(embedder, max_batch=16, preparing=2)
+    pictures = _pictures(12)
+    try:
+        results = _concurrently(batcher, pictures)
+    finally:
+        batcher.close()
+    expected = PixelEmbedder().load().embed(pictures)
+    np.testing.assert_allclose(np.stack(results), expected, atol=1e-6)  # each query its own vector, in order
+    warm_up = 1  # load() runs one pass
+    assert batcher.queries == 12 and sum(embedder.sizes[warm_up:]) == 12
+    assert batcher.batches < 12 and max(embedder.sizes[warm_up:]) > 1  # queries that waited went together
+
+
+def test_a_lone_query_runs_at_once_as_a_batch_of_one():
+    embedder = RecordingPixels().load()
+    batcher = QueryBatcher(embedder, max_batch=16, preparing=1)
+    try:
+        started = time.perf_counter()
+        vector = batcher.embed(lambda: _pictures(1)[0])
+        assert time.perf_counter() - started < 5  # no timer to wait out (generous: the machine may be busy)
+    finally:
+        batcher.close()
+    assert embedder.sizes[-1] == 1 and batcher.batches == 1
+    assert vector.shape == (PixelEmbedder.dim,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+
+
+def test_batches_never_exceed_the_limit():
+    embedder = RecordingPixels(pause=0.1).load()
+    batcher = QueryBatcher(embedder, max_batch=3, preparing=4)
+    try:
+        _concurrently(batcher, _pictures(10))
+    finally:
+        batcher.close()
+    assert max(embedder.sizes[1:]) <= 3 and sum(embedder.sizes[1:]) == 10
+
+
+def test_a_failing_pass_fails_its_queries_and_the_batcher_carries_on():
+    embedder = RecordingPixels().load()
+    batcher = QueryBatcher(embedder, max_batch=4, preparing=1)
+    try:
+        embedder.fail = True
+        with pytest.raises(RuntimeError, match="the model broke"):
+            batcher.embed(lambda: _pictures(1)[0])
+        embedder.fail = False
+        assert batcher.embed(lambda: _pictures(1)[0]).shape == (PixelEmbedder.dim,)
+    finally:
+        batcher.close()
