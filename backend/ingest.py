@@ -1,5 +1,8 @@
 """Ingestion: read, hash, de-duplicate, decode, embed in batches and store each batch in one transaction."""
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -12,6 +15,8 @@ from backend.embedders import Embedder
 from backend.errors import InvalidImage
 from backend.images import decode, sha256
 
+PREPARE_THREADS = 2  # reading and decoding are a fraction of the model's time: two keep ahead of it
+LOOKAHEAD = 2  # batches prepared ahead of the model: bounds the memory held by decoded images
 
 
 @dataclass
@@ -43,68 +48,110 @@ class IngestReport:
 
 def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedder: Embedder,
            batch_size: int = 64, progress: bool = True, total: int | None = None) -> IngestReport:
-    """Store and embed items batch by batch; re-running adds nothing twice, and a stopped run resumes cleanly."""
+    """Store and embed items batch by batch; re-running adds nothing twice, and a stopped run resumes cleanly.
+
+    A pipeline, so that the model never waits: PREPARE_THREADS threads read, hash, look up and decode the next
+    LOOKAHEAD batches while this thread runs the model on the current one, and one writer thread stores the
+    previous one (its own transaction, as before)."""
     report = IngestReport()
     started = time.perf_counter()
     items = list(items)
     seen: set[str] = set()
-    with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            _ingest_batch(session_factory, batch, embedder, report, seen)
+    seen_lock = threading.Lock()
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar, \
+            ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ingest-prepare") as preparing, \
+            ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as writing:
+        prepared = deque(preparing.submit(_prepare, session_factory, b, embedder, seen, seen_lock)
+                         for b in batches[:LOOKAHEAD])
+        written = None
+        for n, batch in enumerate(batches):
+            ready = prepared.popleft().result()
+            if n + LOOKAHEAD < len(batches):
+                prepared.append(preparing.submit(_prepare, session_factory, batches[n + LOOKAHEAD], embedder,
+                                                 seen, seen_lock))
+            vectors = embedder.embed_prepared(ready.tensors) if ready.to_embed else None
+            if written is not None:
+                written.result()  # one batch in the writer at a time, stored in order
+            written = writing.submit(_store, session_factory, ready, vectors, embedder.name, report)
             report.seconds = time.perf_counter() - started
             bar.set_postfix(added=report.added, dup=report.duplicates, failed=len(report.failed), refresh=False)
             bar.update(len(batch))
+        if written is not None:
+            written.result()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _ingest_batch(session_factory, batch: list[Item], embedder: Embedder, report: IngestReport, seen: set[str]) -> None:
+@dataclass
+class _Prepared:
+    """One batch, read, de-duplicated and decoded: what is left to embed and store."""
+
+    to_embed: list[str] = field(default_factory=list)  # sha256 of each image to embed, in tensor order
+    tensors: object = None  # the model's input for them
+    new_images: list[store.NewImage] = field(default_factory=list)
+    existing_ids: dict[str, int] = field(default_factory=dict)  # stored images that lack this model's vector
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _prepare(session_factory, batch: list[Item], embedder: Embedder, seen: set[str], seen_lock) -> _Prepared:
+    out = _Prepared()
     read: list[tuple[Item, bytes, str]] = []
     for item in batch:
         try:
             data = item.read()
         except OSError as exc:
-            report.failed.append((item.original_name, f"cannot read: {exc.strerror or exc}"))
+            out.failed.append((item.original_name, f"cannot read: {exc.strerror or exc}"))
             continue
         digest = sha256(data)
-        if digest in seen:
-            report.duplicates += 1
+        with seen_lock:
+            repeated = digest in seen
+            seen.add(digest)
+        if repeated:
+            out.duplicates += 1
             continue
-        seen.add(digest)
         read.append((item, data, digest))
 
     with session_factory() as session:
         existing = store.existing_images(session, [d for _, _, d in read], embedder.name)
-    to_embed, new_images, existing_ids = [], [], {}
+    pictures = []
     for item, data, digest in read:
         if digest in existing and existing[digest][1]:
-            report.duplicates += 1
+            out.duplicates += 1
             continue
         try:
             decoded = decode(data)
         except InvalidImage as exc:
-            report.failed.append((item.original_name, str(exc)))
+            out.failed.append((item.original_name, str(exc)))
             continue
-        to_embed.append((digest, decoded.image))
+        out.to_embed.append(digest)
+        pictures.append(decoded.image)
         if digest in existing:
-            existing_ids[digest] = existing[digest][0]
+            out.existing_ids[digest] = existing[digest][0]
         else:
-            new_images.append(store.NewImage(
+            out.new_images.append(store.NewImage(
                 sha256=digest, data=data, width=decoded.width, height=decoded.height, format=decoded.format,
                 category=item.category, label=item.label, original_name=item.original_name,
                 source_dataset=item.source, source_split=item.split, metadata=item.metadata))
-    if not to_embed:
+    if pictures:
+        out.tensors = embedder.prepare(pictures)
+    return out
+
+
+def _store(session_factory, ready: _Prepared, vectors, model_name: str, report: IngestReport) -> None:
+    report.duplicates += ready.duplicates
+    report.failed += ready.failed
+    if not ready.to_embed:
         return
-    # Embed outside the transaction so that it stays short; conflicts are settled by ON CONFLICT below.
-    vectors = embedder.embed([img for _, img in to_embed])
+    # Embedded outside the transaction so that it stays short; conflicts are settled by ON CONFLICT below.
     with session_factory() as session, session.begin():
-        inserted = store.insert_images(session, new_images)
-        ids = {**existing_ids, **inserted}
+        inserted = store.insert_images(session, ready.new_images)
+        ids = {**ready.existing_ids, **inserted}
         # An image another process inserted meanwhile is not in `ids`: it is that process's to embed.
-        keep = [k for k, (digest, _) in enumerate(to_embed) if digest in ids]
-        stored = store.insert_embeddings(session, embedder.name, [ids[to_embed[k][0]] for k in keep], vectors[keep])
+        keep = [k for k, digest in enumerate(ready.to_embed) if digest in ids]
+        stored = store.insert_embeddings(session, model_name, [ids[ready.to_embed[k]] for k in keep], vectors[keep])
     report.added += len(set(inserted.values()) & set(stored))
-    report.embedded_existing += len(set(existing_ids.values()) & set(stored))
-    report.duplicates += len(to_embed) - len(stored)
+    report.embedded_existing += len(set(ready.existing_ids.values()) & set(stored))
+    report.duplicates += len(ready.to_embed) - len(stored)
     report.image_ids.extend(stored)

@@ -159,3 +159,49 @@ def test_an_image_stored_for_one_model_is_embedded_for_another(sessions, tmp_pat
         c = store.counts(s)
     assert c["images"] == len(items) and c["embeddings"] == {MODEL: len(items), "test-pixels-2": len(items)}
     assert c["prototypes"] == {MODEL: 3, "test-pixels-2": 3}
+
+
+def test_reading_embedding_and_storing_overlap(sessions, monkeypatch):
+    """While the model embeds one batch, the next is being read and the previous stored: each forward pass waits
+    for both to happen, which a one-stage-at-a-time loop never lets happen (it would time out)."""
+    import threading
+
+    from PIL import Image as PILImage
+
+    from tests.helpers import png_bytes
+
+    batch_size, batches = 4, 4
+    read_batches, stored_batches = set(), set()
+    changed = threading.Condition()
+
+    def reader(n):
+        def read():
+            with changed:
+                read_batches.add(n // batch_size)
+                changed.notify_all()
+            return png_bytes(PILImage.new("RGB", (20, 20), (n * 9 % 256, n * 31 % 256, n * 57 % 256)))
+        return read
+
+    real_insert = store.insert_embeddings
+
+    def insert_embeddings(session, model, ids, vectors):
+        stored = real_insert(session, model, ids, vectors)
+        with changed:
+            stored_batches.add(len(stored_batches))
+            changed.notify_all()
+        return stored
+
+    monkeypatch.setattr(store, "insert_embeddings", insert_embeddings)
+
+    class Waiting(PixelEmbedder):
+        def embed_prepared(self, batch):
+            n = self.calls
+            with changed:  # batch n embeds only once batch n+1 was read and batch n-1 stored
+                assert changed.wait_for(lambda: (n + 1 in read_batches or n + 1 == batches)
+                                        and (n == 0 or n - 1 in stored_batches), timeout=20), (n, read_batches,
+                                                                                                stored_batches)
+            return super().embed_prepared(batch)
+
+    items = [Item("red", None, f"{n}.png", "test", None, reader(n)) for n in range(batch_size * batches)]
+    report = ingest(sessions, items, Waiting(), batch_size=batch_size, progress=False)
+    assert report.added == batch_size * batches and not report.failed
