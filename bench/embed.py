@@ -11,8 +11,6 @@ resnet50/18 use randomly initialised weights when no ImageNet weights are availa
 their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, ...}}.
 """
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,18 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.datasets import load_dataset, select_balanced  # noqa: E402
 from backend.embedders import TorchvisionResNet, create_embedder, l2_normalize  # noqa: E402
-from backend.precision import cpu_flags  # noqa: E402
+from bench.common import machine, write_json  # noqa: E402
 
 NAIVE_BATCH = 16
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    flags = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
-    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def embedder_for(name: str, precision: str):
@@ -64,6 +53,48 @@ def model_only(backbone, batches: list[torch.Tensor], memory_format, precision: 
             outputs.append(backbone(batch.contiguous(memory_format=memory_format)).float())
         seconds = time.perf_counter() - started
     return sum(len(b) for b in batches) / seconds, l2_normalize(torch.cat(outputs).numpy())
+
+
+def other_runtimes(backbone, batches: list[torch.Tensor], fp32_vectors: np.ndarray) -> dict:
+    """Images/s and cosine to PyTorch fp32 of the same backbone exported to ONNX, under ONNX Runtime and OpenVINO
+    (each with its defaults for this CPU: OpenVINO picks bf16 itself where the CPU has it), where installed."""
+    try:
+        import onnx  # noqa: F401 (torch's exporter needs it)
+    except ImportError:
+        return {"missing": "pip install -r bench/requirements.txt"}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="imsrc-onnx-") as tmp:
+        path = str(Path(tmp) / "backbone.onnx")
+        torch.onnx.export(backbone, batches[0], path, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+        runners = {}
+        try:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            runners["onnxruntime"] = lambda x: session.run(None, {"x": x})[0]
+        except ImportError:
+            results["onnxruntime"] = {"missing": "pip install onnxruntime"}
+        try:
+            import openvino
+
+            compiled = openvino.Core().compile_model(path, "CPU")
+            runners["openvino"] = lambda x: compiled(x)[0]
+        except ImportError:
+            results["openvino"] = {"missing": "pip install openvino"}
+        for name, run_batch in runners.items():
+            arrays = [b.numpy() for b in batches]
+            for x in arrays[:2]:
+                run_batch(x)
+            started = time.perf_counter()
+            outputs = [np.asarray(run_batch(x), dtype=np.float32) for x in arrays]
+            seconds = time.perf_counter() - started
+            cosine = (l2_normalize(np.concatenate(outputs)) * fp32_vectors).sum(1)
+            results[name] = {"images_per_s": round(sum(len(x) for x in arrays) / seconds, 1),
+                             "cosine_mean": round(float(cosine.mean()), 5), "cosine_min": round(float(cosine.min()), 5)}
+    return results
 
 
 def populate_speed(embedder, items) -> float:
@@ -102,7 +133,8 @@ def run(name: str, items) -> dict:
     return {"naive": round(naive, 1), "imsrc": round(imsrc, 1), "speedup": round(imsrc / naive, 2),
             "populate": round(populate_speed(chosen, items), 1), "precision": chosen.precision,
             "why": chosen.precision_reason, "cosine_mean": round(float(cosine.mean()), 5),
-            "cosine_min": round(float(cosine.min()), 5), "random_weights": getattr(chosen, "random_weights", False)}
+            "cosine_min": round(float(cosine.min()), 5), "random_weights": getattr(chosen, "random_weights", False),
+            "runtimes": other_runtimes(naive_backbone, batches, fp32_vectors)}
 
 
 def main() -> None:
@@ -123,10 +155,13 @@ def main() -> None:
         print(f"{name:<20}{r['naive']:>8.1f}{r['imsrc']:>8.1f}{r['speedup']:>6.2f}x{r['populate']:>10.1f}"
               f"{r['populate'] / r['imsrc']:>9.0%}  {r['precision']:<9}  {r['cosine_mean']:.4f} / {r['cosine_min']:.4f}"
               + ("  (random weights)" if r["random_weights"] else ""), flush=True)
-    print("images/s; naive = fp32, default memory format, batch 16; imsrc = EMBED_PRECISION=auto, channels-last")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, **results}, indent=1))
-        print(f"wrote {args.json}")
+        for runtime, measured in r["runtimes"].items():
+            print(f"  {runtime:<18}" + (f"{measured['images_per_s']:>8.1f} images/s, {measured['images_per_s'] / r['imsrc']:.2f}x "
+                                        f"imsrc, cosine to fp32 {measured['cosine_mean']:.4f} / {measured['cosine_min']:.4f}"
+                                        if "images_per_s" in measured else f"  {measured}"), flush=True)
+    print("images/s; naive = fp32, default memory format, batch 16; imsrc = EMBED_PRECISION=auto, channels-last;")
+    print("onnxruntime/openvino: the naive backbone exported to ONNX, each runtime's defaults for this CPU")
+    write_json(args.json, {"machine": info, **results})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ It populates a throw-away DATA_DIR with Fashion-MNIST train images (MODEL_NAME a
 offline choice), starts the server on a free loopback port, and queries with held-out Fashion-MNIST test images.
 """
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -24,22 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.embed import machine  # noqa: E402
+from bench.common import machine, percentile, rss_mib, write_json  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_mib(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -77,6 +67,22 @@ def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: in
             "rss_before_mib": round(before), "rss_after_mib": round(rss_mib(pid))}
 
 
+def model_only_one_image_ms(model: str, query: bytes) -> float:
+    """Median ms of the model alone on one preprocessed query image, as the server runs it (imported here: the rest
+    of the benchmark is a client and needs no model)."""
+    from backend.embedders import get_embedder
+    from backend.images import decode
+
+    embedder = get_embedder(model).load()
+    batch = embedder.prepare([decode(query).image])
+    times = []
+    for _ in range(25):
+        started = time.perf_counter()
+        embedder.embed_prepared(batch)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[5:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST train images to index")
@@ -97,17 +103,20 @@ def main() -> None:
             wait_ready(base, server)
             idle = rss_mib(server.pid)
             with httpx.Client(base_url=base, timeout=60) as client:
+                model = client.get("/status").json()["model"]
                 _, first = search(client, queries[0])
                 warm = [search(client, queries[i % len(queries)])[1] for i in range(1, 21)]
             rows = [level(base, queries, c, max(args.requests, 4 * c), server.pid) for c in args.concurrency]
         finally:
             server.terminate()
             server.wait(60)
+    model_ms = model_only_one_image_ms(model, queries[0])
     report = {"machine": machine(), "indexed_images": args.images, "idle_rss_mib": round(idle),
+              "model_only_one_image_ms": round(model_ms, 1),
               "first_search_ms": round(first, 1), "warm_search_p50_ms": round(statistics.median(warm), 1),
               "levels": rows}
     info = report["machine"]
-    print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['threads']} threads; {args.images} images indexed; "
+    print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['cores']} cores; {args.images} images indexed; "
           f"idle server RSS {report['idle_rss_mib']} MiB")
     print(f"first search after /health 200: {report['first_search_ms']} ms; warm p50 {report['warm_search_p50_ms']} ms "
           f"({first / report['warm_search_p50_ms']:.2f}x)")
@@ -115,9 +124,13 @@ def main() -> None:
     for r in rows:
         print(f"{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}"
               f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    one = next((r for r in rows if r["concurrency"] == 1), None)
+    many = next((r for r in rows if r["concurrency"] == 16), None)
+    if one and one["p50_ms"]:
+        print(f"concurrency 1: p50 {one['p50_ms']} ms = {one['p50_ms'] / model_ms:.2f}x the model alone on one image "
+              f"({model_ms:.1f} ms)" + (f"; concurrency 16: {many['req_per_s'] / one['req_per_s']:.2f}x the "
+                                        f"throughput of 1" if many else ""))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

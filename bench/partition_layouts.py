@@ -41,8 +41,6 @@ def main() -> None:
     sub = CategoryIndex(args.dim)
     sub.add(ids, vectors, cats)
     sub.set_prototypes(np.arange(args.categories), protos)
-    for c in sub.categories:
-        sub._partitions[c].index()  # build now, not on the first query
     sub_build = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -1,0 +1,42 @@
+"""What every benchmark shares: the machine it ran on, percentiles, process memory, JSON output."""
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backend.precision import cpu_flags  # noqa: E402
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model and the flags that decide speed, cores, date."""
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
+    info = {"cpu": model, "flags": flags, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    if torch := sys.modules.get("torch"):  # only where the benchmark uses it: importing it costs ~670 MB
+        info.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    return info
+
+
+def percentile(values, q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory of a process (default this one), MiB."""
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def write_json(path: Path | None, report) -> None:
+    """Write a report where --json asked for it, and say so."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")

@@ -1,0 +1,414 @@
+"""Search at scale: exhaustive FAISS, imsrc's two-stage search per index type, and pgvector, on one PostgreSQL.
+
+Usage: python bench/search.py [--size 1000000] [--dim 2048] [--categories 100] [--overlap 0.1] [--queries 200]
+       [--types flatip fp16 ivfflat ivffp16] [--hnsw-size 100000] [--hnsw-minutes 20] [--exact-queries 10]
+       [--real] [--fresh] [--json FILE]
+
+Datasets, each written through imsrc's schema into a throw-away database of its own on the configured PostgreSQL
+(the embedded one, or DATABASE_URL's server), named after its parameters and kept between runs (--fresh drops it):
+- synthetic: --size vectors of --dim in --categories categories. A category is a mixture of sub-clusters (styles)
+  around its centre, as a real collection's are, so approximate indexes meet neighbourhoods of a realistic kind;
+  --overlap is the share of a category's styles that lean from its centre past halfway towards a neighbouring
+  category's (images that look like two categories at once, as shirts and T-shirts do: where stage 1 can rank
+  the wrong category first). The default, 0.45, is meant to give about the two-stage recall at P=1 that the real
+  Fashion-MNIST collection shows. Queries are new draws from the same mixture.
+- real (--real): the vectors of the configured database's model (e.g. the demo's Fashion-MNIST), --queries of
+  them held out as queries.
+
+Per dataset: the rebuild from PostgreSQL (bulk read) per index type, with its time and memory; the snapshot's
+write and load; then per method p50/p95 latency of single queries (as a server makes them) and recall@10 against
+exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5 per index type, pgvector exact (`<=>`, a few
+queries: each reads every vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
+vectors within --hnsw-minutes and compared with imsrc at that same size; and adding and deleting one image at a
+time in the full index. Prints a table per dataset; --json writes every row.
+"""
+import argparse
+import gc
+import hashlib
+import io
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend import store  # noqa: E402
+from backend.bulk import fetch_members  # noqa: E402
+from backend.database import database_url, migrated_engine, session_factory  # noqa: E402
+from backend.embedders import l2_normalize, model_dim  # noqa: E402
+from backend.index_manager import IndexManager  # noqa: E402
+from backend.model_choice import choose_model  # noqa: E402
+from backend.search import CategoryIndex  # noqa: E402
+from bench.common import machine, percentile, rss_mib, write_json  # noqa: E402
+
+MODEL = "bench"
+K = 10
+CHUNK = 8192
+SUBCLUSTERS = 50  # styles per category
+# Norms of the parts of a synthetic vector: what all share, its category's centre, its style's offset, its own noise.
+SHARED, CENTRE, STYLE, NOISE = 1.0, 1.0, 0.8, 0.6
+NEIGHBOURS = 3  # an overlapping style leans towards one of the next 3 categories: confusions cluster, as in real data
+LEAN = (0.5, 0.8)  # ... this far of the way (uniform): its images look more like the neighbour than like their own
+PROBES = (1, 3, 5, 10)
+EF_SEARCH = (40, 100, 200, 400, 800)
+
+
+class Synthetic:
+    """The synthetic collection: deterministic per chunk, so any prefix can be regenerated."""
+
+    def __init__(self, size: int, dim: int, categories: int, overlap: float, seed: int = 0):
+        self.size, self.dim, self.categories, self.seed = size, dim, categories, seed
+        rng = np.random.default_rng(seed)
+        scale = 1 / math.sqrt(dim)
+        shared = rng.standard_normal(dim) * scale * SHARED
+        centres = rng.standard_normal((categories, dim)) * scale * CENTRE
+        # A style that overlaps leans from its category's centre towards a neighbouring category's, past halfway.
+        neighbour = (np.arange(categories)[:, None] + rng.integers(1, NEIGHBOURS + 1, (categories, SUBCLUSTERS))) \
+            % categories
+        lean = rng.uniform(*LEAN, (categories, SUBCLUSTERS))
+        halfway = np.where(rng.random((categories, SUBCLUSTERS)) < overlap, lean, 0.0)[..., None]
+        self.styles = (shared + (1 - halfway) * centres[:, None, :] + halfway * centres[neighbour]
+                       + rng.standard_normal((categories, SUBCLUSTERS, dim)) * scale * STYLE).astype(np.float32)
+
+    def draw(self, stream: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(categories (n,), unit vectors (n, dim)) of draw stream `stream`."""
+        rng = np.random.default_rng([self.seed, stream])
+        cats, styles = rng.integers(0, self.categories, n), rng.integers(0, SUBCLUSTERS, n)
+        noise = rng.standard_normal((n, self.dim), dtype=np.float32) * np.float32(NOISE / math.sqrt(self.dim))
+        return cats, l2_normalize(self.styles[cats, styles] + noise)
+
+    def chunks(self):
+        """(ids, categories, vectors) of the collection, CHUNK at a time; ids from 1."""
+        for i, start in enumerate(range(0, self.size, CHUNK)):
+            n = min(CHUNK, self.size - start)
+            cats, vectors = self.draw(i, n)
+            yield np.arange(start + 1, start + n + 1, dtype=np.int64), cats, vectors
+
+    def queries(self, n: int) -> np.ndarray:
+        return self.draw(-1 % 2**32, n)[1]
+
+
+# -- loading a dataset into PostgreSQL -------------------------------------------------------------------
+def _vector_rows(ids: np.ndarray, vectors: np.ndarray) -> bytes:
+    """Binary COPY rows (image_id, model_name, dim, vector) for the embeddings table."""
+    n, dim = vectors.shape
+    name = MODEL.encode()
+    layout = np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("name_len", ">i4"),
+                       ("name", f"S{len(name)}"), ("dim_len", ">i4"), ("dim", ">i4"), ("vec_len", ">i4"),
+                       ("vec_dim", ">i2"), ("vec_unused", ">i2"), ("vec", ">f4", (dim,))])
+    rows = np.zeros(n, layout)
+    rows["fields"], rows["id_len"], rows["id"], rows["name_len"], rows["name"] = 4, 8, ids, len(name), name
+    rows["dim_len"], rows["dim"], rows["vec_len"], rows["vec_dim"], rows["vec"] = 4, dim, 4 + 4 * dim, dim, vectors
+    return rows.tobytes()
+
+
+def load_dataset(engine: sa.Engine, chunks, dim: int, categories: int, total: int) -> None:
+    """Write categories, images (one byte each) and vectors through COPY, then mark the database complete."""
+    sessions = sessionmaker(engine)
+    with sessions() as s, s.begin():
+        store.ensure_model(s, MODEL, dim)
+        store.category_ids(s, {f"c{c:03d}" for c in range(categories)})
+        category_id = dict(s.execute(sa.text("SELECT name, id FROM categories")).all())
+    raw = engine.raw_connection()
+    started, done = time.perf_counter(), 0
+    try:
+        cursor = raw.cursor()
+        for ids, cats, vectors in chunks:
+            text = "".join(f"{i}\t{i:064x}\t\\\\x00\t1\t1\tSYN\t{category_id[f'c{c:03d}']}\n"
+                           for i, c in zip(ids.tolist(), cats.tolist()))
+            cursor.copy_expert("COPY images (id, sha256, data, width, height, format, category_id) FROM STDIN",
+                               io.StringIO(text))
+            header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+            cursor.copy_expert("COPY embeddings (image_id, model_name, dim, vector) FROM STDIN (FORMAT binary)",
+                               io.BytesIO(header + _vector_rows(ids, vectors) + b"\xff\xff"))
+            raw.commit()
+            done += len(ids)
+            print(f"\r  loading: {done:,}/{total:,} vectors ({done / (time.perf_counter() - started):,.0f}/s)",
+                  end="", flush=True)
+        cursor.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), (SELECT max(id) FROM images))")
+        cursor.execute("CREATE TABLE bench_done (finished timestamptz DEFAULT now())")
+        cursor.execute("INSERT INTO bench_done DEFAULT VALUES")
+        raw.commit()
+    finally:
+        raw.close()
+    print(f"\r  loaded {done:,} vectors in {time.perf_counter() - started:.0f} s" + " " * 20)
+
+
+def bench_engine(name: str, fresh: bool) -> tuple[sa.Engine, bool]:
+    """(engine on the bench database `name` beside imsrc's own, whether it already holds its complete dataset);
+    a half-loaded one, left by an interrupted run, is dropped and made again."""
+    def drop() -> None:
+        admin = sa.create_engine(database_url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    if fresh:
+        drop()
+    engine = migrated_engine(database_url(), name)
+    with engine.connect() as conn:
+        complete = conn.execute(sa.text("SELECT to_regclass('bench_done') IS NOT NULL")).scalar()
+        started = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM images)")).scalar()
+    if started and not complete:
+        engine.dispose()
+        drop()
+        engine = migrated_engine(database_url(), name)
+    return engine, complete
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+def timed_searches(search_one, queries: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+    """(top-k ids per query, milliseconds per query)."""
+    found, ms = [], []
+    for q in queries:
+        started = time.perf_counter()
+        found.append(np.asarray(search_one(q)))
+        ms.append((time.perf_counter() - started) * 1000)
+    return found, ms
+
+
+def recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def row(dataset: str, method: str, size: int, ms: list[float], found, truth, **extra) -> dict:
+    r = {"dataset": dataset, "method": method, "vectors": size, "queries": len(ms),
+         "p50_ms": round(percentile(ms, 0.5), 3), "p95_ms": round(percentile(ms, 0.95), 3),
+         "recall_at_10": round(recall(found, truth), 4), **extra}
+    print(f"  {method:<34}{r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['recall_at_10']:>9.3f}"
+          + "".join(f"  {k}={v}" for k, v in extra.items()))
+    return r
+
+
+def two_stage_rows(dataset: str, index: CategoryIndex, queries, truth, label: str, probes=PROBES, where: str = ""):
+    rows = []
+    for p in probes:
+        found, ms = timed_searches(lambda q: index.search(q[None], K, top_categories=p)[0].ids, queries)
+        rows.append(row(dataset, f"imsrc {label} P={p}{where}", len(index), ms, found, truth))
+    return rows
+
+
+def single_changes(index: CategoryIndex, vectors: np.ndarray, first_id: int) -> dict:
+    """Adding then deleting images one at a time: p50/p95 ms of each."""
+    rng = np.random.default_rng(7)
+    cats = rng.choice(sorted(index.category_sizes()), len(vectors))
+    add_ms, delete_ms = [], []
+    for i, (vector, cat) in enumerate(zip(vectors, cats)):
+        started = time.perf_counter()
+        index.add([first_id + i], vector[None], [cat])
+        add_ms.append((time.perf_counter() - started) * 1000)
+    for i in range(len(vectors)):
+        started = time.perf_counter()
+        index.remove([first_id + i])
+        delete_ms.append((time.perf_counter() - started) * 1000)
+    return {"add_p50_ms": round(percentile(add_ms, 0.5), 3), "add_p95_ms": round(percentile(add_ms, 0.95), 3),
+            "delete_p50_ms": round(percentile(delete_ms, 0.5), 3),
+            "delete_p95_ms": round(percentile(delete_ms, 0.95), 3)}
+
+
+def stored_bytes(index: CategoryIndex) -> int:
+    """Bytes of the representation itself: one code per vector, at the index type's bytes per dimension."""
+    per_dim = 2 if "fp16" in index.index_type else 4
+    return len(index) * index.dim * per_dim
+
+
+def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, args) -> dict:
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    with sessions() as s:
+        size = s.scalar(sa.text("SELECT count(*) FROM embeddings"))
+    snapshots = Path(tempfile.mkdtemp(prefix="imsrc-bench-"))
+    report = {"dataset": dataset, "vectors": size, "dim": dim, "builds": [], "rows": []}
+    print(f"\n{dataset}: {size:,} {dim}-d vectors, {len(queries)} queries")
+    print(f"  {'method':<34}{'p50 ms':>10}{'p95 ms':>10}{'recall':>9}")
+    truth = None
+    try:
+        for index_type in args.types:
+            gc.collect()
+            before = rss_mib()
+            manager = IndexManager(sessions, MODEL, dim, index_type, snapshots)
+            started = time.perf_counter()
+            manager.rebuild(save=False)
+            build = {"index_type": index_type, "rebuild_s": round(time.perf_counter() - started, 1),
+                     "index_mib": round(manager.index.nbytes() / 2**20, 1),
+                     "stored_mib": round(stored_bytes(manager.index) / 2**20, 1),
+                     "rss_growth_mib": round(rss_mib() - before, 1)}
+            build["rss_growth_per_index_byte"] = round(build["rss_growth_mib"] / build["index_mib"], 3)
+            index = manager.index
+            if truth is None:  # exact search over everything: the ground truth, and the exhaustive baseline
+                truth, ms = timed_searches(lambda q: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
+                report["rows"].append(row(dataset, "FAISS flat, exhaustive", size, ms, truth, truth))
+            report["rows"] += two_stage_rows(dataset, index, queries, truth, index_type)
+            build.update(single_changes(index, queries[:100], first_id=10**12))
+            del index  # so that only one copy of the vectors is in memory at a time
+            if index_type == args.types[0]:
+                build.update(snapshot_times(manager, sessions, dim, index_type, snapshots))
+            report["builds"].append(build)
+            print("  build " + json.dumps(build))
+            del manager
+        report["rows"] += pgvector_exact(dataset, engine, queries[:args.exact_queries], truth, size)
+        report["rows"] += pgvector_hnsw(dataset, engine, sessions, dim, queries, truth, size, args)
+    finally:
+        shutil.rmtree(snapshots, ignore_errors=True)
+    return report
+
+
+def snapshot_times(manager: IndexManager, sessions, dim: int, index_type: str, folder: Path) -> dict:
+    """Write the snapshot, then load it in a fresh manager (the rebuilt index let go first)."""
+    started = time.perf_counter()
+    manager.save_snapshot()
+    written = time.perf_counter() - started
+    size = manager.snapshot_path.stat().st_size
+    manager.index = None
+    gc.collect()
+    before = rss_mib()
+    loaded = IndexManager(sessions, MODEL, dim, index_type, folder)
+    started = time.perf_counter()
+    source = loaded.load_or_build()
+    seconds = time.perf_counter() - started
+    growth = rss_mib() - before
+    assert source == "snapshot", source
+    loaded.snapshot_path.unlink()  # disk: the next index type's tables and pgvector's index need the room
+    return {"snapshot_write_s": round(written, 1), "snapshot_mib": round(size / 2**20, 1),
+            "snapshot_load_s": round(seconds, 2), "snapshot_load_rss_growth_mib": round(growth, 1)}
+
+
+def _vector_text(v: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in v.tolist()) + "]"
+
+
+def pgvector_exact(dataset: str, engine: sa.Engine, queries: np.ndarray, truth, size: int) -> list[dict]:
+    with engine.connect() as conn:
+        found, ms = timed_searches(lambda q: conn.execute(sa.text(
+            "SELECT image_id FROM embeddings ORDER BY vector <=> CAST(:q AS vector) LIMIT :k"),
+            {"q": _vector_text(q), "k": K}).scalars().all(), queries)
+    return [row(dataset, "pgvector exact <=>", size, ms, found, truth[:len(queries)])]
+
+
+def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: np.ndarray, truth, size: int,
+                  args) -> list[dict]:
+    """HNSW on a halfvec expression over the first --hnsw-size vectors (all of them: the embeddings table itself),
+    and, on a part, imsrc on those same vectors."""
+    rows = []
+    if args.hnsw_size >= size:
+        n, table = size, "embeddings"
+    else:
+        with sessions() as s:
+            ids, cats, vectors = fetch_members(s, MODEL, dim, range(1, args.hnsw_size + 1))
+        n, table = len(ids), f"hnsw_{len(ids)}"
+        truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]] for q in queries]
+        for index_type in args.types:
+            index = CategoryIndex(dim, index_type)
+            index.add(ids, vectors, cats, optimise=False)
+            index.optimise()
+            uniq = np.unique(cats)
+            index.set_prototypes(uniq, l2_normalize(np.stack([vectors[cats == c].mean(0) for c in uniq])))
+            rows += two_stage_rows(dataset, index, queries, truth, index_type, probes=(3,), where=f" @{n:,}")
+        del index, vectors
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        build_s = None
+        if conn.execute(sa.text(f"SELECT to_regclass('{table}_hnsw')")).scalar() is None:
+            if table != "embeddings":
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+                conn.execute(sa.text(f"CREATE TABLE {table} AS SELECT image_id, vector FROM embeddings "
+                                     f"WHERE image_id <= {n}"))
+            conn.execute(sa.text("SET maintenance_work_mem = '8GB'"))
+            conn.execute(sa.text(f"SET statement_timeout = '{args.hnsw_minutes}min'"))
+            started = time.perf_counter()
+            try:
+                conn.execute(sa.text(f"CREATE INDEX {table}_hnsw ON {table} USING hnsw "
+                                     f"((vector::halfvec({dim})) halfvec_cosine_ops)"))
+            except sa.exc.OperationalError:
+                print(f"  pgvector HNSW: not built on {n:,} vectors within {args.hnsw_minutes} min")
+                return rows + [{"dataset": dataset, "method": f"pgvector HNSW halfvec @{n:,}", "vectors": n,
+                                "built": False, "build_limit_min": args.hnsw_minutes}]
+            build_s = round(time.perf_counter() - started, 1)
+            conn.execute(sa.text("SET statement_timeout = 0"))
+        conn.execute(sa.text("SET enable_seqscan = off"))
+        for ef in EF_SEARCH:
+            conn.execute(sa.text(f"SET hnsw.ef_search = {ef}"))
+            found, ms = timed_searches(lambda q: conn.execute(sa.text(
+                f"SELECT image_id FROM {table} ORDER BY vector::halfvec({dim}) <=> CAST(:q AS halfvec({dim})) "
+                f"LIMIT :k"), {"q": _vector_text(q), "k": K}).scalars().all(), queries)
+            rows.append(row(dataset, f"pgvector HNSW halfvec ef={ef} @{n:,}", n, ms, found, truth, build_s=build_s))
+    return rows
+
+
+# -- datasets --------------------------------------------------------------------------------------------
+def synthetic(args) -> dict:
+    data = Synthetic(args.size, args.dim, args.categories, args.overlap, args.seed)
+    name = f"imsrc_bench_{args.size}_{args.dim}_{args.categories}_{args.overlap}_{args.seed}".replace(".", "p")
+    engine, complete = bench_engine(name, args.fresh)
+    if not complete:
+        load_dataset(engine, data.chunks(), args.dim, args.categories, args.size)
+    try:
+        return run_dataset("synthetic", engine, args.dim, data.queries(args.queries), args)
+    finally:
+        engine.dispose()
+
+
+def real(args) -> dict:
+    """The configured database's model's vectors, --queries held out."""
+    choice = choose_model(session_factory(), quiet=True)
+    dim = model_dim(choice.name)
+    with session_factory()() as s:
+        ids, cats, vectors = fetch_members(s, choice.name, dim)
+    if len(ids) <= args.queries:
+        raise SystemExit(f"--real: the database has {len(ids)} {choice.name} vectors; populate it first")
+    held = np.zeros(len(ids), bool)
+    held[np.random.default_rng(args.seed).choice(len(ids), args.queries, replace=False)] = True
+    digest = hashlib.md5(ids[~held].tobytes()).hexdigest()[:8]
+    name = f"imsrc_bench_real_{choice.name}_{digest}"
+    engine, complete = bench_engine(name, args.fresh)
+    keep = ~held
+    if not complete:
+        order = np.argsort(cats[keep], kind="stable")  # any order; ids from 1 as in the synthetic set
+        kept_cats, kept = cats[keep][order], vectors[keep][order]
+        new_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
+        rng = np.random.default_rng(args.seed)
+        shuffle = rng.permutation(len(kept))  # so the first --hnsw-size ids are a sample of every category
+        chunks = ((new_ids[i:i + CHUNK], kept_cats[shuffle][i:i + CHUNK], kept[shuffle][i:i + CHUNK])
+                  for i in range(0, len(kept), CHUNK))
+        load_dataset(engine, chunks, dim, int(cats.max()) + 1, len(kept))
+    try:
+        return run_dataset(f"real ({choice.name})", engine, dim, vectors[held], args)
+    finally:
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--categories", type=int, default=100)
+    parser.add_argument("--overlap", type=float, default=0.45,
+                        help="share of a category's styles leaning towards a neighbouring category")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--types", nargs="+", default=["flatip", "fp16", "ivfflat", "ivffp16"])
+    parser.add_argument("--hnsw-size", type=int, default=100_000, help="vectors pgvector's HNSW is built on")
+    parser.add_argument("--hnsw-minutes", type=float, default=20)
+    parser.add_argument("--exact-queries", type=int, default=10, help="pgvector exact queries (each reads all)")
+    parser.add_argument("--real", action="store_true", help="also the configured database's collection")
+    parser.add_argument("--no-synthetic", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="drop and reload the bench databases")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    report = {"machine": machine(), "args": vars(args) | {"json": str(args.json)}, "datasets": []}
+    print(f"{report['machine']['cpu']} ({', '.join(report['machine']['flags'])}), {report['machine']['cores']} cores")
+    if args.real:
+        report["datasets"].append(real(args))
+    if not args.no_synthetic:
+        report["datasets"].append(synthetic(args))
+    write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
