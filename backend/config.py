@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(16, ge=1, le=1024)
     embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    embed_runtime: Literal["auto", "torch", "openvino"] = "auto"
 
     # Search
     faiss_index_type: Literal["flatip", "flatl2", "fp16", "hnsw", "ivfflat", "ivffp16"] = "flatip"

@@ -32,14 +32,17 @@ class Embedder(ABC):
     dim: int
 
     def __init__(self, device: str = "auto", batch_size: int = 32, precision: str = "auto",
-                 weights_path: Path | None = None):
+                 weights_path: Path | None = None, runtime: str = "auto"):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.batch_size = batch_size
         self.precision = precision  # "auto" becomes "fp32" or "bf16" when the model loads (backend.precision)
         self.precision_reason = "set by EMBED_PRECISION" if precision != "auto" else ""
         self.weights_path = Path(weights_path) if weights_path else None
+        self.runtime = runtime  # "auto" chooses PyTorch or OpenVINO when the model loads (backend.runtimes)
+        self.runtime_reason = ""
         self._loaded: tuple[nn.Module, nn.Module, Callable] | None = None
+        self._compiled = None  # the backbone as OpenVINO runs it, when backend.runtimes chose it
 
     # -- what a model supplies ----------------------------------------------------------------------
     @abstractmethod
@@ -65,9 +68,12 @@ class Embedder(ABC):
                 from backend.precision import choose
 
                 self.precision, self.precision_reason = choose(self)
+            from backend.runtimes import choose as choose_runtime
+
+            self._compiled, self.runtime_reason = choose_runtime(self, self.runtime)
             self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
-            log.info("loaded %s on %s in %.1f s, %s (%s)", self.name, self.device, time.perf_counter() - started,
-                     self.precision, self.precision_reason)
+            log.info("loaded %s on %s in %.1f s, %s (%s); %s", self.name, self.device, time.perf_counter() - started,
+                     self.precision, self.precision_reason, self.runtime_reason)
         return self
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -96,6 +102,9 @@ class Embedder(ABC):
         return self._forward(self.prepare(images), precision)
 
     def _forward(self, batch: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """The backbone's features; through OpenVINO when it was chosen, unless a precision is asked for."""
+        if self._compiled is not None and precision is None:
+            return self._compiled(batch)
         backbone, _, _ = self.load()._loaded
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -249,7 +258,7 @@ def get_embedder(name: str) -> Embedder:
     from backend.config import settings
 
     return create_embedder(name, device=settings.device, batch_size=settings.batch_size,
-                           precision=settings.embed_precision,
+                           precision=settings.embed_precision, runtime=settings.embed_runtime,
                            weights_path=settings.model_weights_path if name == (settings.model_name or DEFAULT_MODEL)
                            else None)
 

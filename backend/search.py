@@ -265,7 +265,8 @@ class CategoryIndex:
         self.remove([i for i in ids.tolist() if i in self._category_of])
         for cat in np.unique(categories).tolist():
             mask = categories == cat
-            part = self._partitions.get(cat) or self._partitions.setdefault(cat, _Partition(self.dim, self.kind))
+            if (part := self._partitions.get(cat)) is None:
+                part = self._partitions[cat] = _Partition(self.dim, self.kind)
             part.add(ids[mask], vectors[mask])
             if optimise:
                 part.optimise()

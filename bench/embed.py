@@ -4,11 +4,14 @@ Usage: python bench/embed.py [--models efficientnet_lite0 resnet50] [--images 25
 
 For each model, on the same real images (Fashion-MNIST test images, Debian's dataset-fashion-mnist):
 - naive: fp32, default memory format, batch 16, model only (preprocessed tensors in, features out);
-- imsrc: the configuration EMBED_PRECISION=auto picks here (channels-last, fp32 or bf16), model only;
+- imsrc: the configuration EMBED_PRECISION=auto and EMBED_RUNTIME=auto pick here (PyTorch channels-last in fp32
+  or bf16, or OpenVINO), model only;
 - populate: `ingest` end to end (read, hash, decode, embed, store) into a throw-away embedded PostgreSQL;
-- cosine of imsrc's vectors to fp32's, mean and minimum over the images.
+- cosine of imsrc's vectors to fp32's, mean and minimum over the images;
+- onnxruntime, openvino (where installed: bench/requirements.txt): the naive backbone exported to ONNX, each
+  runtime with its own defaults for this CPU.
 resnet50/18 use randomly initialised weights when no ImageNet weights are available: the speed is the same, but
-their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, ...}}.
+their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, runtime, ...}}.
 """
 import argparse
 import sys
@@ -42,15 +45,15 @@ def embedder_for(name: str, precision: str):
     return embedder.load()
 
 
-def model_only(backbone, batches: list[torch.Tensor], memory_format, precision: str) -> tuple[float, np.ndarray]:
-    """Images/s of a backbone alone over preprocessed batches, and its L2-normalised features."""
+def model_only(forward, batches: list[torch.Tensor]) -> tuple[float, np.ndarray]:
+    """Images/s of a forward pass alone (preprocessed batches in, features out), and its L2-normalised features."""
     outputs = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode():
         for batch in batches[:2]:  # warm-up: the first passes set up kernels
-            backbone(batch.contiguous(memory_format=memory_format))
+            forward(batch)
         started = time.perf_counter()
         for batch in batches:
-            outputs.append(backbone(batch.contiguous(memory_format=memory_format)).float())
+            outputs.append(torch.as_tensor(forward(batch)).float())
         seconds = time.perf_counter() - started
     return sum(len(b) for b in batches) / seconds, l2_normalize(torch.cat(outputs).numpy())
 
@@ -127,12 +130,12 @@ def run(name: str, items) -> dict:
     preprocess = chosen._loaded[2]
     tensors = torch.stack([preprocess(decode(item.read()).image) for item in items])
     batches = list(torch.split(tensors, NAIVE_BATCH))
-    naive, fp32_vectors = model_only(naive_backbone, batches, torch.contiguous_format, "fp32")
-    imsrc, chosen_vectors = model_only(chosen._loaded[0], batches, torch.channels_last, chosen.precision)
+    naive, fp32_vectors = model_only(naive_backbone, batches)
+    imsrc, chosen_vectors = model_only(chosen.embed_prepared, batches)
     cosine = (fp32_vectors * chosen_vectors).sum(1)
     return {"naive": round(naive, 1), "imsrc": round(imsrc, 1), "speedup": round(imsrc / naive, 2),
             "populate": round(populate_speed(chosen, items), 1), "precision": chosen.precision,
-            "why": chosen.precision_reason, "cosine_mean": round(float(cosine.mean()), 5),
+            "why": chosen.precision_reason, "runtime": chosen.runtime_reason, "cosine_mean": round(float(cosine.mean()), 5),
             "cosine_min": round(float(cosine.min()), 5), "random_weights": getattr(chosen, "random_weights", False),
             "runtimes": other_runtimes(naive_backbone, batches, fp32_vectors)}
 
@@ -156,11 +159,13 @@ def main() -> None:
               f"{r['populate'] / r['imsrc']:>9.0%}  {r['precision']:<9}  {r['cosine_mean']:.4f} / {r['cosine_min']:.4f}"
               + ("  (random weights)" if r["random_weights"] else ""), flush=True)
         for runtime, measured in r["runtimes"].items():
-            print(f"  {runtime:<18}" + (f"{measured['images_per_s']:>8.1f} images/s, {measured['images_per_s'] / r['imsrc']:.2f}x "
-                                        f"imsrc, cosine to fp32 {measured['cosine_mean']:.4f} / {measured['cosine_min']:.4f}"
+            print(f"  {runtime:<18}" + (f"{measured['images_per_s']:>8.1f} images/s, {measured['images_per_s'] / r['naive']:.2f}x "
+                                        f"naive, cosine to fp32 {measured['cosine_mean']:.4f} / {measured['cosine_min']:.4f}"
                                         if "images_per_s" in measured else f"  {measured}"), flush=True)
     print("images/s; naive = fp32, default memory format, batch 16; imsrc = EMBED_PRECISION=auto, channels-last;")
     print("onnxruntime/openvino: the naive backbone exported to ONNX, each runtime's defaults for this CPU")
+    for name, r in results.items():
+        print(f"{name}: {r['runtime']}")
     write_json(args.json, {"machine": info, **results})
 
 

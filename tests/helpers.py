@@ -22,7 +22,7 @@ class PixelEmbedder(Embedder):
     name, dim = "test-pixels", 48
 
     def __init__(self, fail_after_batches: int | None = None, **kwargs):
-        super().__init__(device="cpu", **{"precision": "fp32", **kwargs})  # exact, whatever the CPU
+        super().__init__(device="cpu", **{"precision": "fp32", "runtime": "torch", **kwargs})  # exact, whatever the CPU
         self.calls = 0
         self.fail_after_batches = fail_after_batches
 
