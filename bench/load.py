@@ -92,7 +92,9 @@ def main() -> None:
     args = parser.parse_args()
     queries = [item.read() for item in select_balanced(load_dataset("fashion-mnist", "test"), 50)]
     with tempfile.TemporaryDirectory(prefix="imsrc-load-") as data_dir:
-        env = {**os.environ, "DATA_DIR": data_dir, "API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+        # The defaults, whatever a local .env says; only the data folder and port are the benchmark's own.
+        env = {**os.environ, "IMSRC_ENV_FILE": os.devnull, "DATA_DIR": data_dir, "API_PORT": str(free_port()),
+               "PYTHONUNBUFFERED": "1"}
         subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
                         "--num-images", str(args.images)], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
