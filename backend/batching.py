@@ -27,6 +27,8 @@ class QueryBatcher:
         self.preparing = threading.BoundedSemaphore(preparing)
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, Future] | None] = queue.SimpleQueue()
         self.batches = self.queries = 0  # passes run and queries embedded, for /status and the tests
+        self._closed = False
+        self._closing = threading.Lock()  # close() and a query's put never interleave
         self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
         self._thread.start()
 
@@ -36,12 +38,19 @@ class QueryBatcher:
         with self.preparing:
             tensor = self.embedder.prepare([picture()])
         done: Future = Future()
-        self._queue.put((tensor, done))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the query batcher is closed")
+            self._queue.put((tensor, done))
         return done.result()
 
     def close(self) -> None:
-        """Stop the model thread once the queries already queued are answered."""
-        self._queue.put(None)
+        """Stop the model thread once the queries already queued are answered; later ones are refused."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # after every query already put: they are all answered first
         self._thread.join()
 
     def _run(self) -> None:
@@ -59,7 +68,7 @@ class QueryBatcher:
                 batch.append(item)
             try:
                 vectors = self.embedder.embed_prepared(torch.cat([tensor for tensor, _ in batch]))
-            except Exception as exc:  # every waiting query gets the error, and the thread carries on
+            except BaseException as exc:  # every waiting query gets the error, and the thread carries on
                 for _, done in batch:
                     done.set_exception(exc)
             else:

@@ -5,6 +5,7 @@ and its ImageNet classifier head, and takes its preprocessing from its own weigh
 """
 import functools
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -43,6 +44,7 @@ class Embedder(ABC):
         self.runtime_reason = ""
         self._loaded: tuple[nn.Module, nn.Module, Callable] | None = None
         self._compiled = None  # the backbone as OpenVINO runs it, when backend.runtimes chose it
+        self._loading, self._ready = threading.RLock(), False
 
     # -- what a model supplies ----------------------------------------------------------------------
     @abstractmethod
@@ -57,23 +59,28 @@ class Embedder(ABC):
 
     # -- the interface ------------------------------------------------------------------------------
     def load(self) -> "Embedder":
-        """Load the network now (otherwise it loads on the first embed); returns self."""
-        if self._loaded is None:
-            started = time.perf_counter()
-            backbone, head, preprocess = self._load()
-            backbone = backbone.eval().to(self.device, memory_format=torch.channels_last)
-            head = head.eval().to(self.device)
-            self._loaded = (backbone, head, preprocess)
-            if self.precision == "auto":
-                from backend.precision import choose
+        """Load the network now (otherwise it loads on the first embed); returns self. Thread-safe: other threads
+        wait until the precision and engine are chosen."""
+        if self._ready:
+            return self
+        with self._loading:  # reentrant: choosing the precision and engine runs the network through load() again
+            if self._loaded is None:
+                started = time.perf_counter()
+                backbone, head, preprocess = self._load()
+                backbone = backbone.eval().to(self.device, memory_format=torch.channels_last)
+                head = head.eval().to(self.device)
+                self._loaded = (backbone, head, preprocess)
+                if self.precision == "auto":
+                    from backend.precision import choose
 
-                self.precision, self.precision_reason = choose(self)
-            from backend.runtimes import choose as choose_runtime
+                    self.precision, self.precision_reason = choose(self)
+                from backend.runtimes import choose as choose_runtime
 
-            self._compiled, self.runtime_reason = choose_runtime(self, self.runtime)
-            self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
-            log.info("loaded %s on %s in %.1f s, %s (%s); %s", self.name, self.device, time.perf_counter() - started,
-                     self.precision, self.precision_reason, self.runtime_reason)
+                self._compiled, self.runtime_reason = choose_runtime(self, self.runtime)
+                self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
+                log.info("loaded %s on %s in %.1f s, %s (%s); %s", self.name, self.device,
+                         time.perf_counter() - started, self.precision, self.precision_reason, self.runtime_reason)
+                self._ready = True
         return self
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

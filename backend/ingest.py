@@ -1,5 +1,4 @@
 """Ingestion: read, hash, de-duplicate, decode, embed in batches and store each batch in one transaction."""
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -56,20 +55,17 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
     report = IngestReport()
     started = time.perf_counter()
     items = list(items)
-    seen: set[str] = set()
-    seen_lock = threading.Lock()
+    seen: set[str] = set()  # digests taken by earlier batches
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar, \
             ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ingest-prepare") as preparing, \
             ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as writing:
-        prepared = deque(preparing.submit(_prepare, session_factory, b, embedder, seen, seen_lock)
-                         for b in batches[:LOOKAHEAD])
+        prepared = deque(preparing.submit(_prepare, session_factory, b, embedder) for b in batches[:LOOKAHEAD])
         written = None
         for n, batch in enumerate(batches):
-            ready = prepared.popleft().result()
+            ready = _claim(prepared.popleft().result(), seen)
             if n + LOOKAHEAD < len(batches):
-                prepared.append(preparing.submit(_prepare, session_factory, batches[n + LOOKAHEAD], embedder,
-                                                 seen, seen_lock))
+                prepared.append(preparing.submit(_prepare, session_factory, batches[n + LOOKAHEAD], embedder))
             vectors = embedder.embed_prepared(ready.tensors) if ready.to_embed else None
             if written is not None:
                 written.result()  # one batch in the writer at a time, stored in order
@@ -95,8 +91,9 @@ class _Prepared:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _prepare(session_factory, batch: list[Item], embedder: Embedder, seen: set[str], seen_lock) -> _Prepared:
+def _prepare(session_factory, batch: list[Item], embedder: Embedder) -> _Prepared:
     out = _Prepared()
+    seen: set[str] = set()  # within this batch; across batches, _claim decides in batch order
     read: list[tuple[Item, bytes, str]] = []
     for item in batch:
         try:
@@ -105,12 +102,10 @@ def _prepare(session_factory, batch: list[Item], embedder: Embedder, seen: set[s
             out.failed.append((item.original_name, f"cannot read: {exc.strerror or exc}"))
             continue
         digest = sha256(data)
-        with seen_lock:
-            repeated = digest in seen
-            seen.add(digest)
-        if repeated:
+        if digest in seen:
             out.duplicates += 1
             continue
+        seen.add(digest)
         read.append((item, data, digest))
 
     with session_factory() as session:
@@ -137,6 +132,21 @@ def _prepare(session_factory, batch: list[Item], embedder: Embedder, seen: set[s
     if pictures:
         out.tensors = embedder.prepare(pictures)
     return out
+
+
+def _claim(ready: _Prepared, seen: set[str]) -> _Prepared:
+    """Leave out what an earlier batch already took, deciding in batch order (batches are prepared side by side):
+    of identical files, the first in the input wins, as in a one-batch-at-a-time run."""
+    keep = [k for k, digest in enumerate(ready.to_embed) if digest not in seen]
+    if len(keep) < len(ready.to_embed):
+        ready.duplicates += len(ready.to_embed) - len(keep)
+        ready.to_embed = [ready.to_embed[k] for k in keep]
+        ready.tensors = ready.tensors[keep] if keep else None
+        kept = set(ready.to_embed)
+        ready.new_images = [image for image in ready.new_images if image.sha256 in kept]
+        ready.existing_ids = {d: i for d, i in ready.existing_ids.items() if d in kept}
+    seen.update(ready.to_embed)
+    return ready
 
 
 def _store(session_factory, ready: _Prepared, vectors, model_name: str, report: IngestReport) -> None:

@@ -216,7 +216,9 @@ class _Partition:
                 isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
             batch = faiss.IDSelectorBatch(np.array(sorted(self.hidden), np.int64)) if self.hidden else None
             hide = faiss.IDSelectorNot(batch) if batch is not None else None
-            # The selectors are kept beside the parameters: FAISS holds bare pointers to them.
+            # The selectors are kept beside the parameters: FAISS holds bare pointers to them. FAISS also points
+            # these parameters at a temporary selector during a search, so one category's searches must not run
+            # at once: ImageSearch serialises every search of an index under its lock.
             self._params = (faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH, sel=hide), batch, hide)
         return self._params[0] if self._params else None
 

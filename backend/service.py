@@ -118,8 +118,9 @@ class ImageSearch:
                 return image.convert("RGB")
             return decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image).image
 
-        if self.batcher is not None:
-            return self.batcher.embed(picture)
+        batcher = self.batcher  # close() may set it to None meanwhile
+        if batcher is not None:
+            return batcher.embed(picture)
         return self.embedder.embed([picture()])[0]
 
     def start_batching(self, max_batch: int, preparing: int) -> None:

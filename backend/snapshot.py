@@ -105,7 +105,7 @@ def read(path: Path) -> tuple[CategoryIndex, dict]:
         prototypes = _blob(data, meta, *where[:2]).view("<f4").reshape(len(proto_categories), int(meta["dim"]))
         parts = [blobs[int(c)] for c, *_ in meta["partitions"]] + [prototypes]
         expected = [crc for *_, crc in meta["partitions"]] + [where[2]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file fails in mmap, json or the layout
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # damage fails in mmap, json or layout
         raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})") from exc
     with ThreadPoolExecutor(2) as pool:
         if list(pool.map(zlib.crc32, parts)) != expected:

@@ -94,3 +94,23 @@ def test_a_failing_pass_fails_its_queries_and_the_batcher_carries_on():
         assert batcher.embed(lambda: _pictures(1)[0]).shape == (PixelEmbedder.dim,)
     finally:
         batcher.close()
+
+
+def test_closing_answers_what_was_queued_and_refuses_the_rest():
+    embedder = RecordingPixels(pause=0.3).load()
+    batcher = QueryBatcher(embedder, max_batch=1, preparing=4)  # one at a time: some wait in the queue
+    pictures = _pictures(3)
+    results = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.embed(lambda: pictures[i])))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while batcher._queue.qsize() + batcher.queries < 3 and time.monotonic() < deadline:  # all three handed over
+        time.sleep(0.01)
+    batcher.close()
+    for t in threads:
+        t.join(10)
+    assert all(r is not None and r.shape == (PixelEmbedder.dim,) for r in results)
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.embed(lambda: pictures[0])

@@ -205,3 +205,26 @@ def test_reading_embedding_and_storing_overlap(sessions, monkeypatch):
     items = [Item("red", None, f"{n}.png", "test", None, reader(n)) for n in range(batch_size * batches)]
     report = ingest(sessions, items, Waiting(), batch_size=batch_size, progress=False)
     assert report.added == batch_size * batches and not report.failed
+
+
+def test_of_identical_files_in_different_batches_the_first_wins(sessions):
+    """Batches are prepared side by side; which copy is stored must not depend on which thread hashed first."""
+    import time
+
+    from PIL import Image as PILImage
+
+    from tests.helpers import png_bytes
+
+    data = png_bytes(PILImage.new("RGB", (20, 20), (200, 30, 30)))
+
+    def slow_read():
+        time.sleep(0.5)  # the second copy, in the next batch, is read and hashed first
+        return data
+
+    items = [Item("first", None, "a.png", "test", None, slow_read), Item("second", None, "b.png", "test", None,
+                                                                         lambda: data)]
+    report = ingest(sessions, items, PixelEmbedder(), batch_size=1, progress=False)
+    assert (report.added, report.duplicates) == (1, 1)
+    with sessions() as s:
+        stored = s.execute(sa.select(Image.original_name, Category.name).join(Category)).all()
+    assert stored == [("a.png", "first")]
