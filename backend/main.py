@@ -32,6 +32,32 @@ def _status_for(exc: ImsrcError) -> int:
     return 400
 
 
+async def _search_once(app: FastAPI, png: bytes) -> None:
+    """POST /search through the whole app, in process, before it reports ready: everything a search uses for the
+    first time (the web stack, the multipart parser, decoding, the model thread, the look-ups) is paid for here."""
+    boundary = "imsrc-warm-up"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="warm-up.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/search", "raw_path": b"/search", "query_string": b"limit=1", "root_path": "",
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", settings.api_port),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
+                         (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    status = []
+
+    async def receive():
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope, receive, send)
+    if status != [200]:
+        log.warning("the warm-up search answered %s", status)
+
+
 def create_app(open_search=ImageSearch.open) -> FastAPI:
     """The app; `open_search` builds the ImageSearch at start-up (tests hand in their own)."""
 
@@ -41,7 +67,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         try:  # the model and index load once, off the event loop
             app.state.search = await run_in_threadpool(open_search)
             app.state.search.start_batching(settings.query_batch, settings.embed_workers)
-            await run_in_threadpool(app.state.search.warm_up)  # on the thread pool that will serve searches
+            await _search_once(app, ImageSearch.warm_up_query())
             notice = await run_in_threadpool(app.state.search.unserved_notice)
             if notice:  # not "ready": the stored images are there but this model cannot search them
                 log.warning("serving 0 images: %s", notice)

@@ -244,13 +244,14 @@ class ImageSearch:
         with self._lock:
             self.manager.save_snapshot()
 
-    def warm_up(self) -> None:
-        """Run one search through the whole query path (decode, preprocess, embed, search, look-up), so that the
-        first person to search does not pay for setting it up (kernels, the thread's torch state, plugins)."""
+    @staticmethod
+    def warm_up_query() -> bytes:
+        """A PNG to search with before serving, so that the first person to search does not pay for setting up the
+        query path (kernels, the model thread, decoder plugins, the web stack)."""
         gradient = PILImage.linear_gradient("L").resize((320, 240)).convert("RGB")
         buffer = io.BytesIO()
         gradient.save(buffer, format="PNG")
-        self.search_similar(buffer.getvalue(), k=1)
+        return buffer.getvalue()
 
     def close(self) -> None:
         """Stop batching queries, and snapshot the index if writes changed it since the last snapshot, so the next
