@@ -220,7 +220,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Serve the REST API and the web page (model and index load once at start-up)."""
+    """Serve the REST API and the web page (model and index load once at start-up, in each worker)."""
     import uvicorn
 
     from backend.config import settings
@@ -229,7 +229,13 @@ def cmd_serve(args) -> int:
     logging.getLogger("backend").setLevel(logging.INFO)  # start-up says how the index was loaded, and how fast
     print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
           f"(API docs at /docs)", flush=True)
-    uvicorn.run("backend.main:app", host=host, port=port, log_level="info")
+    if args.workers > 1:
+        print(f"imsrc: {args.workers} worker processes, each with its own model and index, kept in step through "
+              f"PostgreSQL", flush=True)
+    # Workers answer the supervisor's health pings from a thread; loading a model on a busy CPU can starve it for
+    # more than uvicorn's 5 s, which would have the worker killed while it starts.
+    uvicorn.run("backend.main:app", host=host, port=port, log_level="info", workers=args.workers,
+                timeout_worker_healthcheck=60)
     return 0
 
 
@@ -277,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--host", default=None, help="default API_HOST")
     p.add_argument("--port", type=_positive_int, default=None, help="default API_PORT")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="worker processes sharing the port (each holds the model and the index: see README)")
     p.set_defaults(func=cmd_serve)
     return parser
 

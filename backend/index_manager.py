@@ -6,12 +6,17 @@ part). It is written to a temporary file, fsynced and renamed into place, so a r
 one, whole. At start-up a snapshot is used only if it reads back, its checksums and contents agree with its footer,
 and it matches PostgreSQL; a file that fails is moved aside (never deleted) and the index is rebuilt from
 PostgreSQL, reading the vectors in bulk (backend.bulk).
+
+Several processes may serve one database (uvicorn workers, servers behind a load balancer) and share a snapshot
+folder: only one of them writes each snapshot, the first to take the lock file beside it, for as long as it runs.
 """
 import ctypes
+import errno
 import hashlib
 import itertools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -123,6 +128,70 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
+class WriterLock:
+    """An exclusive flock on `path`, tried without waiting and kept until released, so that of several processes one
+    does a job. Within a process every holder shares it (the lock is per process, counted); where there are no
+    flocks (Windows) every process takes it."""
+
+    _held: dict[Path, list] = {}  # path -> [open file holding the flock, holders in this process]
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path, self._holding = Path(path).resolve(), False
+
+    def acquire(self) -> bool:
+        """True if this process holds the lock (now or already); False while another process holds it."""
+        if self._holding:
+            return True
+        with self._guard:
+            if self.path in self._held:
+                self._held[self.path][1] += 1
+            else:
+                if (file := self._take()) is None:
+                    return False
+                self._held[self.path] = [file, 1]
+        self._holding = True
+        return True
+
+    def _take(self):
+        try:
+            import fcntl
+        except ImportError:
+            return open(os.devnull)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            file.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")  # for a person wondering who writes
+        file.flush()
+        return file
+
+    def holder(self) -> str:
+        """The pid written by whoever holds (or last held) the lock, or '?'."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        """Let go; the flock is dropped when this process's last holder lets go."""
+        if not self._holding:
+            return
+        self._holding = False
+        with self._guard:
+            entry = self._held[self.path]
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].close()  # closing drops the flock
+                del self._held[self.path]
+
+
 class IndexManager:
     """Owns one CategoryIndex for a model and index type; PostgreSQL stays the source of truth."""
 
@@ -133,6 +202,7 @@ class IndexManager:
         self.fingerprint: str | None = None  # of the database the index matches; None after incremental changes
         self.saved_fingerprint: str | None = None  # of the database the snapshot on disk matches
         self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
+        self.writer = WriterLock(self.snapshot_path.with_suffix(".writer"))
 
     # -- start-up ---------------------------------------------------------------------------------
     def load_or_build(self) -> str:
@@ -248,16 +318,20 @@ class IndexManager:
         return len(ids), removed
 
     # -- snapshot ---------------------------------------------------------------------------------
-    def save_snapshot(self) -> None:
+    def save_snapshot(self) -> bool:
         """Write the index with its metadata and checksum in one file; temp file, fsync and rename, so a crash
-        leaves the old snapshot or the new one, whole."""
+        leaves the old snapshot or the new one, whole. Returns False, writing nothing, when another process
+        serving the same snapshot folder is the one that writes it."""
+        if not self.writer.acquire():
+            log.info("%s is written by process %s, not this one", self.snapshot_path, self.writer.holder())
+            return False
         if self.fingerprint is None:  # after incremental changes: check against the whole database first
             self.sync()
         meta = {"model": self.model_name, "fingerprint": self.fingerprint, "vectors": len(self.index),
                 "counts": {str(c): n for c, n in self.index.category_sizes().items()}}
         folder = self.snapshot_path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.snapshot_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = self.snapshot_path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         try:
             with open(tmp, "wb") as f:
                 snapshot.write(f, self.index, meta)
@@ -268,6 +342,11 @@ class IndexManager:
             tmp.unlink(missing_ok=True)
         _fsync_directory(folder)
         self.saved_fingerprint = self.fingerprint
+        return True
+
+    def close(self) -> None:
+        """Let another process write the snapshot from now on."""
+        self.writer.release()
 
     def snapshot_is_current(self) -> bool:
         """Whether the snapshot on disk holds the index as it is now."""

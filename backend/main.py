@@ -67,6 +67,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         try:  # the model and index load once, off the event loop
             app.state.search = await run_in_threadpool(open_search)
             app.state.search.start_batching(settings.query_batch, settings.embed_workers)
+            app.state.search.start_live_sync()  # what other processes write is searchable here too
             await _search_once(app, ImageSearch.warm_up_query())
             notice = await run_in_threadpool(app.state.search.unserved_notice)
             if notice:  # not "ready": the stored images are there but this model cannot search them

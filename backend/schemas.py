@@ -71,6 +71,17 @@ class ImagePage(BaseModel):
     images: list[ImageInfo]
 
 
+class SyncOut(BaseModel):
+    listening: bool = Field(description="whether this process is connected and listening for changes")
+    changes_applied: int = Field(description="changes announced by writers (this process or others) applied here")
+    resyncs: int = Field(description="full resynchronisations with the database: one per (re)connection")
+    last_change_at: str | None = Field(None, description="when the last change applied was committed (database "
+                                       "clock, ISO 8601)")
+    last_applied_at: str | None = Field(None, description="when it became searchable here (ISO 8601)")
+    lag_ms: float | None = Field(None, description="from that commit to its being searchable here")
+    error: str | None = Field(None, description="why this process is not listening, while it is not")
+
+
 class StatusOut(BaseModel):
     images: int
     categories: int
@@ -86,6 +97,9 @@ class StatusOut(BaseModel):
                               "(start-up found a snapshot it could not trust, set it aside and rebuilt)")
     database: str = Field(description="'embedded' or 'external'")
     notice: str | None = Field(None, description="set when the stored images have no vectors of this model")
+    worker: int = Field(description="the id (pid) of the process that answered: with several workers or "
+                        "servers, each has its own index")
+    sync: SyncOut | None = Field(None, description="live sync with other processes writing to the database")
 
 
 class HealthOut(BaseModel):
@@ -98,6 +112,13 @@ class RebuildOut(BaseModel):
     prototypes: int
     indexed_images: int
     seconds: float
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    summary: str
+    findings: list[str] = Field(description="one line per difference found; none when consistent")
+    worker: int = Field(description="the process whose index was checked")
 
 
 class RefreshOut(BaseModel):

@@ -75,6 +75,7 @@ class ImageSearch:
                                     snapshot_dir or settings.snapshot_dir)
         self._lock = threading.RLock()  # searches read the index while writes change it
         self.batcher = None  # see start_batching
+        self.listener = None  # see start_live_sync
         self.manager.load_or_build()
 
     @classmethod
@@ -129,6 +130,31 @@ class ImageSearch:
         from backend.batching import QueryBatcher
 
         self.batcher = QueryBatcher(self.embedder, max_batch, preparing)
+
+    def start_live_sync(self) -> None:
+        """Keep the index in step with every process writing to the database from now on (backend.live_sync):
+        what they commit is searchable here within about a second."""
+        from backend.config import settings
+        from backend.live_sync import ChangeListener
+
+        self.listener = ChangeListener(self.sessions.kw["bind"], self._apply_changes, self.refresh,
+                                       settings.db_timeout).start()
+
+    def sync_status(self) -> dict | None:
+        """What live sync has applied and how far behind it is (see SyncState), or None when it is off."""
+        return self.listener.state.as_dict() if self.listener is not None else None
+
+    def _apply_changes(self, changes) -> None:
+        """Bring the index in line with the database for announced changes: those images, re-read (so a change
+        applied twice or late is harmless); everything on a 'resync'."""
+        mine = [c for c in changes if c.model in (None, self.embedder.name)]
+        if not mine:
+            return
+        with self._lock:
+            if any(c.what == "resync" for c in mine):
+                self.manager.sync()
+            else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
+                self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
     def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
                        category: str | int | None = None) -> SearchResponse:
@@ -254,14 +280,18 @@ class ImageSearch:
         return buffer.getvalue()
 
     def close(self) -> None:
-        """Stop batching queries, and snapshot the index if writes changed it since the last snapshot, so the next
-        start loads it."""
+        """Stop listening and batching queries, and snapshot the index if writes changed it since the last
+        snapshot, so the next start loads it."""
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
         with self._lock:
             if not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
                 self.manager.save_snapshot()
+            self.manager.close()
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from backend.live_sync import announce
 from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
 
 
@@ -69,7 +70,8 @@ def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
 
 
 def insert_embeddings(session: Session, model_name: str, image_ids: list[int], vectors: np.ndarray) -> list[int]:
-    """Store vectors (n, d) for images and fold them into their categories' prototypes; returns ids stored."""
+    """Store vectors (n, d) for images and fold them into their categories' prototypes, and announce them to
+    serving processes (backend.live_sync) on commit; returns ids stored."""
     if not image_ids:
         return []
     ensure_model(session, model_name, vectors.shape[1])
@@ -77,6 +79,8 @@ def insert_embeddings(session: Session, model_name: str, image_ids: list[int], v
     stmt = insert(Embedding).values(rows).on_conflict_do_nothing().returning(Embedding.image_id)
     stored = list(session.scalars(stmt))
     _add_to_prototypes(session, model_name, stored)
+    if stored:
+        announce(session, model_name, stored)
     return stored
 
 
@@ -107,7 +111,8 @@ def _add_to_prototypes(session: Session, model_name: str, image_ids: list[int]) 
 
 
 def delete_images(session: Session, image_ids: list[int]) -> int:
-    """Delete images with their vectors, taking them out of their prototypes; returns how many were deleted."""
+    """Delete images with their vectors, taking them out of their prototypes, and announce it on commit; returns
+    how many were deleted."""
     if not image_ids:
         return 0
     sums = _member_sums(None, image_ids).subquery()
@@ -118,11 +123,15 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
     session.execute(sa.update(Prototype).where(same).values(
         vector_sum=remaining, vector=sa.func.l2_normalize(remaining),
         member_count=Prototype.member_count - sums.c.n, updated_at=sa.func.now()))
-    return session.execute(sa.delete(Image).where(Image.id.in_(image_ids))).rowcount
+    deleted = session.execute(sa.delete(Image).where(Image.id.in_(image_ids)).returning(Image.id)).scalars().all()
+    if deleted:
+        announce(session, None, deleted)  # their vectors of every model went with them
+    return len(deleted)
 
 
 def rebuild_prototypes(session: Session, model_name: str) -> int:
-    """Recompute every prototype of a model from its members (float64 mean); returns how many there are."""
+    """Recompute every prototype of a model from its members (float64 mean), announced on commit; returns how many
+    there are."""
     e, i = Embedding.__table__, Image.__table__
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
     members = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.l2_normalize(sa.func.avg(e.c.vector)),
@@ -132,6 +141,7 @@ def rebuild_prototypes(session: Session, model_name: str) -> int:
                .group_by(i.c.category_id, e.c.model_name, e.c.dim))
     session.execute(insert(Prototype).from_select(
         ["category_id", "model_name", "dim", "vector", "vector_sum", "member_count"], members))
+    announce(session, model_name, what="prototypes")
     return session.scalar(sa.select(sa.func.count()).select_from(Prototype).where(Prototype.model_name == model_name))
 
 

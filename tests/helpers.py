@@ -3,6 +3,7 @@ import gzip
 import io
 import pickle
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torchvision import transforms
 from backend.embedders import Embedder
 
 CLASSES = ["red", "green", "blue"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class PixelEmbedder(Embedder):
@@ -139,6 +141,30 @@ def wait_healthy(base: str, timeout: float = 180, alive=lambda: True) -> bool:
         except OSError:
             time.sleep(0.5)
     return False
+
+
+@contextmanager
+def running_server(env: dict, log_path: Path, *args: str, timeout: float = 180):
+    """`python -m backend serve` (with `args`) on a free port until the block ends; yields (base URL, process).
+    Fails the test with the end of the server's log if it does not become healthy."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port), *args], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_healthy(base, timeout, alive=lambda: proc.poll() is None):
+                pytest.fail(f"server did not become ready: {Path(log_path).read_text()[-3000:]}")
+            yield base, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
 
 
 def folder_opener(sessions, tmp_path: Path, n_per_class: int = 3, embedder: Embedder | None = None):

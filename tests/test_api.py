@@ -1,4 +1,7 @@
 """The REST API against a real PostgreSQL and a small real collection (stand-in embedder)."""
+import os
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -102,7 +105,22 @@ def test_upload_duplicate_info_delete(client):
     assert client.post("/admin/rebuild-prototypes").json()["prototypes"] == 4
 
 
+def test_status_shows_live_sync_and_admin_check_compares_this_worker_s_index(client, sessions, tmp_path):
+    other = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "other")
+    other.add_image(png_bytes(Image.new("RGB", (32, 32), (7, 7, 7))), "grey")
+    deadline = time.monotonic() + 2
+    while (status := client.get("/status").json())["index_size"] != 19 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert status["index_size"] == 19 and status["worker"] == os.getpid()
+    sync = status["sync"]
+    assert sync["listening"] and sync["changes_applied"] >= 1 and sync["error"] is None
+    assert 0 <= sync["lag_ms"] < 2000 and sync["last_change_at"] and sync["last_applied_at"]
+    check = client.get("/admin/check").json()
+    assert check["ok"] and check["findings"] == [] and check["worker"] == os.getpid()
+
+
 def test_refresh_picks_up_another_process_s_writes(client, sessions, tmp_path):
+    client.app.state.search.listener.stop()  # by hand, as when live sync is cut off
     other = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "other")
     added = other.add_image(png_bytes(Image.new("RGB", (32, 32), (7, 7, 7))), "grey")
     assert client.post("/admin/refresh").json() == {"added": 1, "removed": 0, "indexed_images": 19}

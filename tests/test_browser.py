@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from backend.datasets import load_dataset, select_balanced
-from tests.helpers import free_port, wait_healthy, write_fashion_mnist
+from tests.helpers import ROOT, running_server, write_fashion_mnist
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -28,18 +27,8 @@ def server(cli_env, tmp_path):
                                "--num-images", "60", "--data-dir", str(data_dir)],
                               cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
     assert populate.returncode == 0, populate.stderr
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", str(port)], cwd=ROOT,
-                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    if not wait_healthy(base, 120):
-        proc.kill()
-        pytest.fail("server did not become ready: " + (tmp_path / "server.log").read_text()[-2000:])
-    yield base, data_dir
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    with running_server(cli_env, tmp_path / "server.log", timeout=120) as (base, _):
+        yield base, data_dir
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Service info, health, status and admin rebuilds."""
+import os
 import time
 
 import sqlalchemy as sa
@@ -11,7 +12,7 @@ from backend.database import is_embedded
 from backend.deps import SearchDep, require_write_access
 from backend.model_choice import unserved_notice
 from backend.routes.images import WRITE_ERRORS
-from backend.schemas import HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
+from backend.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
 
 router = APIRouter(tags=["system"])
 
@@ -51,7 +52,8 @@ def status(search: SearchDep):
                      prototypes=c["prototypes"], model=search.embedder.name, dim=search.embedder.dim,
                      index_type=search.index.index_type, index_size=len(search.index),
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
-                     notice=unserved_notice(c["embeddings"], search.embedder.name))
+                     notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
+                     sync=search.sync_status())
 
 
 async def _timed(search, work) -> RebuildOut:
@@ -78,6 +80,15 @@ async def rebuild_prototypes(search: SearchDep):
 @router.post("/admin/refresh", response_model=RefreshOut, responses=WRITE_ERRORS,
              dependencies=[Depends(require_write_access)], tags=["admin"])
 async def refresh(search: SearchDep):
-    """Pick up images other processes added to or deleted from the database since start-up."""
+    """Resynchronise the index with the database by hand (live sync does it on its own): returns what changed."""
     added, removed = await run_in_threadpool(search.refresh)
     return RefreshOut(added=added, removed=removed, indexed_images=len(search.index))
+
+
+@router.get("/admin/check", response_model=CheckOut, responses=WRITE_ERRORS,
+            dependencies=[Depends(require_write_access)], tags=["admin"])
+async def check(search: SearchDep):
+    """Compare this process's index with PostgreSQL (and PostgreSQL's vectors with its prototypes): it reads every
+    vector, so it is for operators."""
+    report = await run_in_threadpool(search.check)
+    return CheckOut(ok=report.ok, summary=report.summary(), findings=report.findings, worker=os.getpid())
