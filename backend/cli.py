@@ -41,10 +41,28 @@ def cmd_populate(args) -> int:
     embedder = load_embedder(choose_model(factory), factory)
     with factory() as s, s.begin():  # later commands with MODEL_NAME unset use the model chosen here
         store.ensure_model(s, embedder.name, embedder.dim, chosen=True)
-    print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on {embedder.device}")
-    report = ingest(factory, items, embedder, batch_size=args.batch_size or settings.batch_size)
+    batch_size = args.batch_size or settings.batch_size
+    if args.engine == "ray":
+        report = _populate_on_ray(args, factory, items, embedder, batch_size)
+    else:
+        print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on "
+              f"{embedder.device}")
+        report = ingest(factory, items, embedder, batch_size=batch_size)
     print(report.summary())
     return 0
+
+
+def _populate_on_ray(args, factory, items, embedder, batch_size):
+    from backend.database import database_url, is_embedded
+    from backend.ray_ingest import connect, ingest_on_ray
+
+    if args.ray_address and is_embedded():
+        print("note: the embedded PostgreSQL listens on this machine only; Ray workers elsewhere need DATABASE_URL "
+              "set to a server they can reach", file=sys.stderr)
+    connect(args.ray_address)
+    print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on Ray "
+          f"({args.ray_address or 'a local cluster'})")
+    return ingest_on_ray(factory, items, embedder, database_url(), batch_size=batch_size, actors=args.ray_actors)
 
 
 def ask_populate(args) -> None:
@@ -261,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local copy of the dataset (a folder; for --dataset csv, the CSV file)")
     p.add_argument("--image-dir", type=Path, default=None, help="for --dataset csv: where relative file paths point")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default BATCH_SIZE)")
+    p.add_argument("--engine", choices=("single", "ray"), default="single",
+                   help="single: this process (default); ray: read, decode and embed on a Ray cluster")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: the cluster to join (e.g. 10.0.0.1:6379); default: start one here")
+    p.add_argument("--ray-actors", type=_positive_int, default=None,
+                   help="with --engine ray: embedding actors (default: one per GPU, else one per node)")
     p.set_defaults(func=cmd_populate)
 
     p = sub.add_parser("status", help=cmd_status.__doc__)

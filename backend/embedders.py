@@ -98,8 +98,16 @@ class Embedder(ABC):
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's input for RGB images: (n, 3, H, W), preprocessed as its weights expect; thread-safe."""
-        _, _, preprocess = self.load()._loaded
-        return torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
+        return stack_inputs(self.preprocessor(), images)
+
+    def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The model's preprocessing (PIL image -> CHW tensor), picklable: other processes can prepare its input."""
+        return self.load()._loaded[2]
+
+    @property
+    def runtime_in_use(self) -> str:
+        """'openvino' or 'torch': what runs the network now that it is loaded (EMBED_RUNTIME's values)."""
+        return "openvino" if self.load()._compiled is not None else "torch"
 
     def embed_prepared(self, batch: torch.Tensor) -> np.ndarray:
         """embed() of what prepare() made, in one forward pass."""
@@ -128,6 +136,11 @@ class Embedder(ABC):
         except Exception as exc:  # torch raises many types for a bad file
             raise ModelUnavailable(f"cannot read weights for {self.name} from {path}: {exc}") from None
         return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def stack_inputs(preprocess: Callable[[Image.Image], torch.Tensor], images: Sequence[Image.Image]) -> torch.Tensor:
+    """Images preprocessed and stacked into one batch (n, 3, H, W)."""
+    return torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

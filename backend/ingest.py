@@ -60,16 +60,16 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
     with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar, \
             ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ingest-prepare") as preparing, \
             ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as writing:
-        prepared = deque(preparing.submit(_prepare, session_factory, b, embedder) for b in batches[:LOOKAHEAD])
+        prepared = deque(preparing.submit(prepare_batch, session_factory, b, embedder) for b in batches[:LOOKAHEAD])
         written = None
         for n, batch in enumerate(batches):
             ready = _claim(prepared.popleft().result(), seen)
             if n + LOOKAHEAD < len(batches):
-                prepared.append(preparing.submit(_prepare, session_factory, batches[n + LOOKAHEAD], embedder))
+                prepared.append(preparing.submit(prepare_batch, session_factory, batches[n + LOOKAHEAD], embedder))
             vectors = embedder.embed_prepared(ready.tensors) if ready.to_embed else None
             if written is not None:
                 written.result()  # one batch in the writer at a time, stored in order
-            written = writing.submit(_store, session_factory, ready, vectors, embedder.name, report)
+            written = writing.submit(store_batch, session_factory, ready, vectors, embedder.name, report)
             report.seconds = time.perf_counter() - started
             bar.set_postfix(added=report.added, dup=report.duplicates, failed=len(report.failed), refresh=False)
             bar.update(len(batch))
@@ -80,7 +80,7 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """One batch, read, de-duplicated and decoded: what is left to embed and store."""
 
     to_embed: list[str] = field(default_factory=list)  # sha256 of each image to embed, in tensor order
@@ -91,8 +91,10 @@ class _Prepared:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _prepare(session_factory, batch: list[Item], embedder: Embedder) -> _Prepared:
-    out = _Prepared()
+def prepare_batch(session_factory, batch: list[Item], embedder: Embedder) -> Prepared:
+    """Read, hash and decode a batch, leaving out what it repeats and what is already stored with a vector of the
+    embedder's model; the images left become the model's input (embedder.prepare). Thread- and process-safe."""
+    out = Prepared()
     seen: set[str] = set()  # within this batch; across batches, _claim decides in batch order
     read: list[tuple[Item, bytes, str]] = []
     for item in batch:
@@ -134,7 +136,7 @@ def _prepare(session_factory, batch: list[Item], embedder: Embedder) -> _Prepare
     return out
 
 
-def _claim(ready: _Prepared, seen: set[str]) -> _Prepared:
+def _claim(ready: Prepared, seen: set[str]) -> Prepared:
     """Leave out what an earlier batch already took, deciding in batch order (batches are prepared side by side):
     of identical files, the first in the input wins, as in a one-batch-at-a-time run."""
     keep = [k for k, digest in enumerate(ready.to_embed) if digest not in seen]
@@ -149,7 +151,8 @@ def _claim(ready: _Prepared, seen: set[str]) -> _Prepared:
     return ready
 
 
-def _store(session_factory, ready: _Prepared, vectors, model_name: str, report: IngestReport) -> None:
+def store_batch(session_factory, ready: Prepared, vectors, model_name: str, report: IngestReport) -> None:
+    """Store a prepared batch's new images and its vectors (n, d) in one transaction, counting in `report`."""
     report.duplicates += ready.duplicates
     report.failed += ready.failed
     if not ready.to_embed:

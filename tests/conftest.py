@@ -51,6 +51,12 @@ def db_url(pg_server):
 
 
 @pytest.fixture
+def other_db_url(pg_server):
+    """URL of a second fresh database migrated to head, for comparing two runs."""
+    return _new_database(pg_server, TEMPLATE)
+
+
+@pytest.fixture
 def tcp_url(pg_server, db_url):
     """db_url as an external server is reached: postgresql://postgres:<password>@127.0.0.1:<port>/<name>."""
     server = pg_server[0]
