@@ -1,4 +1,4 @@
-"""Whether a model or dataset host can be reached, answered within HUB_TIMEOUT seconds."""
+"""Whether a host (a model or dataset host, a Ray cluster) can be reached, answered within HUB_TIMEOUT seconds."""
 import socket
 
 

@@ -10,6 +10,7 @@ the first in the input wins. The model's precision and engine are chosen once, h
 import functools
 import logging
 import os
+import re
 import time
 from typing import Callable
 
@@ -23,6 +24,7 @@ from backend.datasets import Item
 from backend.embedders import Embedder, create_embedder, stack_inputs
 from backend.errors import ImsrcError
 from backend.ingest import IngestReport, Prepared, prepare_batch, store_batch
+from backend.network import unreachable
 
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # our progress bar says how it goes; set it to see Ray's
 try:
@@ -40,7 +42,7 @@ EMBEDDED, FAILED, SKIPPED = "embed", "failed", "skipped"  # what became of a row
 
 
 class RayUnavailable(ImsrcError):
-    """Ray is not installed, or the cluster cannot be reached."""
+    """Ray is not installed, the cluster cannot be reached, or a job on it failed."""
 
 
 def connect(address: str | None) -> None:
@@ -52,6 +54,9 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if host and port.isdigit() and (why := unreachable(host, int(port))):  # Ray itself would retry for minutes
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {why}")
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"py_modules": [backend]})  # nodes need imsrc's requirements, not its checkout
@@ -154,12 +159,25 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     log.info("Ray: %d embedding actor(s) on %s", actors, settings["device"])
     seen: set[str] = set()
     with tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            done = _store_rows(session_factory, batch, embedder.name, report, seen)
-            bar.set_postfix(added=report.added, dup=report.duplicates, failed=len(report.failed), refresh=False)
-            bar.update(done)
-            report.seconds = time.perf_counter() - started
+        try:
+            for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                done = _store_rows(session_factory, batch, embedder.name, report, seen)
+                bar.set_postfix(added=report.added, dup=report.duplicates, failed=len(report.failed), refresh=False)
+                bar.update(done)
+                report.seconds = time.perf_counter() - started
+        except ray.exceptions.RayError as exc:  # a task or actor failed on some node: say what, not Ray's traceback
+            raise RayUnavailable(f"the Ray job failed after {report.added} images were stored (they are kept; run "
+                                 f"the same command again to resume): {_first_cause(exc)}") from None
     return report
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The error a Ray failure started from, in one line: Ray passes it back as text, the remote traceback inside
+    its own exception's message, so the first 'Type: message' line that is not Ray's is it."""
+    for line in str(exc).splitlines():
+        if (found := re.match(r"([A-Za-z_][\w.]*): (.+)", line.strip())) and not found[1].startswith("ray."):
+            return f"{found[1].rsplit('.', 1)[-1]}: {found[2]}"
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _store_rows(session_factory, batch: dict, model_name: str, report: IngestReport, seen: set[str]) -> int:

@@ -34,6 +34,47 @@ def rss_mib(pid: int | str = "self") -> float:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc, timeout: float = 300) -> None:
+    """Wait until the server at `base` answers /health 200; exit if it dies or takes longer than `timeout` s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server did not become ready (exit {proc.poll()})")
+
+
+def fresh_database(name: str):
+    """A sessionmaker on a new, migrated database `name` on the configured PostgreSQL (dropped first if a run left
+    it behind)."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import sessionmaker
+
+    from backend.database import database_url, migrated_engine
+
+    server = make_url(database_url())
+    admin = sa.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+    return sessionmaker(migrated_engine(server.render_as_string(hide_password=False), name), expire_on_commit=False)
+
+
 def write_json(path: Path | None, report) -> None:
     """Write a report where --json asked for it, and say so."""
     if path:

@@ -18,30 +18,19 @@ import threading
 import time
 from pathlib import Path
 
-from common import machine, write_json
-
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
-from backend.config import settings
-from backend.database import database_url, migrated_engine
-from backend.datasets import load_dataset, select_balanced
-from backend.embedders import get_embedder
-from backend.images import decode, sha256
-from backend.ingest import IngestReport, Prepared, ingest, store_batch
-from backend.store import NewImage
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def fresh_database(name: str) -> sessionmaker:
-    """A new, migrated database `name` on the configured server (dropped first if a run left it)."""
-    server = make_url(database_url())
-    admin = sa.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-    return sessionmaker(migrated_engine(server.render_as_string(hide_password=False), name), expire_on_commit=False)
+from backend.config import settings  # noqa: E402
+from backend.datasets import load_dataset, select_balanced  # noqa: E402
+from backend.embedders import get_embedder  # noqa: E402
+from backend.images import decode, sha256  # noqa: E402
+from backend.ingest import IngestReport, Prepared, ingest, store_batch  # noqa: E402
+from backend.store import NewImage  # noqa: E402
+from bench.common import fresh_database, machine, write_json  # noqa: E402
 
 
 class StoredCounter:

@@ -8,7 +8,6 @@ offline choice), starts the server on a free loopback port, and queries with hel
 """
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,25 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import machine, percentile, rss_mib, write_json  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server did not become ready (exit {proc.poll()})")
+from bench.common import free_port, machine, percentile, rss_mib, wait_ready, write_json  # noqa: E402
 
 
 def search(client: httpx.Client, image: bytes) -> tuple[int, float]:

@@ -104,6 +104,20 @@ def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, 
     _assert_same(_contents(db_url), _contents(other_db_url))
 
 
+def test_a_failing_ray_job_is_one_error_that_keeps_what_was_stored(ray_address, db_url, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    from backend.ray_ingest import RayUnavailable, connect, ingest_on_ray
+
+    write_folder_dataset(tmp_path / "f", n_per_class=2)
+    items = load_dataset("folder", "train", tmp_path / "f")
+    unreachable = make_url(db_url).set(database="no_such_database").render_as_string(hide_password=False)
+    connect(ray_address)
+    with pytest.raises(RayUnavailable, match=r"the Ray job failed after 0 images .*no_such_database"):
+        ingest_on_ray(_sessions(db_url), items, create_embedder("efficientnet_lite0", device="cpu"), unreachable,
+                      batch_size=4, progress=False)
+
+
 def _populate(env, data_dir, *args):
     return subprocess.Popen([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--data-dir",
                              str(data_dir), "--batch-size", "8", *args], cwd=ROOT, env=env,
@@ -138,3 +152,13 @@ def test_a_ray_run_killed_half_way_and_rerun_ends_with_the_rows_of_an_uninterrup
     assert second.returncode == 0, output
     assert f"added {240 - stored}," in output and f"skipped {stored} duplicates" in output, output
     _assert_same(_contents(other_db_url), _contents(cli_env["DATABASE_URL"]))
+
+
+def test_an_unreachable_cluster_is_a_one_line_error_within_seconds(cli_env, tmp_path):
+    write_fashion_mnist(tmp_path / "fm", n_per_class=1)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--data-dir",
+                           str(tmp_path / "fm"), "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}"],
+                          cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error: cannot reach the Ray cluster at 127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 60
