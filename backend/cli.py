@@ -188,10 +188,11 @@ def cmd_rebuild(args) -> int:
     search = ImageSearch.open(load_model=False)  # vectors come from PostgreSQL: no model needed
     if search.index_source == "snapshot":  # open() trusted the snapshot; a rebuild is what was asked for
         search.rebuild()
-    index = search.index
+    index, manager = search.index, search.manager
+    saved = (f"snapshot {manager.snapshot_path}" if manager.snapshot_is_current() else
+             f"the snapshot is written by the running process {manager.writer.holder()}")
     print(f"rebuilt {len(index.categories)} prototypes and the {index.index_type} index of {len(index)} "
-          f"{search.embedder.name} vectors in {time.perf_counter() - started:.1f} s; "
-          f"snapshot {search.manager.snapshot_path}")
+          f"{search.embedder.name} vectors in {time.perf_counter() - started:.1f} s; {saved}")
     return 0
 
 
@@ -239,12 +240,16 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve the REST API and the web page (model and index load once at start-up, in each worker)."""
+    import copy
+
     import uvicorn
 
     from backend.config import settings
 
     host, port = args.host or settings.api_host, args.port or settings.api_port
-    logging.getLogger("backend").setLevel(logging.INFO)  # start-up says how the index was loaded, and how fast
+    # Start-up says how the index was loaded, and how fast; in a logging config, so that every worker says it too.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["backend"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
           f"(API docs at /docs)", flush=True)
     if args.workers > 1:
@@ -252,8 +257,8 @@ def cmd_serve(args) -> int:
               f"PostgreSQL", flush=True)
     # Workers answer the supervisor's health pings from a thread; loading a model on a busy CPU can starve it for
     # more than uvicorn's 5 s, which would have the worker killed while it starts.
-    uvicorn.run("backend.main:app", host=host, port=port, log_level="info", workers=args.workers,
-                timeout_worker_healthcheck=60)
+    uvicorn.run("backend.main:app", host=host, port=port, log_level="info", log_config=log_config,
+                workers=args.workers, timeout_worker_healthcheck=60)
     return 0
 
 

@@ -195,8 +195,12 @@ class WriterLock:
 class IndexManager:
     """Owns one CategoryIndex for a model and index type; PostgreSQL stays the source of truth."""
 
-    def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path):
+    def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path,
+                 guard=None):
         self.sessions, self.model_name, self.dim, self.index_type = sessions, model_name, dim, index_type
+        # Held only while the index changes in memory (searches hold it too); reading the database happens outside
+        # it, so searches go on meanwhile. Callers run one sync, rebuild or snapshot at a time.
+        self.guard = guard or threading.RLock()
         self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
         self.index = CategoryIndex(dim, index_type)
         self.fingerprint: str | None = None  # of the database the index matches; None after incremental changes
@@ -281,7 +285,8 @@ class IndexManager:
         _return_freed_memory()
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
-        self.index, self.fingerprint, self.source = index, current, "rebuilt"
+        with self.guard:  # searches used the old index until now
+            self.index, self.fingerprint, self.source = index, current, "rebuilt"
         if save:
             self.save_snapshot()
 
@@ -291,15 +296,16 @@ class IndexManager:
 
     # -- keeping in step ----------------------------------------------------------------------------
     def sync(self, image_ids=None) -> tuple[int, int]:
-        """Bring the index in line with PostgreSQL (all images, or just `image_ids`); returns (added, removed)."""
+        """Bring the index in line with PostgreSQL (all images, or just `image_ids`), prototypes included; returns
+        (added, removed)."""
         with consistent_reads(self.sessions) as s:
             if image_ids is None:
                 current = fingerprint(s, self.model_name)
-                if current == self.fingerprint:
-                    return 0, 0
-                in_db = set(s.scalars(self._member_ids()).all())
-                in_index = set(self.index.ids().tolist())
-                new, gone = sorted(in_db - in_index), sorted(in_index - in_db)
+                new, gone = [], []
+                if current != self.fingerprint:
+                    in_db = set(s.scalars(self._member_ids()).all())
+                    in_index = set(self.index.ids().tolist())
+                    new, gone = sorted(in_db - in_index), sorted(in_index - in_db)
             else:
                 wanted = [int(i) for i in image_ids]
                 in_db = set(s.scalars(self._member_ids().where(Embedding.image_id.in_(wanted))).all())
@@ -307,14 +313,15 @@ class IndexManager:
                 gone = sorted(i for i in wanted if i not in in_db and i in self.index)
                 current = None
             ids, cats, vectors = fetch_members(s, self.model_name, self.dim, new) if new else ([], [], None)
-            proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
-        removed = self.index.remove(gone)
-        if len(ids):
-            self.index.add(ids, vectors, cats)
-        self.index.drop_prototypes(set(self.index.categories) - set(proto_cats))
-        if proto_cats:
-            self.index.set_prototypes(proto_cats, protos)
-        self.fingerprint = current
+            proto_cats, protos, _ = store.load_prototypes(s, self.model_name)  # they may change on their own
+        with self.guard:
+            removed = self.index.remove(gone)
+            if len(ids):
+                self.index.add(ids, vectors, cats)
+            self.index.drop_prototypes(set(self.index.categories) - set(proto_cats))
+            if proto_cats:
+                self.index.set_prototypes(proto_cats, protos)
+            self.fingerprint = current
         return len(ids), removed
 
     # -- snapshot ---------------------------------------------------------------------------------

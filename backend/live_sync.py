@@ -9,7 +9,7 @@ the whole index from the database (the fingerprint): anything committed meanwhil
 """
 import json
 import logging
-import select
+import selectors
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ MAX_PAYLOAD = 7000  # PostgreSQL refuses payloads of 8000 bytes; a bigger change
 WAIT_SECONDS = 0.25  # how long one wait for a notification lasts: bounds how long stop() takes
 PING_SECONDS = 5.0  # a quiet connection is checked this often, so a dead one is noticed
 RETRY_SECONDS = (0.2, 5.0)  # first and longest wait between attempts to reconnect
+MAX_IDS = 100_000  # ids one notification may name; anything else (a forged or broken payload) means a resync
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,19 @@ def announce(session: Session, model: str | None, image_ids=(), what: str = "ima
 
 
 def parse(payload: str) -> Change:
-    """The Change a notification's payload describes (see announce)."""
-    body = json.loads(payload)
-    ids = tuple(i for first, last in body.get("ids", []) for i in range(first, last + 1))
-    return Change(body.get("model"), body.get("what", "images"), ids, float(body.get("at", 0.0)))
+    """The Change a notification's payload describes (see announce); anything else on the channel (a payload
+    another program sent, or one naming absurdly many ids) asks for a resync rather than being trusted."""
+    try:
+        body = json.loads(payload)
+        runs = [(int(first), int(last)) for first, last in body.get("ids", [])]
+        if sum(last - first + 1 for first, last in runs) > MAX_IDS or any(last < first for first, last in runs):
+            raise ValueError("too many ids")
+        model = body.get("model")
+        return Change(model if isinstance(model, str) else None, str(body.get("what", "images")),
+                      tuple(i for first, last in runs for i in range(first, last + 1)), float(body.get("at", 0.0)))
+    except (ValueError, TypeError, AttributeError):
+        log.warning("live sync: a notification imsrc did not send (%r...); resynchronising", payload[:80])
+        return Change(None, "resync", (), time.time())
 
 
 def _ranges(ids: list[int]) -> list[list[int]]:
@@ -116,9 +126,11 @@ class ChangeListener:
     def connect(self):
         """A DB-API connection of the listener's own, outside the engine's pool (it is held for as long as we run)."""
         cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        # Keep-alives make a vanished server over TCP show up as an error instead of a silent, endless wait.
+        # Keep-alives and a TCP user timeout make a vanished server over TCP show up as an error within seconds
+        # instead of a silent, endless wait (libpq ignores them on a Unix socket).
         cparams = {"connect_timeout": max(1, round(self.connect_timeout)), "keepalives": 1, "keepalives_idle": 5,
-                   "keepalives_interval": 2, "keepalives_count": 2, **cparams, "application_name": APPLICATION_NAME}
+                   "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": 10_000, **cparams,
+                   "application_name": APPLICATION_NAME}
         conn = self.engine.dialect.dbapi.connect(*cargs, **cparams)
         conn.autocommit = True
         return conn
@@ -131,9 +143,12 @@ class ChangeListener:
                 conn = self.connect()
                 self._listen(conn)
                 delay = RETRY_SECONDS[0]
-            except (self.engine.dialect.dbapi.Error, sa.exc.SQLAlchemyError, OSError) as exc:
+            except Exception as exc:  # whatever it was, the thread lives on: reconnect, and resync on the way
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                if self.state.listening or self.state.error is None:
+                database = isinstance(exc, (self.engine.dialect.dbapi.Error, sa.exc.SQLAlchemyError, OSError))
+                if not database:
+                    log.exception("live sync: applying changes failed; resynchronising")
+                elif self.state.listening or self.state.error is None:
                     log.warning("live sync: lost the database (%s); resynchronising when it is back", reason)
                 self.state.listening, self.state.error = False, reason
                 self._stop.wait(delay)
@@ -144,6 +159,7 @@ class ChangeListener:
                         conn.close()
                     except self.engine.dialect.dbapi.Error:
                         pass
+        self.state.listening = False
 
     def _listen(self, conn) -> None:
         with conn.cursor() as cur:
@@ -155,9 +171,17 @@ class ChangeListener:
         self.resync()
         self.state.resyncs += 1
         self.state.listening, self.state.error = True, None
+        waiting = selectors.DefaultSelector()  # not select.select: it fails on descriptors past 1023
+        waiting.register(conn, selectors.EVENT_READ)
+        try:
+            self._wait_and_apply(conn, waiting)
+        finally:
+            waiting.close()
+
+    def _wait_and_apply(self, conn, waiting) -> None:
         quiet_since = time.monotonic()
         while not self._stop.is_set():
-            if select.select([conn], [], [], WAIT_SECONDS)[0]:
+            if waiting.select(WAIT_SECONDS):
                 conn.poll()
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > PING_SECONDS:

@@ -245,7 +245,7 @@ class EmbeddedPostgres:
         socket_dir = shlex.quote(str(self._socket_dir(port)))  # pg_ctl hands -o to a shell
         listen = "-h 127.0.0.1" if self.port else "-h ''"
         self._pg_ctl("-w", "-t", "30", "-l", str(self.pgdata / "server.log"), "-o",
-                     f"{listen} -p {port} -k {socket_dir} -c unix_socket_permissions=0700 -c max_connections=50",
+                     f"{listen} -p {port} -k {socket_dir} -c unix_socket_permissions=0700 -c max_connections=200",
                      "start")
         deadline = time.monotonic() + 30
         while (running := self._running()) is None:

@@ -140,8 +140,9 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     embedder.load()  # the precision and engine are chosen here, once, for every actor
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = actors or gpus or max(1, sum(1 for node in ray.nodes() if node["Alive"]))
-    settings = {"device": "cuda" if gpus else "cpu", "batch_size": batch_size, "precision": embedder.precision,
-                "runtime": embedder.runtime_in_use, "weights_path": embedder.weights_path}
+    # On CPUs the actors use what was measured here; on GPUs they measure their own (this CPU says nothing of them).
+    settings = {"device": "cuda" if gpus else "cpu", "batch_size": batch_size, "weights_path": embedder.weights_path,
+                "precision": "auto" if gpus else embedder.precision, "runtime": "auto" if gpus else embedder.runtime_in_use}
     preprocess = embedder.preprocessor()
     shape = tuple(embedder.prepare([PILImage.new("RGB", (8, 8))]).shape[1:])  # the model's input, per image
     context = ray.data.DataContext.get_current()
@@ -155,7 +156,8 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
                .map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             fn_constructor_kwargs={"model_name": embedder.name, "settings": settings},
-                            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1))
+                            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                            scheduling_strategy="SPREAD"))  # actors on different nodes, as far as they go
     log.info("Ray: %d embedding actor(s) on %s", actors, settings["device"])
     seen: set[str] = set()
     with tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:

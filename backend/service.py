@@ -71,9 +71,10 @@ class ImageSearch:
         from backend.config import settings
 
         self.sessions, self.embedder, self.batch_size = sessions, embedder, batch_size
+        self._lock = threading.RLock()  # searches hold it; the index changes in memory only under it
+        self._sync_lock = threading.RLock()  # one sync, rebuild, check or snapshot at a time; taken before _lock
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
-                                    snapshot_dir or settings.snapshot_dir)
-        self._lock = threading.RLock()  # searches read the index while writes change it
+                                    snapshot_dir or settings.snapshot_dir, guard=self._lock)
         self.batcher = None  # see start_batching
         self.listener = None  # see start_live_sync
         self.manager.load_or_build()
@@ -142,7 +143,8 @@ class ImageSearch:
 
     def sync_status(self) -> dict | None:
         """What live sync has applied and how far behind it is (see SyncState), or None when it is off."""
-        return self.listener.state.as_dict() if self.listener is not None else None
+        listener = self.listener  # close() may clear it meanwhile
+        return listener.state.as_dict() if listener is not None else None
 
     def _apply_changes(self, changes) -> None:
         """Bring the index in line with the database for announced changes: those images, re-read (so a change
@@ -150,7 +152,7 @@ class ImageSearch:
         mine = [c for c in changes if c.model in (None, self.embedder.name)]
         if not mine:
             return
-        with self._lock:
+        with self._sync_lock:
             if any(c.what == "resync" for c in mine):
                 self.manager.sync()
             else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
@@ -232,7 +234,7 @@ class ImageSearch:
         with self.sessions() as s, s.begin():
             if not store.delete_images(s, [image_id]):
                 raise NotFound(f"image {image_id} not found")
-        with self._lock:
+        with self._sync_lock:
             self.manager.sync([image_id])
 
     def build_database(self, dataset: str = "folder", data_dir: Path | None = None, split: str = "train",
@@ -244,30 +246,30 @@ class ImageSearch:
 
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
-        with self._lock:
+        with self._sync_lock:
             return self.manager.sync()
 
     def rebuild(self) -> None:
-        """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it."""
-        with self._lock:
+        """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it; searches go on meanwhile."""
+        with self._sync_lock:
             self.manager.rebuild(save=True)
 
     def rebuild_prototypes(self) -> None:
         """Recompute every prototype exactly in PostgreSQL and load them into the index."""
         with self.sessions() as s, s.begin():
             store.rebuild_prototypes(s, self.embedder.name)
-        with self._lock:
+        with self._sync_lock:
             self.manager.sync([])
 
     def check(self) -> Report:
         """Compare the live index with PostgreSQL, and PostgreSQL's vectors and prototypes with each other; a write
         in flight (stored, not yet indexed) shows as a difference, so check a quiet service or check again."""
-        with self._lock:
+        with self._sync_lock:  # the index holds still; searches go on
             return check(self.sessions, self.embedder.name, self.index, "live")
 
     def save_snapshot(self) -> None:
         """Write the index snapshot now (it is otherwise written on rebuild)."""
-        with self._lock:
+        with self._sync_lock:
             self.manager.save_snapshot()
 
     @staticmethod
@@ -288,14 +290,14 @@ class ImageSearch:
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
-        with self._lock:
+        with self._sync_lock:
             if not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
                 self.manager.save_snapshot()
             self.manager.close()
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
-        with self._lock:
+        with self._sync_lock:
             self.manager.sync(report.image_ids)
         return report
 

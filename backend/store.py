@@ -133,6 +133,9 @@ def rebuild_prototypes(session: Session, model_name: str) -> int:
     """Recompute every prototype of a model from its members (float64 mean), announced on commit; returns how many
     there are."""
     e, i = Embedding.__table__, Image.__table__
+    # One recomputation per model at a time (workers starting together each rebuild): a second one waits for the
+    # first to commit, where it would otherwise miss the rows the first inserted and collide with them.
+    session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-prototypes:' || :m))"), {"m": model_name})
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
     members = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.l2_normalize(sa.func.avg(e.c.vector)),
                          sa.func.sum(e.c.vector), sa.func.count())

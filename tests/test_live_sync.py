@@ -93,6 +93,12 @@ def test_a_change_too_big_for_one_notification_asks_for_a_resync(engine, session
     assert parse(payloads[0]).what == "resync"
 
 
+def test_a_notification_imsrc_did_not_send_asks_for_a_resync():
+    for payload in ("not json", '{"ids": [[0, 1000000000000]]}', '{"ids": [[5, 1]]}', '{"ids": "x"}', "[]"):
+        change = parse(payload)
+        assert (change.what, change.ids) == ("resync", ()), payload
+
+
 def _announce(sessions, ids):
     with sessions() as s, s.begin():
         announce(s, "m", ids)
@@ -123,6 +129,67 @@ def test_recomputed_prototypes_reach_the_listening_index(listening, collection):
     writer.rebuild_prototypes()
     assert _eventually(lambda: np.allclose(reader.index.prototypes()[1], writer.index.prototypes()[1], atol=1e-6))
     assert reader.check().ok
+
+
+def test_a_full_resync_reloads_prototypes_that_changed_alone(sessions, tmp_path, collection):
+    reader, writer = _open(sessions, tmp_path / "reader"), _open(sessions, tmp_path / "writer")
+    writer.build_database("folder", collection, progress=False)
+    assert reader.refresh() == (12, 0)
+    with writer.sessions() as s, s.begin():  # the same images, other prototypes: the fingerprint does not change
+        s.execute(sa.text("UPDATE prototypes SET vector = l2_normalize(vector + vector_sum)"))
+    assert reader.refresh() == (0, 0)
+    assert np.allclose(reader.index.prototypes()[1], _stored_prototypes(sessions), atol=1e-6)
+
+
+def _stored_prototypes(sessions) -> np.ndarray:
+    from backend import store
+
+    with sessions() as s:
+        return store.load_prototypes(s, "test-pixels")[1]
+
+
+def test_two_prototype_rebuilds_at_once_both_succeed(sessions, tmp_path, collection):
+    """Workers starting together each recompute the prototypes; the second must wait for the first, not collide."""
+    from backend import store
+
+    _open(sessions, tmp_path).build_database("folder", collection, progress=False)
+    first = sessions()
+    first.begin()
+    store.rebuild_prototypes(first, "test-pixels")  # not committed yet
+    errors = []
+
+    def second():
+        try:
+            with sessions() as s, s.begin():
+                store.rebuild_prototypes(s, "test-pixels")
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever it was
+            errors.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the second recomputation did not wait for the first"
+    first.commit()
+    first.close()
+    thread.join(30)
+    assert errors == [] and len(_stored_prototypes(sessions)) == 3
+
+
+def test_the_listener_survives_an_error_while_applying(listening, collection, caplog):
+    reader, writer = listening
+    apply, failures = reader.listener.apply, []
+
+    def fail_once(changes):
+        if not failures:
+            failures.append(changes)
+            raise RuntimeError("a bug while applying (test)")
+        apply(changes)
+
+    reader.listener.apply = fail_once
+    writer.build_database("folder", collection, progress=False)
+    assert _eventually(lambda: len(reader.index) == 12, timeout=WITHIN + 5), "the changes were lost with the error"
+    assert failures and "applying changes failed" in caplog.text
+    assert _eventually(lambda: reader.sync_status()["listening"] and reader.sync_status()["resyncs"] == 2)
 
 
 def _cut_listener(engine) -> int:
