@@ -340,7 +340,7 @@ class IndexManager:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f, self.guard:  # writing compacts deleted ids out of graph indexes: a change
                 snapshot.write(f, self.index, meta)
                 f.flush()
                 os.fsync(f.fileno())
