@@ -220,6 +220,7 @@ def cmd_evaluate(args) -> int:
     """Measure precision, mAP and recall of two-stage against exhaustive search, with latencies."""
     from backend import store
     from backend.datasets import load_dataset, select_balanced
+    from backend.config import settings
     from backend.evaluate import evaluate, format_table, write_json
     from backend.service import ImageSearch
 
@@ -230,11 +231,17 @@ def cmd_evaluate(args) -> int:
         if args.dataset not in ("cifar10", "fashion-mnist"):
             raise ImsrcError("cannot tell which dataset the collection came from: pass --dataset (and --data-dir)")
     queries = select_balanced(load_dataset(args.dataset, args.split, args.data_dir, args.image_dir), args.queries)
-    report = evaluate(search, queries, k=args.k)
+    report = evaluate(search, queries, k=args.k, samples=args.samples if args.report else 0,
+                      sample_config=f"P={settings.prototype_limit}")
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
+    if args.report:
+        from backend.report import write_report
+
+        shown = {sample["query"]: queries[sample["query"]].read() for sample in report["samples"]}
+        print(f"wrote {write_report(report, shown, search.sessions, args.report)} (and its plots beside it)")
     return 0
 
 
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=_positive_int, default=1000, help="held-out query images, balanced by class")
     p.add_argument("--k", type=_positive_int, default=10)
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="also write a page to look at: DIR/index.html (sample queries and results, plots)")
+    p.add_argument("--samples", type=_positive_int, default=12, help="sample queries shown by --report")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="where queries come from (default: the collection's own dataset)")
     p.add_argument("--split", choices=("train", "test"), default="test")

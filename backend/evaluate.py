@@ -2,12 +2,14 @@
 import json
 import time
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
+from backend.confidence import QUANTILE, assess, calibrate
 from backend.datasets import Item
 from backend.errors import ImsrcError
 from backend.images import decode, sha256
@@ -57,8 +59,10 @@ def configurations(prototype_limits, n_categories: int) -> list[Config]:
     return configs + [Config("P=all", True, None)]
 
 
-def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True) -> dict:
-    """Run every configuration over the queries; returns metrics, latencies and index size."""
+def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True,
+             samples: int = 0, sample_config: str = "P=3") -> dict:
+    """Run every configuration over the queries; returns metrics (per category too), latencies and index size,
+    and with `samples`, that many queries (spread over the categories) with their hits under `sample_config`."""
     index = search.index
     read = [(q, q.read()) for q in queries]
     digests = [sha256(data) for _, data in read]
@@ -66,25 +70,37 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         category_ids = dict(s.execute(sa.select(Category.name, Category.id)).all())
         stored = set(s.scalars(sa.select(Image.sha256).where(Image.sha256.in_(digests))))
     sizes = index.category_sizes()
-    held_out = [(q, data) for (q, data), digest in zip(read, digests)
+    held_out = [(n, q, data) for n, ((q, data), digest) in enumerate(zip(read, digests))
                 if digest not in stored and category_ids.get(q.category) in sizes]
     if not held_out:
         raise ImsrcError("no usable queries: every query image is in the index, or its category is not")
 
     embed_ms, vectors = [], []
-    for _, data in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
+    for _, _, data in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
         started = time.perf_counter()
         vectors.append(search.embedder.embed([decode(data).image])[0])
         embed_ms.append((time.perf_counter() - started) * 1000)
     vectors = np.stack(vectors)
-    labels = np.array([category_ids[q.category] for q, _ in held_out])
+    labels = np.array([category_ids[q.category] for _, q, _ in held_out])
+    names = {i: name for name, i in category_ids.items()}
+    shown = _spread(labels, samples)
+    threshold = calibrate(index)
+    flagged = [not found.close_match for sims in index.rank_prototypes(vectors)[1]
+               if (found := assess(sims, threshold)) is not None]
 
-    results, exhaustive_ids = {}, None  # configurations() puts the exhaustive baseline first
-    for config in configurations(prototype_limits, len(index.categories)):
+    results, exhaustive_ids, sampled = {}, None, []  # configurations() puts the exhaustive baseline first
+    configs = configurations(prototype_limits, len(index.categories))
+    sample_config = sample_config if any(c.name == sample_config for c in configs) else "exhaustive"
+    for config in configs:
         per_query, proto_ms, faiss_ms, agree, ids = [], [], [], [], []
         for qi in range(len(held_out)):
             hits = index.search(vectors[qi:qi + 1], k, top_categories=config.top_categories,
                                 use_prototypes=config.use_prototypes)[0]
+            if config.name == sample_config and qi in shown:
+                sampled.append({"query": held_out[qi][0], "category": names[labels[qi]], "config": config.name,
+                                "hits": [{"image_id": int(i), "score": round(float(sc), 4), "category": names.get(int(c)),
+                                          "relevant": bool(c == labels[qi])}
+                                         for i, sc, c in zip(hits.ids, hits.scores, hits.categories)]})
             per_query.append(query_metrics(hits.categories, labels[qi], k, sizes[labels[qi]]))
             proto_ms.append(hits.prototype_ms)
             faiss_ms.append(hits.search_ms)
@@ -97,6 +113,9 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
             f"recall@{k}": round(float(np.mean([m["recall"] for m in per_query])), 5),
             f"recall_vs_exhaustive@{k}": round(float(np.mean(agree)), 4),
             "prototype_ms": _percentiles(proto_ms), "faiss_ms": _percentiles(faiss_ms),
+            f"precision@{k}_by_category": {names[c]: round(float(np.mean([m["precision"] for m, label in
+                                                                        zip(per_query, labels) if label == c])), 4)
+                                           for c in sorted(set(labels.tolist()))},
         }
     return {
         "model": search.embedder.name, "index_type": index.index_type, "k": k,
@@ -104,7 +123,18 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         "queries": len(held_out), "skipped_queries": len(queries) - len(held_out),
         "index_memory_mb": round(index.nbytes() / 2**20, 2),
         "embedding_ms": _percentiles(embed_ms), "configurations": results,
+        # Held-out images of the collection's own categories that "no close match" would wrongly flag.
+        "confidence": {"threshold": round(threshold, 4) if threshold is not None else None, "quantile": QUANTILE,
+                       "false_alarm_rate": round(float(np.mean(flagged)), 4) if flagged else None},
+        "sample_config": sample_config, "samples": sampled,  # each "query" is its position in the queries given
     }
+
+
+def _spread(labels: np.ndarray, n: int) -> set[int]:
+    """Positions of n queries taken in turn from each label: a sample that shows every category."""
+    by_label = [np.flatnonzero(labels == label).tolist() for label in sorted(set(labels.tolist()))]
+    order = [i for row in zip_longest(*by_label) for i in row if i is not None]
+    return set(order[:n])
 
 
 def format_table(report: dict) -> str:
@@ -120,6 +150,11 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | {r[f'precision@{k}']:.4f} | {r[f'map@{k}']:.4f} | {r[f'recall@{k}']:.5f} | "
                      f"{r[f'recall_vs_exhaustive@{k}']:.4f} | {r['prototype_ms']['p50']:.3f} / "
                      f"{r['prototype_ms']['p95']:.3f} | {r['faiss_ms']['p50']:.3f} / {r['faiss_ms']['p95']:.3f} |")
+    confidence = report.get("confidence") or {}
+    if confidence.get("false_alarm_rate") is not None:
+        lines += ["", f"\"no close match\" (best prototype similarity under {confidence['threshold']:.4f}, the "
+                      f"{confidence['quantile']:.0%} quantile of the collection's own images) flags "
+                      f"{confidence['false_alarm_rate']:.1%} of the held-out queries"]
     return "\n".join(lines)
 
 

@@ -26,11 +26,21 @@ class PrototypeMatch(BaseModel):
     similarity: float = Field(description="cosine similarity of the query to the category prototype")
 
 
+class Confidence(BaseModel):
+    best_similarity: float = Field(description="the query's cosine similarity to the closest category prototype")
+    margin: float = Field(description="best minus second-best prototype similarity: how clearly stage 1 chose")
+    threshold: float = Field(description="best similarities below this are unlike the collection: 99% of its own "
+                             "images reach it")
+    close_match: bool = Field(description="false when the query is unlike every category (the results are then "
+                              "only the least unlike images)")
+
+
 class SearchOut(BaseModel):
     results: list[SearchHit]
     prototypes: list[PrototypeMatch] = Field(description="the categories stage 1 chose, best first")
     timings_ms: dict[str, float]
     use_prototypes: bool
+    confidence: Confidence | None = Field(None, description="how sure stage 1 is (none until there are prototypes)")
 
 
 class UploadOut(BaseModel):

@@ -174,11 +174,35 @@ class _Partition:
             vectors = faiss.downcast_index(self.index.index).reconstruct_n(0, len(ids)) if len(ids) else \
                 np.zeros((0, self.dim), np.float32)
         else:
-            parts = [get_invlist(ivf.invlists, i) for i in range(ivf.nlist)]
-            ids = np.concatenate([np.zeros(0, np.int64)] + [p[0].astype(np.int64) for p in parts])
-            codes = np.concatenate([np.zeros((0, ivf.code_size), np.uint8)] + [p[1] for p in parts])
-            vectors = codes.view(np.float32) if isinstance(ivf, faiss.IndexIVFFlat) else ivf.sq.decode(codes)
-            vectors = vectors.reshape(-1, self.dim)
+            ids, vectors = self._lists(range(ivf.nlist))
+        return self._visible(ids, vectors)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """About n of the vectors held (n, d), chosen at random, without decoding the whole category."""
+        ivf = self._ivf()
+        if ivf is None:
+            positions = np.sort(rng.choice(self.index.ntotal, min(n, self.index.ntotal), replace=False))
+            inner = faiss.downcast_index(self.index.index)
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)[positions]
+            vectors = np.stack([inner.reconstruct(int(p)) for p in positions]) if len(positions) else \
+                np.zeros((0, self.dim), np.float32)
+        else:  # whole inverted lists, at random, until there are enough
+            sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+            order = rng.permutation(ivf.nlist)
+            chosen = order[:np.searchsorted(np.cumsum(sizes[order]), n) + 1]
+            ids, vectors = self._lists(chosen.tolist())
+        return self._visible(ids, vectors)[1][:n]
+
+    def _lists(self, lists) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of some inverted lists of an IVF category, decoded."""
+        ivf = self._ivf()
+        parts = [get_invlist(ivf.invlists, i) for i in lists]
+        ids = np.concatenate([np.zeros(0, np.int64)] + [p[0].astype(np.int64) for p in parts])
+        codes = np.concatenate([np.zeros((0, ivf.code_size), np.uint8)] + [p[1] for p in parts])
+        vectors = codes.view(np.float32) if isinstance(ivf, faiss.IndexIVFFlat) else ivf.sq.decode(codes)
+        return ids, vectors.reshape(-1, self.dim)
+
+    def _visible(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.hidden:
             keep = ~np.isin(ids, list(self.hidden))
             ids, vectors = ids[keep], vectors[keep]
@@ -316,6 +340,14 @@ class CategoryIndex:
         index's codes, one category at a time."""
         for c in sorted(self._partitions):
             yield c, *self._partitions[c].contents()
+
+    def sample(self, per_category: int, seed: int = 0) -> Iterator[tuple[int, np.ndarray, int]]:
+        """(category, up to `per_category` of its vectors at random (m, d), its size) of each category: a cheap look
+        at what the collection holds (the whole category when it is that small)."""
+        rng = np.random.default_rng(seed)
+        for c in sorted(self._partitions):
+            part = self._partitions[c]
+            yield c, part.sample(per_category, rng), len(part)
 
     def stored_partitions(self) -> list[tuple[int, faiss.Index | np.ndarray]]:
         """(category, its FAISS index or the snapshot bytes it still reads) of each category, by id: what a snapshot

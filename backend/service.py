@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
 from backend import store
+from backend.confidence import Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
@@ -50,6 +51,7 @@ class SearchResponse:
     prototypes: list[dict] = field(default_factory=list)  # {category_id, category, similarity}, best first
     timings_ms: dict[str, float] = field(default_factory=dict)
     use_prototypes: bool = True
+    confidence: dict | None = None  # backend.confidence.Confidence: is the query like anything stored at all?
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +78,7 @@ class ImageSearch:
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
                                     snapshot_dir or settings.snapshot_dir, guard=self._lock)
         self.batcher = None  # see start_batching
+        self._calibration = Calibration()  # what "no close match" means for this collection (backend.confidence)
         self.listener = None  # see start_live_sync
         self.manager.load_or_build()
 
@@ -191,11 +194,18 @@ class ImageSearch:
             hits = self.index.search(vector[None, :], k, top_categories=top_categories,
                                      use_prototypes=use_prototypes, categories=filter_ids)[0]
             search_ms = (time.perf_counter() - t0) * 1000
+            confidence = self._confidence(vector)
         t1 = time.perf_counter()
         results, prototypes = self._describe(hits)
         return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
                                                     "lookup": round((time.perf_counter() - t1) * 1000, 2)},
-                              use_prototypes)
+                              use_prototypes, confidence)
+
+    def _confidence(self, vector: np.ndarray) -> dict | None:
+        """How sure stage 1 is about the query, against every category (call with the lock held)."""
+        sims = self.index.rank_prototypes(vector[None, :])[1][0]
+        found = assess(sims, self._calibration.current(self.index))
+        return found.as_dict() if found is not None else None
 
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
         """Stage 1 alone: the categories closest to the query image."""
@@ -204,11 +214,13 @@ class ImageSearch:
         t1 = time.perf_counter()
         with self._lock:
             cats, sims = self.index.rank_prototypes(vector[None, :])
+            confidence = assess(sims[0], self._calibration.current(self.index))
         names = self._category_names(cats[0].tolist())
         protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
                   for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]
         return SearchResponse([], protos, {"embedding": round((t1 - t0) * 1000, 2),
-                                           "prototypes": round((time.perf_counter() - t1) * 1000, 2)})
+                                           "prototypes": round((time.perf_counter() - t1) * 1000, 2)},
+                              confidence=confidence.as_dict() if confidence is not None else None)
 
     # -- writes -----------------------------------------------------------------------------------
     def add_image(self, image: bytes | str | Path, category: str, original_name: str | None = None,

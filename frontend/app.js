@@ -61,9 +61,19 @@ function resultCard(hit) {
   return li;
 }
 
+// A query unlike every category (a cat photo in a collection of clothes) is said to be so, above the results,
+// rather than its nearest images being presented as an answer.
+function renderConfidence(confidence) {
+  const notice = $("no-match");
+  notice.hidden = !confidence || confidence.close_match;
+  notice.textContent = notice.hidden ? "" : "No close match in this collection: this image is less like any " +
+    "category than the collection's own images are. The results below are only the least unlike.";
+}
+
 function render(response, label) {
   const total = Object.values(response.timings_ms).reduce((a, b) => a + b, 0);
   $("summary").textContent = `${label}: ${response.results.length} results in ${total.toFixed(0)} ms`;
+  renderConfidence(response.confidence);
   renderCategories(response.prototypes);
   $("results").replaceChildren(...response.results.map(resultCard));
 }
@@ -90,6 +100,7 @@ function runPrototypes() {
   guarded(async () => {
     const response = await api.searchPrototypes(queryFile, options().protoLimit);
     $("summary").textContent = `Closest categories (${response.timings_ms.prototypes.toFixed(1)} ms after embedding)`;
+    renderConfidence(response.confidence);
     renderCategories(response.prototypes);
     $("results").replaceChildren();
   });

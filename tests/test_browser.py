@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 
 from backend.datasets import load_dataset, select_balanced
 from tests.helpers import ROOT, running_server, write_fashion_mnist
@@ -77,7 +78,20 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
     assert "#1" in first and any(ch.isdigit() for ch in first.split("#1")[1])
     assert page.locator("#chosen-categories li").count() == 3
     assert page.locator("#summary").inner_text().startswith("Similar images: 10 results")
+    assert page.locator("#no-match").is_hidden()  # a garment among garments: a close match
     page.screenshot(path=str(output_dir / "results.png"), full_page=True)
+
+    from skimage import data as photos  # a real photo of a cat, dropped on a collection of clothes
+
+    cat = tmp_path / "cat.png"
+    PILImage.fromarray(photos.chelsea()).save(cat)
+    _drop(page, cat)
+    page.wait_for_selector("#no-match:not([hidden])")
+    assert "No close match in this collection" in page.locator("#no-match").inner_text()
+    assert page.locator("#results li").count() == 10  # still shown, under the warning
+    page.screenshot(path=str(output_dir / "no-close-match.png"), full_page=True)
+    _drop(page, query)
+    page.wait_for_selector("#no-match", state="hidden")
 
     clicked_id = page.locator("#results li button").nth(1).get_attribute("data-image-id")
     page.locator("#results li button").nth(1).click()

@@ -44,6 +44,37 @@ def test_evaluate_two_stage_against_exhaustive(sessions, tmp_path):
     assert configs["P=1"]["recall@5"] == pytest.approx(0.5)  # 5 of the 10 relevant
     assert report["index_memory_mb"] > 0 and report["embedding_ms"]["p95"] >= report["embedding_ms"]["p50"]
     assert "| P=1 | 1.0000 |" in format_table(report)
+    assert report["samples"] == []  # none asked for
+    assert configs["P=1"]["precision@5_by_category"] == {"blue": 1.0, "green": 1.0, "red": 1.0}
+    assert report["confidence"]["false_alarm_rate"] == 0.0  # held-out images drawn like the collection's
+
+
+def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
+    from PIL import Image
+
+    from backend.report import PLOTS, write_report
+
+    write_folder_dataset(tmp_path / "index", n_per_class=10)
+    search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
+    search.build_database("folder", tmp_path / "index", progress=False)
+    write_folder_dataset(tmp_path / "queries", n_per_class=4, seed=1)
+    queries = load_dataset("folder", data_dir=tmp_path / "queries")
+    report = evaluate(search, queries, k=5, progress=False, samples=6, sample_config="P=1")
+    assert [s["category"] for s in report["samples"]].count("red") == 2  # spread: two of each category
+    assert all(len(s["hits"]) == 5 and all(h["relevant"] for h in s["hits"]) for s in report["samples"])
+    with search.sessions() as s:  # one result deleted since: the page shows a blank for it, not an error
+        from backend import store
+
+        store.delete_images(s, [report["samples"][0]["hits"][0]["image_id"]])
+        s.commit()
+    page = write_report(report, {s["query"]: queries[s["query"]].read() for s in report["samples"]},
+                        search.sessions, tmp_path / "report")
+    text = page.read_text()
+    assert text.count('class="row"') == 6 and text.count('class="hit"') == 30 and 'class="miss"' not in text
+    assert "src=\"http" not in text and text.count("data:image/png;base64,") == 6 * 6 + len(PLOTS)
+    for name in PLOTS:
+        with Image.open(tmp_path / "report" / f"{name}.png") as plot:
+            assert plot.size[0] >= 600 and plot.getextrema() != ((255, 255),) * 4  # a drawn picture, not blank
 
 
 @pytest.mark.slow
@@ -54,8 +85,10 @@ def test_evaluate_command_writes_a_table_and_json(cli_env, tmp_path):
     assert run("populate", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm")).returncode == 0
     rebuilt = run("rebuild")
     assert rebuilt.returncode == 0 and "rebuilt 10 prototypes and the flatip index of 40" in rebuilt.stdout
-    out = run("evaluate", "--queries", "20", "--k", "3", "--data-dir", str(tmp_path / "fm"), "--json", str(tmp_path / "r.json"))
+    out = run("evaluate", "--queries", "20", "--k", "3", "--data-dir", str(tmp_path / "fm"), "--json",
+              str(tmp_path / "r.json"), "--report", str(tmp_path / "page"), "--samples", "4")
     assert out.returncode == 0, out.stderr
+    assert (tmp_path / "page" / "index.html").read_text().count('class="row"') == 4 and "wrote" in out.stdout
     assert "| exhaustive |" in out.stdout and "| P=5 |" in out.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["queries"] == 20 and report["indexed_images"] == 40 and report["model"] == "efficientnet_lite0"
