@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from backend.errors import ImsrcError
@@ -37,6 +38,11 @@ def cmd_populate(args) -> int:
         args.dataset, why = default_dataset()
         print(why)
     items = select_balanced(load_dataset(args.dataset, args.split, args.data_dir, args.image_dir), args.num_images)
+    automatic = args.categories != "labels" or any(item.category is None for item in items)
+    if automatic:  # the images are stored without categories, then clustered into automatic ones
+        if args.categories == "labels":
+            print("the images have no categories (no subfolders): grouping them into clusters (--categories auto)")
+        items = [replace(item, category=None) for item in items]
     factory = session_factory()
     embedder = load_embedder(choose_model(factory), factory)
     with factory() as s, s.begin():  # later commands with MODEL_NAME unset use the model chosen here
@@ -49,6 +55,33 @@ def cmd_populate(args) -> int:
               f"{embedder.device}")
         report = ingest(factory, items, embedder, batch_size=batch_size)
     print(report.summary())
+    if automatic:
+        _recluster(factory, embedder.name, _cluster_count(args.categories))
+    return 0
+
+
+def _cluster_count(setting: str) -> int | None:
+    """K from --categories auto:K (None: from the collection's size)."""
+    return int(setting.split(":", 1)[1]) if ":" in setting else None
+
+
+def _recluster(factory, model_name: str, k: int | None) -> None:
+    from backend.clusters import recluster
+
+    started = time.perf_counter()
+    with factory() as s, s.begin():
+        made = recluster(s, model_name, k)
+    print(f"grouped the images without a category into {made} automatic categories (\"cluster 1\".."
+          f"\"cluster {made}\") in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_recluster(args) -> int:
+    """Group the images no person categorised into K automatic categories again, as the collection has grown."""
+    from backend.database import session_factory
+    from backend.model_choice import choose_model
+
+    factory = session_factory()
+    _recluster(factory, choose_model(factory).name, args.k)
     return 0
 
 
@@ -291,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local copy of the dataset (a folder; for --dataset csv, the CSV file)")
     p.add_argument("--image-dir", type=Path, default=None, help="for --dataset csv: where relative file paths point")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default BATCH_SIZE)")
+    p.add_argument("--categories", type=_categories, default="labels", metavar="labels|auto[:K]",
+                   help="labels: the dataset's own (default); auto: ignore them and group the images into K "
+                        "clusters that act as categories (K from the collection's size unless given)")
     p.add_argument("--engine", choices=("single", "ray"), default="single",
                    help="single: this process (default); ray: read, decode and embed on a Ray cluster")
     p.add_argument("--ray-address", default=None,
@@ -304,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
     sub.add_parser("check", help=cmd_check.__doc__).set_defaults(func=cmd_check)
+    p = sub.add_parser("recluster", help=cmd_recluster.__doc__)
+    p.add_argument("--k", type=_positive_int, default=None, help="clusters (default: from the collection's size)")
+    p.set_defaults(func=cmd_recluster)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
     p.add_argument("--queries", type=_positive_int, default=1000, help="held-out query images, balanced by class")
@@ -326,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (each holds the model and the index: see README)")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _categories(text: str) -> str:
+    if text == "labels" or text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) >= 2):
+        return text
+    raise argparse.ArgumentTypeError(f"expected labels, auto or auto:K with K at least 2, got {text!r}")
 
 
 def _positive_int(text: str) -> int:

@@ -30,7 +30,7 @@ HUB_IDS = {"cifar10": "uoft-cs/cifar10", "fashion-mnist": "zalando-datasets/fash
 class Item:
     """One image of a dataset, read only when needed."""
 
-    category: str
+    category: str | None  # None: no label (populate clusters such images into automatic categories)
     label: int | None
     original_name: str
     source: str
@@ -177,17 +177,21 @@ def _hub_items(name: str, split: str, image_column: str, classes: list[str], loc
 
 # -- file datasets ----------------------------------------------------------------------------------
 def load_folder(root: Path) -> list[Item]:
-    """One subfolder per category, holding jpg/png/webp/gif/bmp files."""
+    """One subfolder per category, holding jpg/png/webp/gif/bmp files; a folder of images with no subfolders gives
+    items without a category (populate clusters them: --categories auto)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetUnavailable(f"--data-dir {root} is not a folder (expected one subfolder per category)")
+    is_image = lambda f: f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES  # noqa: E731
     categories = sorted(p for p in root.iterdir() if p.is_dir())
     items = [Item(category=cat.name, label=label, original_name=str(f.relative_to(root)), source="folder",
                   split=None, read=f.read_bytes)
-             for label, cat in enumerate(categories)
-             for f in sorted(cat.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+             for label, cat in enumerate(categories) for f in sorted(cat.rglob("*")) if is_image(f)]
+    if not items:  # a flat folder: images without labels
+        items = [Item(category=None, label=None, original_name=f.name, source="folder", split=None, read=f.read_bytes)
+                 for f in sorted(root.iterdir()) if is_image(f)]
     if not items:
-        raise DatasetUnavailable(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in subfolders of {root}")
+        raise DatasetUnavailable(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root} or its subfolders")
     return items
 
 

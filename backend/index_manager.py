@@ -303,9 +303,12 @@ class IndexManager:
                 current = fingerprint(s, self.model_name)
                 new, gone = [], []
                 if current != self.fingerprint:
-                    in_db = set(s.scalars(self._member_ids()).all())
-                    in_index = set(self.index.ids().tolist())
-                    new, gone = sorted(in_db - in_index), sorted(in_index - in_db)
+                    in_db = dict(s.execute(self._member_ids().add_columns(Image.category_id)).all())
+                    in_index = self.index.assignments()
+                    # An image whose category changed (a recluster) leaves its old category and joins the new one.
+                    moved = {i for i, c in in_db.items() if in_index.get(i, c) != c}
+                    new = sorted((in_db.keys() - in_index.keys()) | moved)
+                    gone = sorted((in_index.keys() - in_db.keys()) | moved)
             else:
                 wanted = [int(i) for i in image_ids]
                 in_db = set(s.scalars(self._member_ids().where(Embedding.image_id.in_(wanted))).all())

@@ -71,6 +71,7 @@ class CategoryOut(BaseModel):
     category_id: int
     name: str
     image_count: int
+    automatic: bool = Field(False, description="a cluster imsrc made (`--categories auto`), not a label a person gave")
 
 
 class ImagePage(BaseModel):

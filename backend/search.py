@@ -275,6 +275,10 @@ class CategoryIndex:
         """All image ids in the index, sorted."""
         return np.array(sorted(self._category_of), dtype=np.int64)
 
+    def assignments(self) -> dict[int, int]:
+        """image id -> category id of every image held (a copy)."""
+        return dict(self._category_of)
+
     def __contains__(self, image_id: int) -> bool:
         return int(image_id) in self._category_of
 

@@ -256,6 +256,16 @@ class ImageSearch:
         items = select_balanced(load_dataset(dataset, split, data_dir, image_dir), num_images)
         return self._ingest(items, progress=progress)
 
+    def recluster(self, k: int | None = None) -> int:
+        """Group the images no person categorised into k automatic categories (backend.clusters; k from the
+        collection's size by default) and index them; returns how many clusters were made."""
+        from backend.clusters import recluster
+
+        with self.sessions() as s, s.begin():
+            made = recluster(s, self.embedder.name, k)
+        self.refresh()
+        return made
+
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
         with self._sync_lock:

@@ -191,10 +191,10 @@ def get_image(session: Session, image_id: int):
                            .where(Image.id == image_id)).first()
 
 
-def list_categories(session: Session) -> list[tuple[int, str, int]]:
-    """(id, name, image count) of every category, by name."""
+def list_categories(session: Session) -> list[tuple[int, str, int, bool]]:
+    """(id, name, image count, automatic) of every category, by name."""
     n = sa.func.count(Image.id)
-    return session.execute(sa.select(Category.id, Category.name, n).join(Image, isouter=True)
+    return session.execute(sa.select(Category.id, Category.name, n, Category.automatic).join(Image, isouter=True)
                            .group_by(Category.id).order_by(Category.name)).all()
 
 

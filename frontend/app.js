@@ -127,6 +127,7 @@ async function loadCategories() {
       const b = document.createElement("button");
       b.type = "button";
       b.textContent = `${c.name} (${c.image_count})`;
+      if (c.automatic) b.title = "a cluster imsrc made: this collection has no labels";
       b.addEventListener("click", async () => {
         try {
           const page = await api.categoryImages(c.category_id);

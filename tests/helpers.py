@@ -118,6 +118,13 @@ def messy_image_bytes() -> list[bytes]:
     ]
 
 
+def schema_head() -> str:
+    """The newest Alembic revision: what a migrated database is at."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(ROOT / "migrations")).get_current_head()
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     import socket

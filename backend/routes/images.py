@@ -98,7 +98,7 @@ async def delete_image(image_id: ImageId, search: SearchDep):
 def categories(search: SearchDep):
     """Every category with its number of images."""
     with search.sessions() as s:
-        return [CategoryOut(category_id=i, name=n, image_count=c) for i, n, c in store.list_categories(s)]
+        return [CategoryOut(category_id=i, name=n, image_count=c, automatic=a) for i, n, c, a in store.list_categories(s)]
 
 
 @router.get("/categories/{category_id}/images", response_model=ImagePage, responses=NOT_FOUND, tags=["categories"])
