@@ -257,6 +257,11 @@ def cmd_evaluate(args) -> int:
     from backend.evaluate import evaluate, format_table, write_json
     from backend.service import ImageSearch
 
+    if args.report:  # found out now, not after the whole evaluation
+        try:
+            args.report.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ImsrcError(f"cannot write the report to {args.report}: {exc.strerror or exc}") from None
     search = ImageSearch.open()
     if args.dataset is None:
         with search.sessions() as s:
@@ -341,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
     sub.add_parser("check", help=cmd_check.__doc__).set_defaults(func=cmd_check)
     p = sub.add_parser("recluster", help=cmd_recluster.__doc__)
-    p.add_argument("--k", type=_positive_int, default=None, help="clusters (default: from the collection's size)")
+    p.add_argument("--k", type=_at_least_two, default=None, help="clusters (default: from the collection's size)")
     p.set_defaults(func=cmd_recluster)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
@@ -371,6 +376,13 @@ def _categories(text: str) -> str:
     if text == "labels" or text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) >= 2):
         return text
     raise argparse.ArgumentTypeError(f"expected labels, auto or auto:K with K at least 2, got {text!r}")
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -35,6 +35,8 @@ def default_k(n: int) -> int:
 def recluster(session: Session, model_name: str, k: int | None = None, seed: int = 0) -> int:
     """Cluster the images of `model_name` that have no category or an automatic one into k (default_k) automatic
     categories, in the session's transaction; returns the number of clusters made."""
+    # One recluster at a time: a second one would rename and delete the categories the first is filling.
+    session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-recluster'))"))
     rows = session.execute(
         sa.select(Embedding.image_id, Embedding.vector).join(Image, Image.id == Embedding.image_id)
         .outerjoin(Category, Category.id == Image.category_id)
@@ -57,9 +59,11 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
     session.execute(insert(Category).values([{"name": n, "automatic": True} for n in names])
                     .on_conflict_do_nothing(index_elements=["name"]))
     category_of = dict(session.execute(sa.select(Category.name, Category.id).where(Category.name.in_(names))).all())
-    cluster_ids = np.array([category_of[names[used.index(c)]] for c in assignment.tolist()], np.int64)
+    category_for = {c: category_of[names[n]] for n, c in enumerate(used)}
+    cluster_ids = np.array([category_for[c] for c in assignment.tolist()], np.int64)
     session.execute(sa.text("UPDATE images SET category_id = moved.category FROM unnest(:ids, :cats) "
-                            "AS moved(image, category) WHERE images.id = moved.image"),
+                            "AS moved(image, category) WHERE images.id = moved.image "
+                            "AND images.category_id IS DISTINCT FROM moved.category"),
                     {"ids": ids.tolist(), "cats": cluster_ids.tolist()})
     session.execute(sa.delete(Category).where(Category.automatic, Category.name.not_in(names),
                                               ~sa.exists().where(Image.category_id == Category.id)))

@@ -14,6 +14,7 @@ from backend.search import CategoryIndex
 
 QUANTILE = 0.01  # the share of the collection's own images that would be called "no close match"
 SAMPLE_PER_CATEGORY = 200
+SAMPLE_TOTAL = 20_000  # with many categories, fewer from each: calibrating stays well under a second
 RECALIBRATE_GROWTH = 0.1  # re-draw the sample when the collection has grown or shrunk by this share
 
 
@@ -38,7 +39,7 @@ def calibrate(index: CategoryIndex, quantile: float = QUANTILE, per_category: in
     cats, prototypes = index.prototypes()
     column = {int(c): k for k, c in enumerate(cats)}
     best = []
-    for c, sample, size in index.sample(per_category):
+    for c, sample, size in index.sample(max(10, min(per_category, SAMPLE_TOTAL // max(len(cats), 1)))):
         if c not in column or (size == len(sample) and size < 2):
             continue  # a lone image has no others to be compared with
         sims = sample @ prototypes.T
@@ -59,10 +60,15 @@ def assess(similarities: np.ndarray, threshold: float | None) -> Confidence | No
 
 
 class Calibration:
-    """The threshold for one index, re-drawn when its categories change or its size moves by RECALIBRATE_GROWTH."""
+    """The threshold for one index, re-drawn when its categories change or its size moves by RECALIBRATE_GROWTH,
+    or after reset() (its members moved: a recluster or a resync)."""
 
     def __init__(self):
         self._key, self.threshold = None, None
+
+    def reset(self) -> None:
+        """Draw the threshold again at the next search."""
+        self._key = None
 
     def current(self, index: CategoryIndex) -> float | None:
         """The threshold for `index` as it is now (computed again only when it changed enough)."""

@@ -87,6 +87,9 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         judge = lambda hits: hits.categories  # noqa: E731
     held_out = [(n, q, data) for n, ((q, data), digest) in enumerate(zip(read, digests))
                 if digest not in stored and truth[id(q)] in sizes]
+    if not held_out and by_label and not label_of:
+        raise ImsrcError("the categories are automatic clusters and the stored images have no labels: there is "
+                         "nothing to judge relevance by")
     if not held_out:
         raise ImsrcError("no usable queries: every query image is in the index, or its category is not")
 

@@ -34,6 +34,9 @@ from backend.snapshot import SnapshotError
 log = logging.getLogger(__name__)
 
 EXAMPLES = 3  # differences named in one message
+# When more than this share of the index changed category, it is rebuilt beside the old one (searches go on)
+# rather than changed in place under the search lock.
+REBUILD_SHARE = 0.1
 
 
 def fingerprint(session: Session, model_name: str) -> str:
@@ -267,17 +270,18 @@ class IndexManager:
             return f"could not be moved aside ({exc})"
         return f"moved to {bad}"
 
-    def rebuild(self, save: bool = True) -> None:
-        """Recompute prototypes exactly in PostgreSQL and rebuild the index from it, streaming the vectors in. Both
-        read every vector, so they run side by side on two connections: PostgreSQL averages while we parse."""
+    def rebuild(self, save: bool = True, prototypes: bool = True) -> None:
+        """Recompute prototypes exactly in PostgreSQL (unless `prototypes` is False) and rebuild the index from it,
+        streaming the vectors in. Both read every vector, so they run side by side on two connections: PostgreSQL
+        averages while we parse."""
         index = CategoryIndex(self.dim, self.index_type)
         with ThreadPoolExecutor(1, thread_name_prefix="prototypes") as pool:
-            prototypes = pool.submit(self._rebuild_prototypes)
+            recomputed = pool.submit(self._rebuild_prototypes if prototypes else lambda: None)
             with consistent_reads(self.sessions) as s:
                 current = fingerprint(s, self.model_name)
                 copy_members(s, self.model_name, self.dim,
                              lambda ids, cats, vectors: index.add(ids, vectors, cats, optimise=False))
-            prototypes.result()
+            recomputed.result()
         # Read after the members: a writer in between changes the fingerprint, and the next sync() catches up.
         with self.sessions() as s:
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
@@ -307,6 +311,11 @@ class IndexManager:
                     in_index = self.index.assignments()
                     # An image whose category changed (a recluster) leaves its old category and joins the new one.
                     moved = {i for i, c in in_db.items() if in_index.get(i, c) != c}
+                    if len(moved) > REBUILD_SHARE * len(in_index):  # a recluster: build anew, beside the old
+                        before = len(self.index)
+                        s.close()
+                        self.rebuild(save=False, prototypes=False)
+                        return max(0, len(self.index) - before), max(0, before - len(self.index))
                     new = sorted((in_db.keys() - in_index.keys()) | moved)
                     gone = sorted((in_index.keys() - in_db.keys()) | moved)
             else:

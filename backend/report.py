@@ -55,6 +55,8 @@ def _thumbnail(data: bytes | None) -> str:
 def _page(report: dict, query_bytes: Mapping[int, bytes], stored: dict, plots: dict) -> str:
     k, esc = report["k"], html.escape
     configs = report["configurations"]
+    judged = "the dataset's labels (the categories are clusters)" if report.get("relevance", "").startswith("label") \
+        else "the query's category"
     rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{r[f'precision@{k}']:.4f}</td><td>{r[f'map@{k}']:.4f}</td>"
         f"<td>{r[f'recall_vs_exhaustive@{k}']:.4f}</td><td>{r['prototype_ms']['p50']:.3f}</td>"
@@ -89,11 +91,11 @@ figure img {{ width: {THUMBNAIL}px; height: {THUMBNAIL}px; object-fit: contain; 
 <h1>imsrc evaluation</h1>
 <p>{esc(report['model'])}, {esc(report['index_type'])} index, {report['indexed_images']:,} images in
 {report['categories']} categories; {report['queries']:,} held-out queries (none of them in the index); relevance by
-category; k = {k}.</p>
+{esc(judged)}; k = {k}.</p>
 <table><tr><th>search</th><th>precision@{k}</th><th>mAP@{k}</th><th>recall vs exhaustive</th>
 <th>stage 1 p50 ms</th><th>FAISS p50 ms</th></tr>{rows}</table>
 {flagged}
-<h2>Sample queries ({esc(report['sample_config'])}): green, the query's category; red, another</h2>
+<h2>Sample queries ({esc(report['sample_config'])}): green, relevant ({esc(judged)}); red, not</h2>
 {''.join(samples) or '<p>No samples were asked for.</p>'}
 <h2>Plots</h2>
 {figures}

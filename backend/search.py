@@ -186,11 +186,16 @@ class _Partition:
             ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)[positions]
             vectors = np.stack([inner.reconstruct(int(p)) for p in positions]) if len(positions) else \
                 np.zeros((0, self.dim), np.float32)
-        else:  # whole inverted lists, at random, until there are enough
-            sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
-            order = rng.permutation(ivf.nlist)
-            chosen = order[:np.searchsorted(np.cumsum(sizes[order]), n) + 1]
-            ids, vectors = self._lists(chosen.tolist())
+        else:  # rows at random across the inverted lists, decoded one by one
+            sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+            rows = np.sort(rng.choice(int(sizes.sum()), min(n, int(sizes.sum())), replace=False))
+            lists = np.searchsorted(np.cumsum(sizes), rows, side="right")
+            offsets = rows - (np.cumsum(sizes) - sizes)[lists]
+            vectors = np.zeros((len(rows), self.dim), np.float32)
+            for row, (lst, offset) in enumerate(zip(lists.tolist(), offsets.tolist())):
+                ivf.reconstruct_from_offset(lst, offset, faiss.swig_ptr(vectors[row]))
+            ids = np.array([ivf.invlists.get_single_id(lst, offset) for lst, offset in
+                            zip(lists.tolist(), offsets.tolist())], np.int64)
         return self._visible(ids, vectors)[1][:n]
 
     def _lists(self, lists) -> tuple[np.ndarray, np.ndarray]:

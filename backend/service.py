@@ -158,6 +158,7 @@ class ImageSearch:
         with self._sync_lock:
             if any(c.what == "resync" for c in mine):
                 self.manager.sync()
+                self._calibration.reset()
             else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
                 self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
@@ -269,7 +270,9 @@ class ImageSearch:
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
         with self._sync_lock:
-            return self.manager.sync()
+            changed = self.manager.sync()
+        self._calibration.reset()  # images may have moved between categories (a recluster)
+        return changed
 
     def rebuild(self) -> None:
         """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it; searches go on meanwhile."""

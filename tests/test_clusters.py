@@ -1,4 +1,5 @@
 """Categories for collections without labels: k-means clusters stored as automatic categories, kept in step."""
+import json
 import subprocess
 import sys
 import time
@@ -51,6 +52,9 @@ def test_a_collection_without_labels_is_clustered_into_categories_that_search_us
     hits = search.search_similar(red, k=5, top_categories=1).results
     assert {h.file_name.split("-")[0] for h in hits} == {"red"} and hits[0].category.startswith("cluster ")
     assert search.check().ok
+    calibrated = search._calibration.threshold
+    assert calibrated is not None and search.recluster(3) == 3
+    assert search._calibration._key is None  # the members moved: the threshold is drawn again at the next search
 
 
 def test_reclustering_moves_images_and_a_listening_server_follows(sessions, flat, tmp_path):
@@ -95,6 +99,9 @@ def test_populate_auto_categories_and_evaluate_by_label(cli_env, tmp_path):
     assert "into 6 automatic categories" in done.stdout
     again = run("recluster", "--k", "4")
     assert again.returncode == 0 and "into 4 automatic categories" in again.stdout, again.stderr
-    out = run("evaluate", "--queries", "20", "--k", "3", "--data-dir", str(tmp_path / "fm"))
+    out = run("evaluate", "--queries", "20", "--k", "3", "--data-dir", str(tmp_path / "fm"), "--json",
+              str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     assert "relevance by label (the categories are automatic clusters)" in out.stdout and "| P=3 |" in out.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["configurations"]["exhaustive"]["precision@3"] > 0.3  # judged by label: far above chance (0.1)

@@ -58,9 +58,12 @@ def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
     search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
     search.build_database("folder", tmp_path / "index", progress=False)
     write_folder_dataset(tmp_path / "queries", n_per_class=4, seed=1)
-    queries = load_dataset("folder", data_dir=tmp_path / "queries")
+    stored = load_dataset("folder", data_dir=tmp_path / "index")[:1]  # skipped: positions must still be the given
+    queries = stored + load_dataset("folder", data_dir=tmp_path / "queries")
     report = evaluate(search, queries, k=5, progress=False, samples=6, sample_config="P=1")
     assert [s["category"] for s in report["samples"]].count("red") == 2  # spread: two of each category
+    assert all(queries[s["query"]].category == s["category"] and s["query"] > 0 for s in report["samples"])
+    report["samples"][0]["category"] = "<script>alert(1)</script>"  # names are a person's: the page escapes them
     assert all(len(s["hits"]) == 5 and all(h["relevant"] for h in s["hits"]) for s in report["samples"])
     with search.sessions() as s:  # one result deleted since: the page shows a blank for it, not an error
         from backend import store
@@ -70,6 +73,7 @@ def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
     page = write_report(report, {s["query"]: queries[s["query"]].read() for s in report["samples"]},
                         search.sessions, tmp_path / "report")
     text = page.read_text()
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)" in text
     assert text.count('class="row"') == 6 and text.count('class="hit"') == 30 and 'class="miss"' not in text
     assert "src=\"http" not in text and text.count("data:image/png;base64,") == 6 * 6 + len(PLOTS)
     for name in PLOTS:
