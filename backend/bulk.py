@@ -94,16 +94,18 @@ class _RowParser:
 
 
 def copy_members(session: Session, model_name: str, dim: int, consume: Consumer, image_ids=None,
-                 ordered: bool = False) -> int:
+                 ordered: bool = False, uncategorised: bool = False) -> int:
     """Hand the (image id, category id, vector) of every image in a category with a vector of the model (or of those
-    among `image_ids`) to consume(), in batches; by image id if `ordered`. Runs in the session's transaction, so it
-    sees what the session's other reads see. Returns the rows read."""
+    among `image_ids`; with `uncategorised`, images without a category too, as category 0) to consume(), in
+    batches; by image id if `ordered`. Runs in the session's transaction, so it sees what the session's other reads
+    see. Returns the rows read."""
     cursor = session.connection().connection.driver_connection.cursor()
-    where = "e.model_name = %(model)s AND i.category_id IS NOT NULL"
+    where = "e.model_name = %(model)s" + ("" if uncategorised else " AND i.category_id IS NOT NULL")
     if image_ids is not None:
         where += " AND e.image_id = ANY(%(ids)s)"
     query = cursor.mogrify(
-        f"COPY (SELECT e.image_id, i.category_id, e.vector FROM embeddings e JOIN images i ON i.id = e.image_id "
+        "COPY (SELECT e.image_id, coalesce(i.category_id, 0), e.vector FROM embeddings e JOIN images i ON i.id = "
+        f"e.image_id "
         f"WHERE {where}{' ORDER BY e.image_id' if ordered else ''}) TO STDOUT (FORMAT binary)",
         {"model": model_name, "ids": [int(i) for i in image_ids] if image_ids is not None else None}).decode()
     parser = _RowParser(dim, consume)
@@ -117,11 +119,12 @@ def copy_members(session: Session, model_name: str, dim: int, consume: Consumer,
     return parser.finish()
 
 
-def fetch_members(session: Session, model_name: str, dim: int, image_ids=None):
+def fetch_members(session: Session, model_name: str, dim: int, image_ids=None, uncategorised: bool = False):
     """(ids, category ids, vectors (n, dim) float32) of the images in a category with a vector of the model, by id;
-    all of them, or those among `image_ids`."""
+    all of them, or those among `image_ids` (with `uncategorised`, images without a category too, as 0)."""
     batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    copy_members(session, model_name, dim, lambda *batch: batches.append(batch), image_ids, ordered=True)
+    copy_members(session, model_name, dim, lambda *batch: batches.append(batch), image_ids, ordered=True,
+                 uncategorised=uncategorised)
     if not batches:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     ids, cats, vectors = (np.concatenate(column) for column in zip(*batches))

@@ -17,9 +17,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from backend import store
+from backend.bulk import fetch_members
 from backend.errors import ImsrcError
 from backend.live_sync import announce
-from backend.models import Category, Embedding, Image
+from backend.models import Category, Embedding, EmbeddingModel, Image
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,15 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
     categories, in the session's transaction; returns the number of clusters made."""
     # One recluster at a time: a second one would rename and delete the categories the first is filling.
     session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-recluster'))"))
-    rows = session.execute(
-        sa.select(Embedding.image_id, Embedding.vector).join(Image, Image.id == Embedding.image_id)
+    candidates = session.scalars(
+        sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
         .outerjoin(Category, Category.id == Image.category_id)
-        .where(Embedding.model_name == model_name, sa.or_(Image.category_id.is_(None), Category.automatic))
-        .order_by(Embedding.image_id)).all()
-    if len(rows) < 2:
-        raise ImsrcError(f"only {len(rows)} {model_name} vectors without a category: nothing to cluster")
-    ids = np.array([r[0] for r in rows], np.int64)
-    vectors = np.stack([np.asarray(r[1], np.float32) for r in rows])
-    k = min(k or default_k(len(rows)), len(rows))
+        .where(Embedding.model_name == model_name, sa.or_(Image.category_id.is_(None), Category.automatic))).all()
+    if len(candidates) < 2:
+        raise ImsrcError(f"only {len(candidates)} {model_name} vectors without a category: nothing to cluster")
+    dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
+    ids, _, vectors = fetch_members(session, model_name, dim, candidates, uncategorised=True)  # in bulk, by id
+    k = min(k or default_k(len(ids)), len(ids))
     kmeans = faiss.Kmeans(vectors.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
                           min_points_per_centroid=1, max_points_per_centroid=100_000)
     kmeans.train(vectors)

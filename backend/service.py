@@ -195,16 +195,20 @@ class ImageSearch:
             hits = self.index.search(vector[None, :], k, top_categories=top_categories,
                                      use_prototypes=use_prototypes, categories=filter_ids)[0]
             search_ms = (time.perf_counter() - t0) * 1000
-            confidence = self._confidence(vector)
+            # Stage 1 already ranked every category, unless a filter narrowed it or the search was exhaustive.
+            ranking = hits.prototype_ranking if use_prototypes and filter_ids is None else None
+            confidence = self._confidence(vector, ranking)
         t1 = time.perf_counter()
         results, prototypes = self._describe(hits)
         return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
                                                     "lookup": round((time.perf_counter() - t1) * 1000, 2)},
                               use_prototypes, confidence)
 
-    def _confidence(self, vector: np.ndarray) -> dict | None:
-        """How sure stage 1 is about the query, against every category (call with the lock held)."""
-        sims = self.index.rank_prototypes(vector[None, :])[1][0]
+    def _confidence(self, vector: np.ndarray, ranking=None) -> dict | None:
+        """How sure stage 1 is about the query, against every category (call with the lock held); `ranking` is
+        stage 1's (category, similarity) list over every category, when the search made one."""
+        sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
+            self.index.rank_prototypes(vector[None, :])[1][0]
         found = assess(sims, self._calibration.current(self.index))
         return found.as_dict() if found is not None else None
 

@@ -58,21 +58,27 @@ def wait_ready(base: str, proc, timeout: float = 300) -> None:
     raise SystemExit(f"the server did not become ready (exit {proc.poll()})")
 
 
+def drop_database(name: str) -> None:
+    """Drop the bench database `name` on the configured PostgreSQL, if it is there."""
+    import sqlalchemy as sa
+
+    from backend.database import database_url
+
+    admin = sa.create_engine(database_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def fresh_database(name: str):
     """A sessionmaker on a new, migrated database `name` on the configured PostgreSQL (dropped first if a run left
     it behind)."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
     from sqlalchemy.orm import sessionmaker
 
     from backend.database import database_url, migrated_engine
 
-    server = make_url(database_url())
-    admin = sa.create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-    return sessionmaker(migrated_engine(server.render_as_string(hide_password=False), name), expire_on_commit=False)
+    drop_database(name)
+    return sessionmaker(migrated_engine(database_url(), name), expire_on_commit=False)
 
 
 def write_json(path: Path | None, report) -> None:

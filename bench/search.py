@@ -48,7 +48,7 @@ from backend.embedders import l2_normalize, model_dim  # noqa: E402
 from backend.index_manager import IndexManager  # noqa: E402
 from backend.model_choice import choose_model  # noqa: E402
 from backend.search import CategoryIndex  # noqa: E402
-from bench.common import machine, percentile, rss_mib, write_json  # noqa: E402
+from bench.common import drop_database, machine, percentile, rss_mib, write_json  # noqa: E402
 
 MODEL = "bench"
 K = 10
@@ -147,21 +147,15 @@ def load_dataset(engine: sa.Engine, chunks, dim: int, categories: int, total: in
 def bench_engine(name: str, fresh: bool) -> tuple[sa.Engine, bool]:
     """(engine on the bench database `name` beside imsrc's own, whether it already holds its complete dataset);
     a half-loaded one, left by an interrupted run, is dropped and made again."""
-    def drop() -> None:
-        admin = sa.create_engine(database_url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
     if fresh:
-        drop()
+        drop_database(name)
     engine = migrated_engine(database_url(), name)
     with engine.connect() as conn:
         complete = conn.execute(sa.text("SELECT to_regclass('bench_done') IS NOT NULL")).scalar()
         started = conn.execute(sa.text("SELECT EXISTS (SELECT 1 FROM images)")).scalar()
     if started and not complete:
         engine.dispose()
-        drop()
+        drop_database(name)
         engine = migrated_engine(database_url(), name)
     return engine, complete
 
