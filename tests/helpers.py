@@ -16,6 +16,9 @@ from backend.embedders import Embedder
 
 CLASSES = ["red", "green", "blue"]
 ROOT = Path(__file__).resolve().parent.parent
+# For tests that compare vectors embedded by different processes: EMBED_*=auto times the engines in each process,
+# and on a loaded machine two processes may choose differently (bf16 and fp32 vectors differ by up to ~0.02).
+PINNED_ENGINE = {"EMBED_PRECISION": "fp32", "EMBED_RUNTIME": "torch"}
 
 
 class PixelEmbedder(Embedder):
