@@ -85,6 +85,27 @@ def cmd_recluster(args) -> int:
     return 0
 
 
+def cmd_train_projection(args) -> int:
+    """Learn a projection of the model's vectors from the collection's categories, as the derived model
+    <model>+proj (its own vectors, prototypes and index; select it with MODEL_NAME)."""
+    from backend.database import session_factory
+    from backend.model_choice import choose_model
+    from backend.projection import base_of
+    from backend.train_projection import train_projection
+
+    factory = session_factory()
+    base = base_of(choose_model(factory).name)
+    head = train_projection(factory, base, dim=args.dim, kind=args.kind, epochs=args.epochs,
+                            max_vectors=args.max_vectors)
+    report = head.report
+    precision = next(v for k, v in report.items() if k.startswith("held_out_precision@"))
+    print(f"{head.model_name}: head version {head.version} ({report['kind']}, {report['dim']}-d), trained on "
+          f"{report['train_vectors']:,} vectors in {report['seconds']} s ({report['epochs_run']} epochs, best "
+          f"{report['best_epoch']}); held-out precision@10 {precision['raw']} raw -> {precision['projected']} "
+          f"projected.\nSearch with it: MODEL_NAME={head.model_name} (servers already using it switch on their own)")
+    return 0
+
+
 def _populate_on_ray(args, factory, items, embedder, batch_size):
     from backend.database import database_url, is_embedded
     from backend.ray_ingest import connect, ingest_on_ray
@@ -147,15 +168,16 @@ def cmd_status(args) -> int:
         return 0
     from backend import store
     from backend.database import session_factory
-    from backend.embedders import model_dim
     from backend.model_choice import choose_model, unserved_notice
+    from backend.projection import model_dim
 
     factory = session_factory()
     with factory() as session:
         c = store.counts(session)
-    choice = choose_model(factory, quiet=True)
+        choice = choose_model(factory, quiet=True)
+        dim = model_dim(session, choice.name)
     print(f"database:   {_database_description()}")
-    print(f"model:      {choice.name} ({model_dim(choice.name)}-d): {choice.reason}")
+    print(f"model:      {choice.name} ({dim}-d): {choice.reason}")
     print(f"images:     {c['images']}")
     print(f"categories: {c['categories']}")
     for model in sorted(set(c["embeddings"]) | set(c["prototypes"])):
@@ -234,12 +256,14 @@ def cmd_check(args) -> int:
     from backend.config import settings
     from backend.consistency import check_snapshot
     from backend.database import session_factory
-    from backend.embedders import model_dim
     from backend.model_choice import choose_model
+    from backend.projection import model_dim
 
     factory = session_factory()
     model = choose_model(factory).name
-    report = check_snapshot(factory, model, model_dim(model), settings.faiss_index_type, settings.snapshot_dir)
+    with factory() as s:
+        dim = model_dim(s, model)
+    report = check_snapshot(factory, model, dim, settings.faiss_index_type, settings.snapshot_dir)
     for line in report.findings + [f"note: {note}" for note in report.notes]:
         print(line)
     print(report.summary())
@@ -348,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recluster", help=cmd_recluster.__doc__)
     p.add_argument("--k", type=_at_least_two, default=None, help="clusters (default: from the collection's size)")
     p.set_defaults(func=cmd_recluster)
+
+    p = sub.add_parser("train-projection", help=cmd_train_projection.__doc__)
+    p.add_argument("--dim", type=_positive_int, default=256, help="dimension of the projected vectors (256)")
+    p.add_argument("--epochs", type=_positive_int, default=30, help="at most (training stops early; 30)")
+    p.add_argument("--kind", choices=("mlp", "linear"), default="mlp",
+                   help="mlp: two layers (default, the better measured); linear: one matrix")
+    p.add_argument("--max-vectors", type=_positive_int, default=100_000,
+                   help="stored vectors trained on, drawn at random when there are more (100,000)")
+    p.set_defaults(func=cmd_train_projection)
 
     p = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
     p.add_argument("--queries", type=_positive_int, default=1000, help="held-out query images, balanced by class")

@@ -105,6 +105,11 @@ class Embedder(ABC):
         return self.load()._loaded[2]
 
     @property
+    def source(self) -> "Embedder":
+        """The embedder whose vectors ingestion stores: itself (a derived model's is its base: backend.projection)."""
+        return self
+
+    @property
     def runtime_in_use(self) -> str:
         """'openvino' or 'torch': what runs the network now that it is loaded (EMBED_RUNTIME's values)."""
         return "openvino" if self.load()._compiled is not None else "torch"
@@ -274,13 +279,16 @@ def create_embedder(name: str, **kwargs) -> Embedder:
 def get_embedder(name: str) -> Embedder:
     """The process-wide embedder for a model name, configured from settings.
 
-    MODEL_WEIGHTS_PATH belongs to MODEL_NAME, or to the default model when MODEL_NAME is unset."""
+    MODEL_WEIGHTS_PATH belongs to MODEL_NAME (to its base when it names a derived model), or to the default model
+    when MODEL_NAME is unset."""
     from backend.config import settings
+
+    from backend.projection import base_of
 
     return create_embedder(name, device=settings.device, batch_size=settings.batch_size,
                            precision=settings.embed_precision, runtime=settings.embed_runtime,
-                           weights_path=settings.model_weights_path if name == (settings.model_name or DEFAULT_MODEL)
-                           else None)
+                           weights_path=settings.model_weights_path
+                           if name == base_of(settings.model_name or DEFAULT_MODEL) else None)
 
 
 def _cache_file(url: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
-from backend.confidence import QUANTILE, assess, calibrate
+from backend.confidence import QUANTILE, assess
 from backend.datasets import Item
 from backend.errors import ImsrcError
 from backend.images import decode, sha256
@@ -101,7 +101,7 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
     vectors = np.stack(vectors)
     labels = np.array([truth[id(q)] for _, q, _ in held_out])
     shown = _spread(labels, samples)
-    threshold = calibrate(index)
+    threshold = search.no_match_threshold()
     flagged = [not found.close_match for sims in index.rank_prototypes(vectors)[1]
                if (found := assess(sims, threshold)) is not None]
 

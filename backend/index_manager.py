@@ -25,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend import snapshot, store
+from backend import projection, snapshot, store
 from backend.bulk import copy_members, fetch_members
 from backend.models import Embedding, Image
 from backend.search import CategoryIndex
@@ -199,7 +199,7 @@ class IndexManager:
     """Owns one CategoryIndex for a model and index type; PostgreSQL stays the source of truth."""
 
     def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path,
-                 guard=None):
+                 guard=None, on_head=None):
         self.sessions, self.model_name, self.dim, self.index_type = sessions, model_name, dim, index_type
         # Held only while the index changes in memory (searches hold it too); reading the database happens outside
         # it, so searches go on meanwhile. Callers run one sync, rebuild or snapshot at a time.
@@ -210,6 +210,10 @@ class IndexManager:
         self.saved_fingerprint: str | None = None  # of the database the snapshot on disk matches
         self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
         self.writer = WriterLock(self.snapshot_path.with_suffix(".writer"))
+        # A derived model's index holds one head version's vectors; on_head(head) is called under the guard when
+        # the index changes to another version, so that queries go through the head the index was built with.
+        self.head: projection.Head | None = None
+        self.on_head = on_head
 
     # -- start-up ---------------------------------------------------------------------------------
     def load_or_build(self) -> str:
@@ -242,9 +246,13 @@ class IndexManager:
         'snapshot is stale'). Raises SnapshotError for a file that cannot be trusted."""
         if not self.snapshot_path.exists():
             return "no snapshot"
-        index, meta = read_snapshot(self.snapshot_path, self.model_name, self.index_type, self.dim)
         with consistent_reads(self.sessions) as s:
             current, counts = fingerprint(s, self.model_name), category_counts(s, self.model_name)
+            head = self._read_head(s)
+        if head is not None and (snapshot_meta(self.snapshot_path) or {}).get("head") != head.version:
+            return "snapshot is of another head version"  # a new version was trained since it was written
+        index, meta = read_snapshot(self.snapshot_path, self.model_name, self.index_type,
+                                    head.out_dim if head else self.dim)
         if meta.get("fingerprint") != current:
             return "snapshot is stale"  # the database moved on since it was written: expected, not damage
         # The metadata claims the database as it is now; the contents must bear that out.
@@ -252,7 +260,9 @@ class IndexManager:
             raise SnapshotError(f"out of step with PostgreSQL ({difference})")
         if index_fingerprint(index) != current:
             raise SnapshotError("out of step with PostgreSQL (the same counts, but other images or categories)")
-        self.index, self.fingerprint, self.source = index, current, "snapshot"
+        with self.guard:
+            self.index, self.fingerprint, self.source = index, current, "snapshot"
+            self._use_head(head)
         self.saved_fingerprint = current
         return None
 
@@ -274,12 +284,13 @@ class IndexManager:
         """Recompute prototypes exactly in PostgreSQL (unless `prototypes` is False) and rebuild the index from it,
         streaming the vectors in. Both read every vector, so they run side by side on two connections: PostgreSQL
         averages while we parse."""
-        index = CategoryIndex(self.dim, self.index_type)
         with ThreadPoolExecutor(1, thread_name_prefix="prototypes") as pool:
             recomputed = pool.submit(self._rebuild_prototypes if prototypes else lambda: None)
             with consistent_reads(self.sessions) as s:
-                current = fingerprint(s, self.model_name)
-                copy_members(s, self.model_name, self.dim,
+                current, head = fingerprint(s, self.model_name), self._read_head(s)  # a head and its vectors agree
+                dim = head.out_dim if head else self.dim
+                index = CategoryIndex(dim, self.index_type)
+                copy_members(s, self.model_name, dim,
                              lambda ids, cats, vectors: index.add(ids, vectors, cats, optimise=False))
             recomputed.result()
         # Read after the members: a writer in between changes the fingerprint, and the next sync() catches up.
@@ -291,8 +302,20 @@ class IndexManager:
             index.set_prototypes(proto_cats, protos)
         with self.guard:  # searches used the old index until now
             self.index, self.fingerprint, self.source = index, current, "rebuilt"
+            self._use_head(head)
         if save:
             self.save_snapshot()
+
+    def _read_head(self, session: Session) -> "projection.Head | None":
+        """The head a derived model's vectors were made with (as the session sees the database); None for others."""
+        return projection.require_head(session, self.model_name) if projection.is_derived(self.model_name) else None
+
+    def _use_head(self, head) -> None:
+        """Called under the guard with the index that `head` made."""
+        if head is not None and head is not self.head:
+            self.head, self.dim = head, head.out_dim
+            if self.on_head is not None:
+                self.on_head(head)
 
     def _rebuild_prototypes(self) -> None:
         with self.sessions() as s, s.begin():
@@ -303,6 +326,9 @@ class IndexManager:
         """Bring the index in line with PostgreSQL (all images, or just `image_ids`), prototypes included; returns
         (added, removed)."""
         with consistent_reads(self.sessions) as s:
+            if self.head is not None and projection.current_version(s, self.model_name) != self.head.version:
+                s.close()  # a new head version re-projected every vector
+                return self._rebuild_beside(save=True)
             if image_ids is None:
                 current = fingerprint(s, self.model_name)
                 new, gone = [], []
@@ -311,11 +337,9 @@ class IndexManager:
                     in_index = self.index.assignments()
                     # An image whose category changed (a recluster) leaves its old category and joins the new one.
                     moved = {i for i, c in in_db.items() if in_index.get(i, c) != c}
-                    if len(moved) > REBUILD_SHARE * len(in_index):  # a recluster: build anew, beside the old
-                        before = len(self.index)
+                    if len(moved) > REBUILD_SHARE * len(in_index):  # a recluster
                         s.close()
-                        self.rebuild(save=False, prototypes=False)
-                        return max(0, len(self.index) - before), max(0, before - len(self.index))
+                        return self._rebuild_beside(save=False)
                     new = sorted((in_db.keys() - in_index.keys()) | moved)
                     gone = sorted((in_index.keys() - in_db.keys()) | moved)
             else:
@@ -336,6 +360,13 @@ class IndexManager:
             self.fingerprint = current
         return len(ids), removed
 
+    def _rebuild_beside(self, save: bool) -> tuple[int, int]:
+        """sync() by building the index anew beside the old one (searches go on), the prototypes as they are in
+        PostgreSQL; returns (added, removed) as sync() does."""
+        before = len(self.index)
+        self.rebuild(save=save, prototypes=False)
+        return max(0, len(self.index) - before), max(0, before - len(self.index))
+
     # -- snapshot ---------------------------------------------------------------------------------
     def save_snapshot(self) -> bool:
         """Write the index with its metadata and checksum in one file; temp file, fsync and rename, so a crash
@@ -347,6 +378,7 @@ class IndexManager:
         if self.fingerprint is None:  # after incremental changes: check against the whole database first
             self.sync()
         meta = {"model": self.model_name, "fingerprint": self.fingerprint, "vectors": len(self.index),
+                "head": self.head.version if self.head else None,
                 "counts": {str(c): n for c, n in self.index.category_sizes().items()}}
         folder = self.snapshot_path.parent
         folder.mkdir(parents=True, exist_ok=True)

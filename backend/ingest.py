@@ -51,7 +51,9 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
 
     A pipeline, so that the model never waits: PREPARE_THREADS threads read, hash, look up and decode the next
     LOOKAHEAD batches while this thread runs the model on the current one, and one writer thread stores the
-    previous one (its own transaction, as before)."""
+    previous one (its own transaction, as before). A derived model's images are stored with its base model's
+    vectors, from which the store derives its own (backend.projection)."""
+    embedder = embedder.source
     report = IngestReport()
     started = time.perf_counter()
     items = list(items)

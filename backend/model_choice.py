@@ -50,13 +50,21 @@ def choose_model(sessions: sessionmaker, quiet: bool = False) -> ModelChoice:
     return choice
 
 
-def load_embedder(choice: ModelChoice, sessions: sessionmaker):
-    """The chosen model's embedder, loaded; if it cannot load, the error also names the models the database has
-    vectors of, and how to switch to them."""
+def load_embedder(choice: ModelChoice, sessions: sessionmaker, load: bool = True):
+    """The chosen model's embedder, loaded unless `load` is False; a derived model's (backend.projection) is its
+    base's with the head in use. If it cannot be had, the error also names the models the database has vectors of,
+    and how to switch to them."""
     from backend.embedders import get_embedder
+    from backend.projection import ProjectedEmbedder, base_of, is_derived, require_head
 
     try:
-        return get_embedder(choice.name).load()
+        if is_derived(choice.name):
+            with sessions() as s:
+                head = require_head(s, choice.name)
+            embedder = ProjectedEmbedder(get_embedder(base_of(choice.name)), head)
+        else:
+            embedder = get_embedder(choice.name)
+        return embedder.load() if load else embedder
     except ModelUnavailable as exc:
         with sessions() as s:
             others = [(m, n) for m, n in store.models_with_vectors(s) if m != choice.name]

@@ -84,3 +84,20 @@ class Prototype(Base):
         ForeignKeyConstraint(["model_name", "dim"], ["embedding_models.name", "embedding_models.dim"]),
         CheckConstraint("vector_dims(vector) = dim AND vector_dims(vector_sum) = dim", name="prototype_dim_matches"),
     )
+
+
+class ProjectionHead(Base):
+    """A head trained on a model's vectors and the collection's categories (backend.projection); each training adds
+    a version, and the newest one for `model_name` (the derived model, e.g. "efficientnet_lite0+proj") is in use."""
+
+    __tablename__ = "projection_heads"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    base_model: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    in_dim: Mapped[int] = mapped_column(Integer, CheckConstraint("in_dim > 0"))
+    out_dim: Mapped[int] = mapped_column(Integer, CheckConstraint("out_dim > 0"))
+    weights: Mapped[bytes] = mapped_column(LargeBinary)  # numpy .npz, read without pickle
+    report: Mapped[dict] = mapped_column(JSONB, server_default="{}")  # how training went (backend.train_projection)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

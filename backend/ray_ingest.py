@@ -137,7 +137,7 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     started = time.perf_counter()
     if not items:
         return report
-    embedder.load()  # the precision and engine are chosen here, once, for every actor
+    embedder = embedder.source.load()  # a derived model's base; precision and engine chosen here, for every actor
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = actors or gpus or max(1, sum(1 for node in ray.nodes() if node["Alive"]))
     # On CPUs the actors use what was measured here; on GPUs they measure their own (this CPU says nothing of them).

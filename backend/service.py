@@ -76,7 +76,7 @@ class ImageSearch:
         self._lock = threading.RLock()  # searches hold it; the index changes in memory only under it
         self._sync_lock = threading.RLock()  # one sync, rebuild, check or snapshot at a time; taken before _lock
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
-                                    snapshot_dir or settings.snapshot_dir, guard=self._lock)
+                                    snapshot_dir or settings.snapshot_dir, guard=self._lock, on_head=self._use_head)
         self.batcher = None  # see start_batching
         self._calibration = Calibration()  # what "no close match" means for this collection (backend.confidence)
         self.listener = None  # see start_live_sync
@@ -89,12 +89,11 @@ class ImageSearch:
         backend.model_choice picks, and FAISS_INDEX_TYPE; the model loads now unless load_model is False."""
         from backend.config import settings
         from backend.database import session_factory
-        from backend.embedders import get_embedder
         from backend.model_choice import ModelChoice, choose_model, load_embedder
 
         sessions = session_factory()
         choice = ModelChoice(model_name, "caller", "asked for") if model_name else choose_model(sessions)
-        embedder = load_embedder(choice, sessions) if load_model else get_embedder(choice.name)
+        embedder = load_embedder(choice, sessions, load=load_model)
         return cls(sessions, embedder, index_type or settings.faiss_index_type, batch_size=settings.batch_size)
 
     def unserved_notice(self) -> str | None:
@@ -127,6 +126,19 @@ class ImageSearch:
         if batcher is not None:
             return batcher.embed(picture)
         return self.embedder.embed([picture()])[0]
+
+    def _use_head(self, head) -> None:
+        """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
+        self.embedder.head = head
+        self._calibration.reset()
+
+    def no_match_threshold(self) -> float | None:
+        """The best prototype similarity under which a query is "no close match" (backend.confidence). A derived
+        model's comes from the images its head was not trained on (measured when it was trained): the images it
+        was trained on sit closer to their prototypes than new ones will."""
+        head = getattr(self.embedder, "head", None)
+        fixed = head.report.get("no_match_threshold") if head is not None else None
+        return fixed if fixed is not None else self._calibration.current(self.index)
 
     def start_batching(self, max_batch: int, preparing: int) -> None:
         """Embed queries through a QueryBatcher from now on (what a server does): concurrent queries share forward
@@ -209,7 +221,7 @@ class ImageSearch:
         stage 1's (category, similarity) list over every category, when the search made one."""
         sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
             self.index.rank_prototypes(vector[None, :])[1][0]
-        found = assess(sims, self._calibration.current(self.index))
+        found = assess(sims, self.no_match_threshold())
         return found.as_dict() if found is not None else None
 
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
@@ -219,7 +231,7 @@ class ImageSearch:
         t1 = time.perf_counter()
         with self._lock:
             cats, sims = self.index.rank_prototypes(vector[None, :])
-            confidence = assess(sims[0], self._calibration.current(self.index))
+            confidence = assess(sims[0], self.no_match_threshold())
         names = self._category_names(cats[0].tolist())
         protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
                   for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from backend import projection
 from backend.live_sync import announce
 from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
 
@@ -69,11 +70,15 @@ def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
     return dict(session.execute(stmt).all())
 
 
-def insert_embeddings(session: Session, model_name: str, image_ids: list[int], vectors: np.ndarray) -> list[int]:
+def insert_embeddings(session: Session, model_name: str, image_ids: list[int], vectors: np.ndarray,
+                      derive: bool = True) -> list[int]:
     """Store vectors (n, d) for images and fold them into their categories' prototypes, and announce them to
-    serving processes (backend.live_sync) on commit; returns ids stored."""
+    serving processes (backend.live_sync) on commit; returns ids stored. Unless `derive` is False, the models
+    derived from this one (backend.projection) get their vectors of the same images in the same transaction."""
     if not image_ids:
         return []
+    if derive:
+        projection.lock_base(session, model_name)  # held to commit: a new head version waits for this write
     ensure_model(session, model_name, vectors.shape[1])
     rows = [dict(image_id=i, model_name=model_name, dim=vectors.shape[1], vector=v) for i, v in zip(image_ids, vectors)]
     stmt = insert(Embedding).values(rows).on_conflict_do_nothing().returning(Embedding.image_id)
@@ -81,6 +86,12 @@ def insert_embeddings(session: Session, model_name: str, image_ids: list[int], v
     _add_to_prototypes(session, model_name, stored)
     if stored:
         announce(session, model_name, stored)
+        heads = projection.heads_deriving(session, model_name) if derive else []
+        if heads:
+            position = {int(i): n for n, i in enumerate(image_ids)}
+            kept = np.asarray(vectors)[[position[i] for i in stored]]
+            for head in heads:
+                insert_embeddings(session, head.model_name, stored, head.apply(kept), derive=False)
     return stored
 
 
@@ -129,13 +140,19 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
     return len(deleted)
 
 
+def lock_prototypes(session: Session, model_name: str) -> None:
+    """Held to commit by whoever replaces a model's prototypes wholesale.
+
+    One recomputation per model at a time (workers starting together each rebuild): a second one waits for the
+    first to commit, where it would otherwise miss the rows the first inserted and collide with them."""
+    session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-prototypes:' || :m))"), {"m": model_name})
+
+
 def rebuild_prototypes(session: Session, model_name: str) -> int:
     """Recompute every prototype of a model from its members (float64 mean), announced on commit; returns how many
     there are."""
     e, i = Embedding.__table__, Image.__table__
-    # One recomputation per model at a time (workers starting together each rebuild): a second one waits for the
-    # first to commit, where it would otherwise miss the rows the first inserted and collide with them.
-    session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-prototypes:' || :m))"), {"m": model_name})
+    lock_prototypes(session, model_name)
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
     members = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.l2_normalize(sa.func.avg(e.c.vector)),
                          sa.func.sum(e.c.vector), sa.func.count())

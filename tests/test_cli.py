@@ -80,3 +80,24 @@ def test_sigterm_to_the_server_leaves_no_embedded_postgres_behind(cli_env, tmp_p
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     assert not _postmaster_alive(pgdata), "the embedded server outlived the API server"
+
+
+@pytest.mark.slow
+def test_train_projection_then_search_and_evaluate_with_the_derived_model(cli_env, tmp_path):
+    write_fashion_mnist(tmp_path / "fm", n_per_class=8)
+    populated = run(cli_env, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"))
+    assert populated.returncode == 0, populated.stderr
+    without_head = run({**cli_env, "MODEL_NAME": "efficientnet_lite0+proj"}, "-m", "backend", "status")
+    trained = run(cli_env, "-m", "backend", "train-projection", "--dim", "32", "--epochs", "3")
+    assert trained.returncode == 0, trained.stderr
+    assert "efficientnet_lite0+proj: head version 1 (mlp, 32-d)" in trained.stdout
+    assert "epoch" in trained.stderr and "projecting into efficientnet_lite0+proj" in trained.stderr  # progress
+    derived = {**cli_env, "MODEL_NAME": "efficientnet_lite0+proj"}
+    status = run(derived, "-m", "backend", "status")
+    assert status.returncode == 0, status.stderr
+    assert "efficientnet_lite0+proj (32-d): 80 embeddings, 10 prototypes" in status.stdout, status.stdout
+    evaluated = run(derived, "-m", "backend", "evaluate", "--queries", "20", "--data-dir", str(tmp_path / "fm"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "efficientnet_lite0+proj, flatip index, 80 images in 10 categories" in evaluated.stdout
+    assert without_head.returncode == 2 and "has no trained head yet" in without_head.stderr
+    assert "train-projection" in without_head.stderr and "Traceback" not in without_head.stderr

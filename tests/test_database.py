@@ -17,7 +17,7 @@ from backend.errors import DatabaseError
 from backend.pg_server import EmbeddedPostgres, _pg_install
 from tests.helpers import schema_head
 
-TABLES = {"categories", "images", "embedding_models", "embeddings", "prototypes"}
+TABLES = {"categories", "images", "embedding_models", "embeddings", "prototypes", "projection_heads"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,7 +30,7 @@ def test_migrations_from_empty_to_head_and_back(empty_db_url):
     assert current_revision(engine) is None and not (_tables(engine) & TABLES)
     migrate(engine)
     migrate(engine)  # repeating is harmless
-    assert current_revision(engine) == schema_head() == "0003"
+    assert current_revision(engine) == schema_head() == "0004"
     assert TABLES <= _tables(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
