@@ -246,7 +246,8 @@ def cmd_rebuild(args) -> int:
     index, manager = search.index, search.manager
     saved = (f"snapshot {manager.snapshot_path}" if manager.snapshot_is_current() else
              f"the snapshot is written by the running process {manager.writer.holder()}")
-    print(f"rebuilt {len(index.categories)} prototypes and the {index.index_type} index of {len(index)} "
+    print(f"rebuilt {len(index.prototypes()[0])} prototypes of {len(index.categories)} categories and the "
+          f"{index.index_type} index of {len(index)} "
           f"{search.embedder.name} vectors in {time.perf_counter() - started:.1f} s; {saved}")
     return 0
 

@@ -33,6 +33,14 @@ def default_k(n: int) -> int:
     return max(2, min(256, round(math.sqrt(n) / 5)))
 
 
+def spherical_kmeans(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """The cluster (0..k-1) of each unit vector (n, d), by k-means on the sphere; some clusters may stay empty."""
+    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+                          min_points_per_centroid=1, max_points_per_centroid=100_000)
+    kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)[1].ravel()
+
+
 def recluster(session: Session, model_name: str, k: int | None = None, seed: int = 0) -> int:
     """Cluster the images of `model_name` that have no category or an automatic one into k (default_k) automatic
     categories, in the session's transaction; returns the number of clusters made."""
@@ -46,12 +54,8 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
         raise ImsrcError(f"only {len(candidates)} {model_name} vectors without a category: nothing to cluster")
     dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
     ids, _, vectors = fetch_members(session, model_name, dim, candidates, uncategorised=True)  # in bulk, by id
-    k = min(k or default_k(len(ids)), len(ids))
-    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
-                          min_points_per_centroid=1, max_points_per_centroid=100_000)
-    kmeans.train(vectors)
-    assignment = kmeans.index.search(vectors, 1)[1].ravel()
-    used = sorted(set(assignment.tolist()))  # k-means can leave a centroid without members
+    assignment = spherical_kmeans(vectors, min(k or default_k(len(ids)), len(ids)), seed)
+    used = sorted(set(assignment.tolist()))
     names = [NAME.format(n + 1) for n in range(len(used))]
     taken = session.scalars(sa.select(Category.name).where(Category.name.in_(names), ~Category.automatic)).all()
     if taken:

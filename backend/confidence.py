@@ -36,13 +36,13 @@ def calibrate(index: CategoryIndex, quantile: float = QUANTILE, per_category: in
     prototypes. Each image is measured against its own category's prototype without it (leave one out) where the
     whole category was sampled: in a small category an image pulls its prototype towards itself, and a new image of
     that category, which has not, would otherwise look less alike than it is."""
-    cats, prototypes = index.prototypes()
+    cats = index.categories
     column = {int(c): k for k, c in enumerate(cats)}
     best = []
     for c, sample, size in index.sample(max(10, min(per_category, SAMPLE_TOTAL // max(len(cats), 1)))):
         if c not in column or (size == len(sample) and size < 2):
             continue  # a lone image has no others to be compared with
-        sims = sample @ prototypes.T
+        sims = index.category_similarities(sample)[1]
         if size == len(sample):
             others = sample.sum(axis=0)[None, :] - sample
             sims[:, column[c]] = (sample * others).sum(axis=1) / np.maximum(np.linalg.norm(others, axis=1), 1e-12)

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     index_dir: Path | None = None
     use_prototype_filtering: bool = True
     prototype_limit: int = Field(3, ge=1, le=10)
+    prototypes_per_category: int = Field(8, ge=1, le=16)  # at most; fewer in small categories (store.slots_for)
     default_search_limit: int = Field(10, ge=1, le=50)
 
     # API

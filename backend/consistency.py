@@ -57,10 +57,13 @@ def check(sessions: sessionmaker, model_name: str, index: CategoryIndex | None, 
                                          .where(Embedding.model_name == model_name)))
         report.findings += _vector_findings(s, model_name)
         ids, cats, vectors = fetch_members(s, model_name, dim)
+        slot_of = dict(s.execute(sa.select(Embedding.image_id, Embedding.slot)
+                                 .where(Embedding.model_name == model_name)).all())
         stored = _stored_prototypes(s, model_name)
     report.prototypes = len(stored)
     members = dict(zip(*(column.tolist() for column in np.unique(cats, return_counts=True))))  # category -> count
-    report.findings += _prototype_findings(cats, vectors, members, stored, model_name)
+    slots = np.array([slot_of[i] for i in ids.tolist()], dtype=np.int64)
+    report.findings += _prototype_findings(cats, slots, vectors, stored, model_name)
     if index is not None:
         report.findings += _index_findings(index, ids, cats, vectors, members, stored, model_name)
     return report
@@ -114,33 +117,43 @@ def _vector_findings(s: Session, model: str) -> list[str]:
     return findings
 
 
-def _stored_prototypes(s: Session, model: str) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
-    """category -> (vector, vector_sum, member_count) as PostgreSQL stores them, vectors in float64."""
-    rows = s.execute(sa.select(Prototype.category_id, Prototype.vector, Prototype.vector_sum, Prototype.member_count)
-                     .where(Prototype.model_name == model)).all()
-    return {c: (np.asarray(v, np.float64), np.asarray(total, np.float64), n) for c, v, total, n in rows}
+def _stored_prototypes(s: Session, model: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]]:
+    """(category, slot) -> (vector, vector_sum, member_count) as PostgreSQL stores them, vectors in float64, by
+    category and slot."""
+    rows = s.execute(sa.select(Prototype.category_id, Prototype.slot, Prototype.vector, Prototype.vector_sum,
+                               Prototype.member_count).where(Prototype.model_name == model)
+                     .order_by(Prototype.category_id, Prototype.slot)).all()
+    return {(c, slot): (np.asarray(v, np.float64), np.asarray(total, np.float64), n) for c, slot, v, total, n in rows}
 
 
-def _prototype_findings(cats: np.ndarray, vectors: np.ndarray, members: dict[int, int], stored: dict,
+def _name(key: tuple[int, int]) -> str:
+    c, slot = key
+    return f"prototype of category {c}" + (f" (slot {slot})" if slot else "")
+
+
+def _prototype_findings(cats: np.ndarray, slots: np.ndarray, vectors: np.ndarray, stored: dict,
                         model: str) -> list[str]:
-    """Each stored prototype against its members recomputed exactly: float64 sum, normalised mean, count."""
+    """Each stored prototype against its members (the vectors of its category counting towards its slot)
+    recomputed exactly: float64 sum, normalised mean, count."""
     findings = []
-    for c, n in members.items():
-        if c not in stored:
-            findings.append(f"category {c} has {n} {model} vectors but no prototype")
+    keys, counts = np.unique(np.stack([cats, slots], axis=1), axis=0, return_counts=True) if len(cats) else ([], [])
+    members = {(int(c), int(slot)): int(n) for (c, slot), n in zip(keys, counts)}
+    for key, n in members.items():
+        if key not in stored:
+            findings.append(f"category {key[0]} has {n} {model} vectors but no prototype" +
+                            (f" for slot {key[1]}" if key[1] else ""))
             continue
-        vector, vector_sum, member_count = stored[c]
-        exact_sum = vectors[cats == c].sum(axis=0, dtype=np.float64)
+        vector, vector_sum, member_count = stored[key]
+        exact_sum = vectors[(cats == key[0]) & (slots == key[1])].sum(axis=0, dtype=np.float64)
         if member_count != n:
-            findings.append(f"prototype of category {c}: member_count is {member_count}, but it has {n} members")
+            findings.append(f"{_name(key)}: member_count is {member_count}, but it has {n} members")
         # `not error <= tolerance` so that NaN counts as a difference
         if not (error := np.abs(vector_sum - exact_sum).max()) <= PROTOTYPE_TOLERANCE * n:
-            findings.append(f"prototype of category {c}: vector_sum is off its members' sum by up to {error:.3g}")
+            findings.append(f"{_name(key)}: vector_sum is off its members' sum by up to {error:.3g}")
         if not (error := np.abs(vector - exact_sum / np.linalg.norm(exact_sum)).max()) <= PROTOTYPE_TOLERANCE:
-            findings.append(f"prototype of category {c}: vector is off its members' normalised mean "
-                            f"by up to {error:.3g}")
-    for c in sorted(set(stored) - set(members)):
-        findings.append(f"prototype of category {c} has no members (member_count {stored[c][2]})")
+            findings.append(f"{_name(key)}: vector is off its members' normalised mean by up to {error:.3g}")
+    for key in sorted(set(stored) - set(members)):
+        findings.append(f"{_name(key)} has no members (member_count {stored[key][2]})")
     return findings
 
 
@@ -179,13 +192,21 @@ def _index_findings(index: CategoryIndex, ids: np.ndarray, cats: np.ndarray, vec
         findings.append(f"images whose vector in the index differs from PostgreSQL's: {_count(sorted(differ))}")
     if counts := count_differences(index.category_sizes(), members, "the index"):
         findings.append(f"vectors per category differ: {counts}")
-    proto_cats, protos = index.prototypes()
-    in_index_protos = dict(zip(proto_cats.tolist(), protos))
-    for c in sorted(set(stored) | set(in_index_protos)):
+    proto_cats, protos = index.prototypes()  # a category's prototypes in slot order, as PostgreSQL's below
+    in_index_protos: dict[int, list[np.ndarray]] = {}
+    for c, vector in zip(proto_cats.tolist(), protos):
+        in_index_protos.setdefault(c, []).append(vector)
+    in_db: dict[int, list[np.ndarray]] = {}
+    for (c, _), (vector, _, _) in stored.items():
+        in_db.setdefault(c, []).append(vector)
+    for c in sorted(set(in_db) | set(in_index_protos)):
         if c not in in_index_protos:
             findings.append(f"the prototype of category {c} is in PostgreSQL but not in the index")
-        elif c not in stored:
+        elif c not in in_db:
             findings.append(f"the index has a prototype of category {c}, PostgreSQL has none")
-        elif not (error := np.abs(in_index_protos[c] - stored[c][0]).max()) <= VECTOR_TOLERANCE:
+        elif len(in_db[c]) != len(in_index_protos[c]):
+            findings.append(f"category {c} has {len(in_index_protos[c])} prototypes in the index, "
+                            f"{len(in_db[c])} in PostgreSQL")
+        elif not (error := np.abs(np.stack(in_index_protos[c]) - np.stack(in_db[c])).max()) <= VECTOR_TOLERANCE:
             findings.append(f"the index's prototype of category {c} differs from PostgreSQL's by up to {error:.3g}")
     return findings

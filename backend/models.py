@@ -3,7 +3,7 @@ from datetime import datetime
 
 from pgvector.sqlalchemy import VECTOR
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Integer,
-                        LargeBinary, String, Text, UniqueConstraint, false, func)
+                        LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -59,6 +59,8 @@ class Embedding(Base):
     model_name: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[list] = mapped_column(VECTOR())
+    # The prototype of its category this vector counts towards (backend.store: several per category).
+    slot: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # The composite key to (name, dim) plus the check makes the database itself refuse a vector
     # of the wrong size for its model.
@@ -69,12 +71,14 @@ class Embedding(Base):
 
 
 class Prototype(Base):
-    """Per category and model: the re-normalised mean of the members' vectors, plus their running sum."""
+    """Per category, model and slot (up to PROTOTYPES_PER_CATEGORY of them, k-means within the category): the
+    re-normalised mean of the members' vectors, plus their running sum."""
 
     __tablename__ = "prototypes"
 
     category_id: Mapped[int] = mapped_column(ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="0")
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[list] = mapped_column(VECTOR())
     vector_sum: Mapped[list] = mapped_column(VECTOR())

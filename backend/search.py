@@ -260,7 +260,8 @@ class CategoryIndex:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
         self.dim, self.index_type, self.kind = dim, index_type, INDEX_KINDS[index_type]
         self._partitions: dict[int, _Partition] = {}
-        self._prototypes: dict[int, np.ndarray] = {}
+        self._prototypes: dict[int, np.ndarray] = {}  # category -> its prototypes (p, d), p >= 1
+        self._stacked = None  # every prototype in one matrix, for stage 1; made again after a change
         self._category_of: dict[int, int] = {}
 
     # -- contents ---------------------------------------------------------------------------------
@@ -328,16 +329,35 @@ class CategoryIndex:
         return sum(map(len, by_cat.values()))
 
     def set_prototypes(self, categories, vectors: np.ndarray) -> None:
-        """Set (or replace) the prototypes (c, d) of the given categories."""
+        """Set (or replace) the prototypes (p, d) of the given categories; a category with several prototypes is
+        given once per prototype, and all of them replace what it had."""
         vectors = _check_matrix(vectors, self.dim, "prototypes")
-        for cat, vec in zip(np.asarray(categories, dtype=np.int64).tolist(), vectors):
-            self._prototypes[cat] = vec
+        categories = np.asarray(categories, dtype=np.int64)
+        if len(categories) != len(vectors):
+            raise ValueError(f"{len(categories)} prototype categories for {len(vectors)} prototypes")
+        for cat in np.unique(categories).tolist():
+            self._prototypes[cat] = vectors[categories == cat]
+        self._stacked = None
 
     def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
-        """(category ids (c,), prototype vectors (c, d)), by category id."""
+        """(category ids (p,), prototype vectors (p, d)), by category id; a category once per prototype."""
         cats = self.categories
-        vectors = np.stack([self._prototypes[c] for c in cats]) if cats else np.zeros((0, self.dim), np.float32)
-        return np.array(cats, dtype=np.int64), vectors
+        if not cats:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return (np.repeat(np.array(cats, dtype=np.int64), [len(self._prototypes[c]) for c in cats]),
+                np.concatenate([self._prototypes[c] for c in cats]))
+
+    def category_similarities(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(category ids (c,), each vector's similarity to each category (n, c)): to its closest prototype."""
+        if self._stacked is None:
+            cats, rows = self.prototypes()
+            starts = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1]]) if len(cats) else cats
+            self._stacked = (cats[starts], np.ascontiguousarray(rows.T), starts)
+        cats, columns, starts = self._stacked
+        if not len(cats):
+            return cats, np.zeros((len(vectors), 0), np.float32)
+        sims = vectors @ columns
+        return cats, sims if len(starts) == sims.shape[1] else np.maximum.reduceat(sims, starts, axis=1)
 
     def members(self) -> Iterator[tuple[int, np.ndarray]]:
         """(category, image ids (n,)) of each non-empty category, by category id."""
@@ -367,10 +387,11 @@ class CategoryIndex:
         """Forget the prototypes of categories that no longer have members."""
         for cat in categories:
             self._prototypes.pop(int(cat), None)
+        self._stacked = None
 
     def nbytes(self) -> int:
         """Memory held by codes, ids and FAISS structures, in bytes."""
-        return sum(p.nbytes() for p in self._partitions.values()) + len(self._prototypes) * self.dim * 4
+        return sum(p.nbytes() for p in self._partitions.values()) + sum(p.nbytes for p in self._prototypes.values())
 
     @classmethod
     def from_stored(cls, dim: int, index_type: str, partitions: dict[int, np.ndarray], prototype_categories,
@@ -394,23 +415,20 @@ class CategoryIndex:
                 raise ValueError(f"category {c} repeats an image id")
             if len(ids):
                 index._partitions[c] = part
-        prototypes = _check_matrix(prototypes, dim, "prototypes")
-        prototype_categories = np.asarray(prototype_categories, dtype=np.int64)
-        if len(prototype_categories) != len(prototypes) or len(np.unique(prototype_categories)) != len(prototypes):
-            raise ValueError(f"{len(prototype_categories)} prototype categories (unique: "
-                             f"{len(np.unique(prototype_categories))}) and {len(prototypes)} prototypes")
         index.set_prototypes(prototype_categories, prototypes)
         return index
 
     # -- search -----------------------------------------------------------------------------------
     def rank_prototypes(self, queries: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1: (category ids (nq, c), cosine similarities (nq, c)), best first, among `categories`."""
+        """Stage 1: (category ids (nq, c), cosine similarities (nq, c)), best first, among `categories`; a category
+        with several prototypes counts by its closest."""
         queries = _check_matrix(queries, self.dim, "queries")
-        cats = np.array(self.categories if categories is None else
-                        [c for c in categories if c in self._prototypes], dtype=np.int64)
+        cats, sims = self.category_similarities(queries)
+        if categories is not None:
+            keep = np.isin(cats, np.asarray(list(categories), dtype=np.int64))
+            cats, sims = cats[keep], sims[:, keep]
         if not len(cats):
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        sims = queries @ np.stack([self._prototypes[c] for c in cats]).T
         order = np.lexsort((np.broadcast_to(cats, sims.shape), -sims), axis=1)  # ties: lower id first
         return cats[order], np.take_along_axis(sims, order, axis=1)
 

@@ -11,6 +11,9 @@ from backend.live_sync import announce
 from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
 
 
+MIN_SLOT_MEMBERS = 50  # members a prototype of a category with several needs, at least
+
+
 @dataclass(frozen=True)
 class NewImage:
     """An image to store, with its vector for one model."""
@@ -96,13 +99,13 @@ def insert_embeddings(session: Session, model_name: str, image_ids: list[int], v
 
 
 def _member_sums(model_name: str | None, image_ids: list[int]):
-    """Per (category, model): sum and count of the given images' vectors."""
+    """Per (category, model, slot): sum and count of the given images' vectors."""
     e, i = Embedding.__table__, Image.__table__
-    query = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.sum(e.c.vector).label("s"),
+    query = (sa.select(i.c.category_id, e.c.model_name, e.c.slot, e.c.dim, sa.func.sum(e.c.vector).label("s"),
                        sa.func.count().label("n"))
              .join(i, i.c.id == e.c.image_id)
              .where(e.c.image_id.in_(image_ids), i.c.category_id.is_not(None))
-             .group_by(i.c.category_id, e.c.model_name, e.c.dim))
+             .group_by(i.c.category_id, e.c.model_name, e.c.slot, e.c.dim))
     return query.where(e.c.model_name == model_name) if model_name else query
 
 
@@ -110,13 +113,24 @@ def _add_to_prototypes(session: Session, model_name: str, image_ids: list[int]) 
     # The update runs in SQL so that two writers adding to one category never lose each other's sums.
     if not image_ids:
         return
+    # Where a category has several prototypes, a new vector counts towards the closest (inner product).
+    session.execute(sa.text(
+        "UPDATE embeddings e SET slot = closest.slot FROM ("
+        " SELECT DISTINCT ON (v.image_id) v.image_id, p.slot FROM embeddings v"
+        " JOIN images i ON i.id = v.image_id"
+        " JOIN prototypes p ON p.category_id = i.category_id AND p.model_name = v.model_name"
+        " WHERE v.model_name = :m AND v.image_id = ANY(:ids)"
+        " ORDER BY v.image_id, p.vector <#> v.vector) closest"
+        " WHERE e.model_name = :m AND e.image_id = closest.image_id AND e.slot <> closest.slot"),
+        {"m": model_name, "ids": list(image_ids)})
     sums = _member_sums(model_name, image_ids).subquery()
     stmt = insert(Prototype).from_select(
-        ["category_id", "model_name", "dim", "vector", "vector_sum", "member_count"],
-        sa.select(sums.c.category_id, sums.c.model_name, sums.c.dim, sa.func.l2_normalize(sums.c.s), sums.c.s, sums.c.n))
+        ["category_id", "model_name", "slot", "dim", "vector", "vector_sum", "member_count"],
+        sa.select(sums.c.category_id, sums.c.model_name, sums.c.slot, sums.c.dim, sa.func.l2_normalize(sums.c.s),
+                  sums.c.s, sums.c.n))
     new_sum = Prototype.vector_sum + stmt.excluded.vector_sum
     session.execute(stmt.on_conflict_do_update(
-        index_elements=["category_id", "model_name"],
+        index_elements=["category_id", "model_name", "slot"],
         set_=dict(vector_sum=new_sum, vector=sa.func.l2_normalize(new_sum),
                   member_count=Prototype.member_count + stmt.excluded.member_count, updated_at=sa.func.now())))
 
@@ -127,7 +141,8 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
     if not image_ids:
         return 0
     sums = _member_sums(None, image_ids).subquery()
-    same = sa.and_(Prototype.category_id == sums.c.category_id, Prototype.model_name == sums.c.model_name)
+    same = sa.and_(Prototype.category_id == sums.c.category_id, Prototype.model_name == sums.c.model_name,
+                   Prototype.slot == sums.c.slot)
     # A prototype whose last members go is deleted; the others lose the members' sum.
     session.execute(sa.delete(Prototype).where(same, Prototype.member_count <= sums.c.n))
     remaining = Prototype.vector_sum - sums.c.s
@@ -148,27 +163,58 @@ def lock_prototypes(session: Session, model_name: str) -> None:
     session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-prototypes:' || :m))"), {"m": model_name})
 
 
-def rebuild_prototypes(session: Session, model_name: str) -> int:
+def slots_for(members: int, per_category: int) -> int:
+    """Prototypes for a category of `members` vectors: per_category, fewer where each would have under
+    MIN_SLOT_MEMBERS members (a prototype of a handful of images is noise), at least 1."""
+    return max(1, min(per_category, members // MIN_SLOT_MEMBERS))
+
+
+def rebuild_prototypes(session: Session, model_name: str, per_category: int | None = None) -> int:
     """Recompute every prototype of a model from its members (float64 mean), announced on commit; returns how many
-    there are."""
+    there are. A category gets slots_for(its size, per_category) prototypes (default PROTOTYPES_PER_CATEGORY): its
+    members are split by k-means on the sphere and each vector counts towards its cluster's slot from then on."""
+    from backend.bulk import fetch_members
+    from backend.clusters import spherical_kmeans
+    from backend.config import settings
+
     e, i = Embedding.__table__, Image.__table__
     lock_prototypes(session, model_name)
+    per_category = per_category or settings.prototypes_per_category
+    in_model = sa.and_(Embedding.model_name == model_name, Embedding.slot != 0)
+    session.execute(sa.update(Embedding).where(in_model).values(slot=0))
+    sizes = session.execute(sa.select(Image.category_id, sa.func.count()).join(Embedding, Embedding.image_id == Image.id)
+                            .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
+                            .group_by(Image.category_id)).all()
+    dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
+    for category, size in sizes:
+        if (k := slots_for(size, per_category)) < 2:
+            continue
+        ids = session.scalars(sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
+                              .where(Embedding.model_name == model_name, Image.category_id == category)).all()
+        ids, _, vectors = fetch_members(session, model_name, dim, ids)  # one category's vectors at a time
+        cluster = spherical_kmeans(vectors, k)
+        slot = np.unique(cluster, return_inverse=True)[1]  # an empty cluster leaves no gap
+        session.execute(sa.text("UPDATE embeddings SET slot = s.slot FROM unnest(:ids, :slots) AS s(image, slot) "
+                                "WHERE embeddings.model_name = :m AND embeddings.image_id = s.image"),
+                        {"m": model_name, "ids": ids.tolist(), "slots": slot.tolist()})
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
-    members = (sa.select(i.c.category_id, e.c.model_name, e.c.dim, sa.func.l2_normalize(sa.func.avg(e.c.vector)),
-                         sa.func.sum(e.c.vector), sa.func.count())
+    members = (sa.select(i.c.category_id, e.c.model_name, e.c.slot, e.c.dim,
+                         sa.func.l2_normalize(sa.func.avg(e.c.vector)), sa.func.sum(e.c.vector), sa.func.count())
                .join(i, i.c.id == e.c.image_id)
                .where(e.c.model_name == model_name, i.c.category_id.is_not(None))
-               .group_by(i.c.category_id, e.c.model_name, e.c.dim))
+               .group_by(i.c.category_id, e.c.model_name, e.c.slot, e.c.dim))
     session.execute(insert(Prototype).from_select(
-        ["category_id", "model_name", "dim", "vector", "vector_sum", "member_count"], members))
+        ["category_id", "model_name", "slot", "dim", "vector", "vector_sum", "member_count"], members))
     announce(session, model_name, what="prototypes")
     return session.scalar(sa.select(sa.func.count()).select_from(Prototype).where(Prototype.model_name == model_name))
 
 
 def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.ndarray, list[int]]:
-    """(category ids, prototype vectors (c, d) float32, member counts) of a model, ordered by category id."""
+    """(category ids, prototype vectors (p, d) float32, member counts) of a model, by category id then slot: a
+    category with several prototypes appears once per prototype."""
     rows = session.execute(sa.select(Prototype.category_id, Prototype.vector, Prototype.member_count)
-                           .where(Prototype.model_name == model_name).order_by(Prototype.category_id)).all()
+                           .where(Prototype.model_name == model_name)
+                           .order_by(Prototype.category_id, Prototype.slot)).all()
     if not rows:
         return [], np.zeros((0, 0), np.float32), []
     return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]

@@ -30,7 +30,7 @@ def test_populate_then_status_then_rerun(cli_env, tmp_path):
                 "--data-dir", str(tmp_path / "fm"))
     assert "added 0, embedded 0 already stored, skipped 30 duplicates" in again.stdout
     seed = run(cli_env, "db/init_system.py", "--all")
-    assert seed.returncode == 0 and "rebuilt 10 prototypes and the flatip index of 30 efficientnet_lite0 vectors" in seed.stdout
+    assert seed.returncode == 0 and "rebuilt 10 prototypes of 10 categories and the flatip index of 30 efficientnet_lite0 vectors" in seed.stdout
 
 
 @pytest.mark.parametrize("args, message", [

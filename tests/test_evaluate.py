@@ -88,7 +88,7 @@ def test_evaluate_command_writes_a_table_and_json(cli_env, tmp_path):
                                     capture_output=True, text=True, timeout=300)
     assert run("populate", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm")).returncode == 0
     rebuilt = run("rebuild")
-    assert rebuilt.returncode == 0 and "rebuilt 10 prototypes and the flatip index of 40" in rebuilt.stdout
+    assert rebuilt.returncode == 0 and "rebuilt 10 prototypes of 10 categories and the flatip index of 40" in rebuilt.stdout
     out = run("evaluate", "--queries", "20", "--k", "3", "--data-dir", str(tmp_path / "fm"), "--json",
               str(tmp_path / "r.json"), "--report", str(tmp_path / "page"), "--samples", "4")
     assert out.returncode == 0, out.stderr

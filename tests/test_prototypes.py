@@ -1,0 +1,119 @@
+"""Several prototypes per category: k-means slots stored in PostgreSQL, stage 1 ranking a category by its closest
+prototype, and the slots' sums kept exact under additions and deletions."""
+import hashlib
+
+import numpy as np
+import sqlalchemy as sa
+
+from backend import store
+from backend.consistency import check
+from backend.index_manager import IndexManager
+from backend.models import Embedding, Prototype
+from backend.search import CategoryIndex
+
+MODEL, DIM = "test-slots", 8
+
+
+def _unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _two_lobed(n: int, seed: int = 0):
+    """Category "x" in two lobes (around axes 0 and 1), category "y" between axis 0 and axis 2: for a query on axis
+    0, in x's first lobe, the mean of x (45 degrees away) is farther than y's (42 degrees), so one prototype per
+    category ranks "y" first; x's prototype of that lobe ranks "x" first."""
+    rng = np.random.default_rng(seed)
+    lobes = np.where(np.arange(n)[:, None] % 2 == 0, np.eye(DIM)[0], np.eye(DIM)[1])
+    x = _unit(lobes + rng.normal(scale=0.05, size=(n, DIM)))
+    y = _unit(np.eye(DIM)[0] + 0.9 * np.eye(DIM)[2] + rng.normal(scale=0.05, size=(n, DIM)))
+    return x, y
+
+
+def _store(sessions, vectors: np.ndarray, category: str, salt: str) -> list[int]:
+    with sessions() as s, s.begin():
+        images = [store.NewImage(hashlib.sha256(f"{salt}{n}".encode()).hexdigest(), b"x", 1, 1, "PNG", category)
+                  for n in range(len(vectors))]
+        ids = store.insert_images(s, images)
+        ordered = [ids[im.sha256] for im in images]
+        store.insert_embeddings(s, MODEL, ordered, vectors)
+    return ordered
+
+
+def _slots(sessions) -> dict[int, int]:
+    with sessions() as s:
+        return dict(s.execute(sa.select(Prototype.slot, Prototype.member_count)
+                              .where(Prototype.model_name == MODEL, Prototype.category_id == _category(s, "x"))).all())
+
+
+def _category(s, name):
+    return s.scalar(sa.text("SELECT id FROM categories WHERE name = :n"), {"n": name})
+
+
+def test_a_category_in_two_lobes_is_found_by_its_closest_prototype(sessions, tmp_path):
+    x, y = _two_lobed(120)
+    x_ids = _store(sessions, x, "x", "x")
+    _store(sessions, y, "y", "y")
+    query = np.eye(DIM, dtype=np.float32)[:1]  # in x's first lobe
+    with sessions() as s, s.begin():
+        assert store.rebuild_prototypes(s, MODEL, per_category=1) == 2  # one mean per category
+    manager = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
+    manager.rebuild(save=False, prototypes=False)
+    with sessions() as s:
+        x_id, y_id = _category(s, "x"), _category(s, "y")
+    assert manager.index.rank_prototypes(query)[0][0, 0] == y_id
+
+    with sessions() as s, s.begin():
+        assert store.rebuild_prototypes(s, MODEL, per_category=4) == 2 + 2  # 120 members: 2 slots of >= 50 each
+    manager.sync([])
+    assert manager.index.rank_prototypes(query)[0][0, 0] == x_id
+    assert sorted(_slots(sessions).values()) == [60, 60]  # k-means found the two lobes
+    with sessions() as s:
+        slot_of = dict(s.execute(sa.select(Embedding.image_id, Embedding.slot).where(Embedding.model_name == MODEL)).all())
+    assert {slot_of[i] for i in x_ids[0::2]} != {slot_of[i] for i in x_ids[1::2]}  # one lobe per slot
+    assert len({slot_of[i] for i in x_ids[0::2]}) == 1
+    assert check(sessions, MODEL, manager.index).ok
+
+
+def test_additions_and_deletions_keep_each_slot_exact(sessions, tmp_path):
+    x, y = _two_lobed(120)
+    x_ids = _store(sessions, x, "x", "x")
+    _store(sessions, y, "y", "y")
+    with sessions() as s, s.begin():
+        store.rebuild_prototypes(s, MODEL, per_category=2)
+    before = _slots(sessions)
+    new = _store(sessions, _unit(np.eye(DIM)[1] + np.random.default_rng(1).normal(scale=0.05, size=(5, DIM))),
+                 "x", "new")  # all in the second lobe
+    with sessions() as s:
+        new_slots = set(s.scalars(sa.select(Embedding.slot).where(Embedding.image_id.in_(new))))
+        lobe_slot = s.scalar(sa.select(Embedding.slot).where(Embedding.image_id == x_ids[1]))
+    assert new_slots == {lobe_slot}  # each counted towards the closest prototype
+    after = _slots(sessions)
+    assert after[lobe_slot] == before[lobe_slot] + 5 and sum(after.values()) == 125
+    manager = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
+    manager.rebuild(save=False, prototypes=False)
+    assert check(sessions, MODEL, manager.index).ok  # the sums were added to the right slot
+
+    with sessions() as s, s.begin():  # the whole first lobe goes: its prototype goes with it
+        store.delete_images(s, x_ids[0::2])
+    assert list(_slots(sessions).values()) == [65]
+    manager.sync()
+    assert check(sessions, MODEL, manager.index).ok
+
+
+def test_the_index_holds_several_prototypes_per_category_through_a_snapshot(tmp_path):
+    from backend import snapshot
+
+    index = CategoryIndex(DIM, "flatip")
+    vectors = _unit(np.eye(DIM)[:4])
+    index.add(np.arange(4), vectors, np.array([7, 7, 9, 9]))
+    index.set_prototypes([7, 7, 9], np.stack([vectors[0], vectors[1], vectors[2]]))
+    cats, sims = index.category_similarities(vectors[1:2])
+    assert cats.tolist() == [7, 9] and np.allclose(sims, [[1, 0]])  # category 7 by its second prototype
+    path = tmp_path / "i.snapshot"
+    with open(path, "wb") as f:
+        snapshot.write(f, index, {"model": MODEL})
+    loaded, _ = snapshot.read(path)
+    assert [c.tolist() for c in loaded.prototypes()][0] == [7, 7, 9]
+    assert np.array_equal(loaded.prototypes()[1], index.prototypes()[1])
+    assert loaded.rank_prototypes(vectors[1:2])[0][0].tolist() == [7, 9]
