@@ -59,6 +59,35 @@ def assess(similarities: np.ndarray, threshold: float | None) -> Confidence | No
     return Confidence(round(best, 4), round(margin, 4), round(threshold, 4), best >= threshold)
 
 
+class BaseSpace:
+    """A derived model's "no close match", judged in its base model's space. A head trained on the categories maps
+    images unlike all of them onto them too (21 of 23 scikit-image photos came out "close" to a Fashion-MNIST
+    category through it, none without it), so the query's base vector is compared with the base model's prototypes,
+    against the threshold measured when the head was trained on the images it was not trained on."""
+
+    def __init__(self, sessions, base_model: str, dim: int):
+        self.sessions, self.base_model, self.dim = sessions, base_model, dim
+        self._prototypes: CategoryIndex | None = None
+
+    def reset(self) -> None:
+        """Read the base model's prototypes again at the next query (they change with the collection)."""
+        self._prototypes = None
+
+    def similarities(self, base_vector: np.ndarray) -> np.ndarray:
+        """The base vector's similarity to each category's closest base prototype, best first."""
+        prototypes = self._prototypes
+        if prototypes is None:
+            from backend import store
+
+            with self.sessions() as s:
+                cats, vectors, _ = store.load_prototypes(s, self.base_model)
+            prototypes = CategoryIndex(self.dim)
+            if len(cats):
+                prototypes.set_prototypes(cats, vectors)
+            self._prototypes = prototypes
+        return -np.sort(-prototypes.category_similarities(base_vector[None, :])[1][0])
+
+
 class Calibration:
     """The threshold for one index, re-drawn when its categories change or its size moves by RECALIBRATE_GROWTH,
     or after reset() (its members moved: a recluster or a resync)."""

@@ -10,7 +10,7 @@ import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
-from backend.confidence import QUANTILE, assess
+from backend.confidence import QUANTILE
 from backend.datasets import Item
 from backend.errors import ImsrcError
 from backend.images import decode, sha256
@@ -96,14 +96,14 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
     embed_ms, vectors = [], []
     for _, _, data in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
         started = time.perf_counter()
-        vectors.append(search.embedder.embed([decode(data).image])[0])
+        vectors.append(search.embed_query(decode(data).image))
         embed_ms.append((time.perf_counter() - started) * 1000)
-    vectors = np.stack(vectors)
+    vectors, bases = (np.stack(column) for column in zip(*vectors))
     labels = np.array([truth[id(q)] for _, q, _ in held_out])
     shown = _spread(labels, samples)
     threshold = search.no_match_threshold()
-    flagged = [not found.close_match for sims in index.rank_prototypes(vectors)[1]
-               if (found := assess(sims, threshold)) is not None]
+    flagged = [not found.close_match for vector, base in zip(vectors, bases)
+               if (found := search.confidence_of(vector, base)) is not None]
 
     results, exhaustive_ids, sampled = {}, None, []  # configurations() puts the exhaustive baseline first
     configs = configurations(prototype_limits, len(index.categories))
@@ -145,6 +145,7 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         "embedding_ms": _percentiles(embed_ms), "configurations": results,
         # Held-out images of the collection's own categories that "no close match" would wrongly flag.
         "confidence": {"threshold": round(threshold, 4) if threshold is not None else None, "quantile": QUANTILE,
+                       "space": search.embedder.source.name,  # a derived model's is judged in its base's (BaseSpace)
                        "false_alarm_rate": round(float(np.mean(flagged)), 4) if flagged else None},
         "sample_config": sample_config, "samples": sampled,  # each "query" is its position in the queries given
     }
@@ -174,9 +175,11 @@ def format_table(report: dict) -> str:
                      f"{r['prototype_ms']['p95']:.3f} | {r['faiss_ms']['p50']:.3f} / {r['faiss_ms']['p95']:.3f} |")
     confidence = report.get("confidence") or {}
     if confidence.get("false_alarm_rate") is not None:
+        derived = confidence.get("space", report["model"]) != report["model"]
         lines += ["", f"\"no close match\" (best prototype similarity under {confidence['threshold']:.4f}, the "
-                      f"{confidence['quantile']:.0%} quantile of the collection's own images) flags "
-                      f"{confidence['false_alarm_rate']:.1%} of the held-out queries"]
+                      f"{confidence['quantile']:.0%} quantile of the collection's own images"
+                      f"{', in ' + confidence['space'] + ' space, over those its head was not trained on' if derived else ''}"
+                      f") flags {confidence['false_alarm_rate']:.1%} of the held-out queries"]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
 from backend import store
-from backend.confidence import Calibration, assess
+from backend.confidence import BaseSpace, Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
@@ -79,6 +79,8 @@ class ImageSearch:
                                     snapshot_dir or settings.snapshot_dir, guard=self._lock, on_head=self._use_head)
         self.batcher = None  # see start_batching
         self._calibration = Calibration()  # what "no close match" means for this collection (backend.confidence)
+        self._base_space = BaseSpace(sessions, embedder.source.name, embedder.source.dim) \
+            if embedder.source is not embedder else None  # a derived model's (backend.projection)
         self.listener = None  # see start_live_sync
         self.manager.load_or_build()
 
@@ -117,35 +119,54 @@ class ImageSearch:
     def embed(self, image: ImageInput) -> np.ndarray:
         """The query's vector (d,), from a PIL image, encoded bytes or a file path; batched with concurrent queries
         once start_batching() was called."""
+        return self.embed_query(image)[0]
+
+    def embed_query(self, image: ImageInput) -> tuple[np.ndarray, np.ndarray]:
+        """(the query's vector (d,), its base model's vector): the same for a model that is not derived."""
         def picture() -> PILImage.Image:
             if isinstance(image, PILImage.Image):
                 return image.convert("RGB")
             return decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image).image
 
         batcher = self.batcher  # close() may set it to None meanwhile
-        if batcher is not None:
-            return batcher.embed(picture)
-        return self.embedder.embed([picture()])[0]
+        base = batcher.embed(picture) if batcher is not None else self.embedder.source.embed([picture()])[0]
+        return (self.embedder.head.apply(base[None, :])[0] if self._base_space is not None else base), base
 
     def _use_head(self, head) -> None:
         """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
         self.embedder.head = head
+        self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        """Draw "no close match" again at the next query: the collection's members moved."""
         self._calibration.reset()
+        if self._base_space is not None:
+            self._base_space.reset()
 
     def no_match_threshold(self) -> float | None:
-        """The best prototype similarity under which a query is "no close match" (backend.confidence). A derived
-        model's comes from the images its head was not trained on (measured when it was trained): the images it
-        was trained on sit closer to their prototypes than new ones will."""
-        head = getattr(self.embedder, "head", None)
-        fixed = head.report.get("no_match_threshold") if head is not None else None
-        return fixed if fixed is not None else self._calibration.current(self.index)
+        """The best prototype similarity under which a query is "no close match" (backend.confidence); a derived
+        model's is in its base model's space (BaseSpace), measured when its head was trained."""
+        if self._base_space is not None:
+            return self.embedder.head.report.get("base_no_match_threshold")
+        return self._calibration.current(self.index)
+
+    def confidence_of(self, vector: np.ndarray, base: np.ndarray | None = None, ranking=None):
+        """The Confidence of a query (backend.confidence), or None without prototypes (or, for a derived model,
+        without the base vector); `ranking` is stage 1's (category, similarity) list over every category, when a
+        search made one. Call with the lock held."""
+        if self._base_space is not None:
+            sims = self._base_space.similarities(base) if base is not None else np.zeros(0)
+        else:
+            sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
+                self.index.rank_prototypes(vector[None, :])[1][0]
+        return assess(sims, self.no_match_threshold())
 
     def start_batching(self, max_batch: int, preparing: int) -> None:
         """Embed queries through a QueryBatcher from now on (what a server does): concurrent queries share forward
         passes of up to max_batch images, and at most `preparing` decode at once."""
         from backend.batching import QueryBatcher
 
-        self.batcher = QueryBatcher(self.embedder, max_batch, preparing)
+        self.batcher = QueryBatcher(self.embedder.source, max_batch, preparing)  # the head runs in embed_query
 
     def start_live_sync(self) -> None:
         """Keep the index in step with every process writing to the database from now on (backend.live_sync):
@@ -170,7 +191,7 @@ class ImageSearch:
         with self._sync_lock:
             if any(c.what == "resync" for c in mine):
                 self.manager.sync()
-                self._calibration.reset()
+                self._recalibrate()
             else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
                 self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
@@ -178,9 +199,9 @@ class ImageSearch:
                        category: str | int | None = None) -> SearchResponse:
         """Embed a query image and return its k most similar stored images."""
         started = time.perf_counter()
-        vector = self.embed(image)
+        vector, base = self.embed_query(image)
         embed_ms = (time.perf_counter() - started) * 1000
-        response = self.search_vector(vector, k, use_prototypes, top_categories, category)
+        response = self.search_vector(vector, k, use_prototypes, top_categories, category, base=base)
         response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         return response
 
@@ -188,19 +209,24 @@ class ImageSearch:
                      category: str | int | None = None) -> SearchResponse:
         """Search with a stored image's own vector ("more like this"); the image itself is left out."""
         with self.sessions() as s:
-            vector = s.scalar(sa.select(Embedding.vector).where(Embedding.image_id == image_id,
-                                                                Embedding.model_name == self.embedder.name))
-        if vector is None:
+            vectors = dict(s.execute(sa.select(Embedding.model_name, Embedding.vector).where(
+                Embedding.image_id == image_id, Embedding.model_name.in_({self.embedder.name, self.embedder.source.name}))
+            ).all())
+        if self.embedder.name not in vectors:
             raise NotFound(f"image {image_id} not found (or has no {self.embedder.name} vector)")
-        response = self.search_vector(np.asarray(vector, np.float32), k + 1, use_prototypes, top_categories, category)
+        base = vectors.get(self.embedder.source.name)
+        response = self.search_vector(np.asarray(vectors[self.embedder.name], np.float32), k + 1, use_prototypes,
+                                      top_categories, category,
+                                      base=np.asarray(base, np.float32) if base is not None else None)
         response.results = [r for r in response.results if r.image_id != image_id][:k]
         for rank, r in enumerate(response.results, 1):
             r.rank = rank
         return response
 
     def search_vector(self, vector: np.ndarray, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                      category: str | int | None = None) -> SearchResponse:
-        """Two-stage (or exhaustive) search for one query vector (d,)."""
+                      category: str | int | None = None, base: np.ndarray | None = None) -> SearchResponse:
+        """Two-stage (or exhaustive) search for one query vector (d,); `base`: its base model's vector, which a
+        derived model's confidence needs (embed_query)."""
         filter_ids = [self._category_id(category)] if category is not None else None
         with self._lock:
             t0 = time.perf_counter()
@@ -209,29 +235,21 @@ class ImageSearch:
             search_ms = (time.perf_counter() - t0) * 1000
             # Stage 1 already ranked every category, unless a filter narrowed it or the search was exhaustive.
             ranking = hits.prototype_ranking if use_prototypes and filter_ids is None else None
-            confidence = self._confidence(vector, ranking)
+            confidence = self.confidence_of(vector, base, ranking)
         t1 = time.perf_counter()
         results, prototypes = self._describe(hits)
         return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
                                                     "lookup": round((time.perf_counter() - t1) * 1000, 2)},
-                              use_prototypes, confidence)
-
-    def _confidence(self, vector: np.ndarray, ranking=None) -> dict | None:
-        """How sure stage 1 is about the query, against every category (call with the lock held); `ranking` is
-        stage 1's (category, similarity) list over every category, when the search made one."""
-        sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
-            self.index.rank_prototypes(vector[None, :])[1][0]
-        found = assess(sims, self.no_match_threshold())
-        return found.as_dict() if found is not None else None
+                              use_prototypes, confidence.as_dict() if confidence is not None else None)
 
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
         """Stage 1 alone: the categories closest to the query image."""
         t0 = time.perf_counter()
-        vector = self.embed(image)
+        vector, base = self.embed_query(image)
         t1 = time.perf_counter()
         with self._lock:
             cats, sims = self.index.rank_prototypes(vector[None, :])
-            confidence = assess(sims[0], self.no_match_threshold())
+            confidence = self.confidence_of(vector, base, list(zip(cats[0].tolist(), sims[0].tolist())))
         names = self._category_names(cats[0].tolist())
         protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
                   for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]
@@ -287,7 +305,7 @@ class ImageSearch:
         """Pick up what other processes added or deleted; returns (added, removed)."""
         with self._sync_lock:
             changed = self.manager.sync()
-        self._calibration.reset()  # images may have moved between categories (a recluster)
+        self._recalibrate()  # images may have moved between categories (a recluster)
         return changed
 
     def rebuild(self) -> None:

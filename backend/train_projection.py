@@ -125,21 +125,22 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, dim: int = 256, kind: st
                 break
     module.load_state_dict(best_state)
     weights = _weights(kind, module)
-    project = through(weights)
+    project = through(weights)  # the weights kept: the best epoch's
     report = {"kind": kind, "dim": dim, "hidden": HIDDEN if kind == "mlp" else None, "loss": "normalised softmax",
               "scale": SCALE, "learning_rate": LEARNING_RATE, "batch_size": BATCH, "seed": seed,
               "epochs_run": len(losses), "best_epoch": best_epoch, "losses": losses,
               "train_vectors": int(len(train_x)), "held_out_vectors": int(held.sum()), "categories": int(len(classes)),
               f"held_out_precision@{k}": {"raw": raw, "projected": held_out_precision(project)},
-              "no_match_threshold": no_match_threshold(project(vectors[held]), y[held], project(train_x), train_y),
+              # backend.confidence.BaseSpace: judged on base vectors, as the head maps unlike images onto categories
+              "base_no_match_threshold": no_match_threshold(vectors[held], y[held], train_x, train_y),
               "seconds": round(time.perf_counter() - started, 1)}
     return weights, report
 
 
 def no_match_threshold(held_out: np.ndarray, held_labels: np.ndarray, trained: np.ndarray,
                        trained_labels: np.ndarray) -> float | None:
-    """backend.confidence's threshold for a derived model, from vectors the head was not trained on: the QUANTILE of
-    their best similarity to the categories' prototypes (the normalised means of the trained-on vectors)."""
+    """backend.confidence's threshold for a derived model, from base vectors the head was not trained on: the
+    QUANTILE of their best similarity to the categories' prototypes (the normalised means of the trained-on ones)."""
     if not len(held_out):
         return None
     sums = np.zeros((int(trained_labels.max()) + 1, trained.shape[1]), np.float64)

@@ -9,7 +9,7 @@ from backend import projection, store
 from backend.models import Embedding, Prototype
 from backend.service import ImageSearch
 from backend.train_projection import precision_at_k, train_head, train_projection
-from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
+from tests.helpers import PixelEmbedder, class_images, png_bytes, write_folder_dataset
 
 DERIVED = projection.derived_name(PixelEmbedder.name)
 
@@ -34,7 +34,7 @@ def test_training_where_classes_differ_along_a_few_directions_lifts_held_out_pre
     projected = precision_at_k(head.apply(test_x), test_y, head.apply(train_x), train_y)
     assert raw < 0.5 and projected > raw + 0.25, (raw, projected)
     assert report["held_out_precision@10"]["projected"] > report["held_out_precision@10"]["raw"]
-    assert 1 <= report["best_epoch"] <= report["epochs_run"] <= 40 and report["no_match_threshold"] is not None
+    assert 1 <= report["best_epoch"] <= report["epochs_run"] <= 40 and report["base_no_match_threshold"] is not None
 
 
 def test_the_head_is_unit_norm_deterministic_and_training_repeats_itself():
@@ -134,3 +134,21 @@ def test_training_without_vectors_in_categories_is_a_clear_error(sessions):
         store.ensure_model(s, PixelEmbedder.name, PixelEmbedder.dim)
     with pytest.raises(ImsrcError, match="no test-pixels vectors are in a category|no test-pixels vectors"):
         train_projection(sessions, PixelEmbedder.name, epochs=1, progress=False)
+
+
+def test_a_derived_model_judges_no_close_match_in_its_base_space(collection, tmp_path):
+    from PIL import Image
+
+    head = train_projection(collection, PixelEmbedder.name, dim=8, epochs=3, progress=False)
+    search = ImageSearch(collection, projection.ProjectedEmbedder(PixelEmbedder(), head),
+                         snapshot_dir=tmp_path / "snap", batch_size=8)
+    gray = png_bytes(Image.new("RGB", (24, 24), (128, 128, 128)))  # unlike every red, green or blue image
+    red = png_bytes(Image.fromarray(class_images(1, seed=9)[0][0]))  # a new one, like the stored red images
+    unlike, like = search.search_similar(gray, k=3).confidence, search.search_similar(red, k=3).confidence
+    assert unlike["threshold"] == like["threshold"] == head.report["base_no_match_threshold"]
+    base = PixelEmbedder().embed([Image.open(__import__("io").BytesIO(gray))])[0]
+    with collection() as s:
+        _, base_prototypes, _ = store.load_prototypes(s, PixelEmbedder.name)
+    assert unlike["best_similarity"] == pytest.approx(float((base_prototypes @ base).max()), abs=1e-4)
+    assert not unlike["close_match"] and like["close_match"], (unlike, like)
+    search.close()
