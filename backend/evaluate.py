@@ -106,6 +106,7 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
                if (found := search.confidence_of(vector, base)) is not None]
 
     results, exhaustive_ids, sampled = {}, None, []  # configurations() puts the exhaustive baseline first
+    exhaustive_spread = []  # per query: how many of the exhaustive top-k each category holds, most first
     configs = configurations(prototype_limits, len(index.categories))
     sample_config = sample_config if any(c.name == sample_config for c in configs) else "exhaustive"
     for config in configs:
@@ -125,8 +126,13 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
             faiss_ms.append(hits.search_ms)
             ids.append(hits.ids)
             agree.append(overlap(hits.ids, exhaustive_ids[qi]) if exhaustive_ids is not None else 1.0)
+            if exhaustive_ids is None:
+                exhaustive_spread.append(sorted(Counter(hits.categories.tolist()).values(), reverse=True))
         exhaustive_ids = exhaustive_ids or ids
-        results[config.name] = {
+        ceiling = {f"best_possible_recall_vs_exhaustive@{k}": round(float(np.mean(
+            [sum(spread[:config.top_categories]) / max(sum(spread), 1) for spread in exhaustive_spread])), 4)} \
+            if config.top_categories is not None else {}
+        results[config.name] = {**ceiling,
             f"precision@{k}": round(float(np.mean([m["precision"] for m in per_query])), 4),
             f"map@{k}": round(float(np.mean([m["ap"] for m in per_query])), 4),
             f"recall@{k}": round(float(np.mean([m["recall"] for m in per_query])), 5),
@@ -173,6 +179,10 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | {r[f'precision@{k}']:.4f} | {r[f'map@{k}']:.4f} | {r[f'recall@{k}']:.5f} | "
                      f"{r[f'recall_vs_exhaustive@{k}']:.4f} | {r['prototype_ms']['p50']:.3f} / "
                      f"{r['prototype_ms']['p95']:.3f} | {r['faiss_ms']['p50']:.3f} / {r['faiss_ms']['p95']:.3f} |")
+    ceilings = [f"{name} {r[f'best_possible_recall_vs_exhaustive@{k}']:.4f}"
+                for name, r in report["configurations"].items() if f"best_possible_recall_vs_exhaustive@{k}" in r]
+    if ceilings:  # what a perfect stage 1 would keep: the exhaustive top-k spread over categories
+        lines += ["", f"recall vs exhaustive that a perfect stage 1 could reach: {', '.join(ceilings)}"]
     confidence = report.get("confidence") or {}
     if confidence.get("false_alarm_rate") is not None:
         derived = confidence.get("space", report["model"]) != report["model"]

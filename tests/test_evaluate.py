@@ -47,6 +47,11 @@ def test_evaluate_two_stage_against_exhaustive(sessions, tmp_path):
     assert report["samples"] == []  # none asked for
     assert configs["P=1"]["precision@5_by_category"] == {"blue": 1.0, "green": 1.0, "red": 1.0}
     assert report["confidence"]["false_alarm_rate"] == 0.0  # held-out images drawn like the collection's
+    # A perfect stage 1 keeps every exhaustive hit its P categories hold: never less than what the real one kept.
+    ceiling = {p: configs[p]["best_possible_recall_vs_exhaustive@5"] for p in ("P=1", "P=2")}
+    assert ceiling["P=1"] >= configs["P=1"]["recall_vs_exhaustive@5"] and ceiling["P=2"] >= ceiling["P=1"]
+    assert ceiling["P=1"] == 1.0 and "best_possible_recall_vs_exhaustive@5" not in configs["exhaustive"]
+    assert "a perfect stage 1 could reach: P=1" in format_table(report)
 
 
 def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
