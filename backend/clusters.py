@@ -34,11 +34,12 @@ def default_k(n: int) -> int:
 
 
 def spherical_kmeans(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """The cluster (0..k-1) of each unit vector (n, d), by k-means on the sphere; some clusters may stay empty."""
+    """k unit centroids (k, d) of unit vectors (n, d), by k-means on the sphere; a vector's cluster is the centroid
+    of largest inner product (some may have none)."""
     kmeans = faiss.Kmeans(vectors.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
                           min_points_per_centroid=1, max_points_per_centroid=100_000)
     kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
-    return kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)[1].ravel()
+    return kmeans.centroids
 
 
 def recluster(session: Session, model_name: str, k: int | None = None, seed: int = 0) -> int:
@@ -54,7 +55,7 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
         raise ImsrcError(f"only {len(candidates)} {model_name} vectors without a category: nothing to cluster")
     dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
     ids, _, vectors = fetch_members(session, model_name, dim, candidates, uncategorised=True)  # in bulk, by id
-    assignment = spherical_kmeans(vectors, min(k or default_k(len(ids)), len(ids)), seed)
+    assignment = (vectors @ spherical_kmeans(vectors, min(k or default_k(len(ids)), len(ids)), seed).T).argmax(axis=1)
     used = sorted(set(assignment.tolist()))
     names = [NAME.format(n + 1) for n in range(len(used))]
     taken = session.scalars(sa.select(Category.name).where(Category.name.in_(names), ~Category.automatic)).all()

@@ -62,30 +62,29 @@ def assess(similarities: np.ndarray, threshold: float | None) -> Confidence | No
 class BaseSpace:
     """A derived model's "no close match", judged in its base model's space. A head trained on the categories maps
     images unlike all of them onto them too (21 of 23 scikit-image photos came out "close" to a Fashion-MNIST
-    category through it, none without it), so the query's base vector is compared with the base model's prototypes,
-    against the threshold measured when the head was trained on the images it was not trained on."""
+    category through it, none without it), so the query's base vector is compared with the mean base vector of each
+    category, as the threshold was measured when the head was trained (on the images it was not trained on)."""
 
     def __init__(self, sessions, base_model: str, dim: int):
         self.sessions, self.base_model, self.dim = sessions, base_model, dim
-        self._prototypes: CategoryIndex | None = None
+        self._means, self._key = np.zeros((0, dim), np.float32), None
 
     def reset(self) -> None:
-        """Read the base model's prototypes again at the next query (they change with the collection)."""
-        self._prototypes = None
+        """Read the categories' means again at the next query."""
+        self._key = None
 
-    def similarities(self, base_vector: np.ndarray) -> np.ndarray:
-        """The base vector's similarity to each category's closest base prototype, best first."""
-        prototypes = self._prototypes
-        if prototypes is None:
+    def similarities(self, base_vector: np.ndarray, index: CategoryIndex) -> np.ndarray:
+        """The base vector's similarity to each category's mean base vector, best first; the means are read again
+        when the derived model's index gains or loses categories or moves by RECALIBRATE_GROWTH."""
+        size = len(index)
+        if self._key is None or self._key[1] != index.categories or \
+                abs(size - self._key[0]) > RECALIBRATE_GROWTH * max(self._key[0], 1):
             from backend import store
 
             with self.sessions() as s:
-                cats, vectors, _ = store.load_prototypes(s, self.base_model)
-            prototypes = CategoryIndex(self.dim)
-            if len(cats):
-                prototypes.set_prototypes(cats, vectors)
-            self._prototypes = prototypes
-        return -np.sort(-prototypes.category_similarities(base_vector[None, :])[1][0])
+                _, means = store.category_means(s, self.base_model)
+            self._means, self._key = means.reshape(-1, self.dim), (size, index.categories)
+        return -np.sort(-(self._means @ base_vector))
 
 
 class Calibration:

@@ -249,6 +249,9 @@ class IndexManager:
         with consistent_reads(self.sessions) as s:
             current, counts = fingerprint(s, self.model_name), category_counts(s, self.model_name)
             head = self._read_head(s)
+            # The snapshot's prototypes may be older than the database's (a rebuild of prototypes alone, or another
+            # PROTOTYPES_PER_CATEGORY): they are taken from PostgreSQL, with the same view as the fingerprint.
+            proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
         if head is not None and (snapshot_meta(self.snapshot_path) or {}).get("head") != head.version:
             return "snapshot is of another head version"  # a new version was trained since it was written
         index, meta = read_snapshot(self.snapshot_path, self.model_name, self.index_type,
@@ -260,6 +263,9 @@ class IndexManager:
             raise SnapshotError(f"out of step with PostgreSQL ({difference})")
         if index_fingerprint(index) != current:
             raise SnapshotError("out of step with PostgreSQL (the same counts, but other images or categories)")
+        index.drop_prototypes(index.categories)
+        if proto_cats:
+            index.set_prototypes(proto_cats, protos)
         with self.guard:
             self.index, self.fingerprint, self.source = index, current, "snapshot"
             self._use_head(head)
@@ -294,7 +300,10 @@ class IndexManager:
                              lambda ids, cats, vectors: index.add(ids, vectors, cats, optimise=False))
             recomputed.result()
         # Read after the members: a writer in between changes the fingerprint, and the next sync() catches up.
-        with self.sessions() as s:
+        with consistent_reads(self.sessions) as s:
+            if head is not None and projection.current_version(s, self.model_name) != head.version:
+                s.close()  # a new head version was published meanwhile: its vectors and prototypes, then
+                return self.rebuild(save=save, prototypes=prototypes)
             proto_cats, protos, _ = store.load_prototypes(s, self.model_name)
         index.optimise()
         _return_freed_memory()

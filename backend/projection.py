@@ -18,7 +18,9 @@ from backend.errors import ModelUnavailable
 from backend.models import ProjectionHead
 
 SUFFIX = "+proj"
-_PARSED: dict[int, "Head"] = {}  # version -> head: a version never changes, so its weights are parsed once
+# (version, created at) -> head: a stored version never changes, so its weights are parsed once; the time tells apart
+# the versions of two databases (or of one restored), which number theirs alike.
+_PARSED: dict[tuple, "Head"] = {}
 _PARSED_MAX = 8
 
 
@@ -95,12 +97,12 @@ def decode_weights(data: bytes) -> dict[str, np.ndarray]:
 
 
 def _parse(row: ProjectionHead) -> Head:
-    head = _PARSED.get(row.version)
+    head = _PARSED.get((row.version, row.created_at))
     if head is None:
         head = Head(row.version, row.model_name, row.base_model, row.kind, decode_weights(row.weights), row.report)
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.pop(next(iter(_PARSED)))
-        _PARSED[row.version] = head
+        _PARSED[(row.version, row.created_at)] = head
     return head
 
 
@@ -137,7 +139,13 @@ def heads_deriving(session: Session, base_model: str) -> list[Head]:
     """The heads in use that derive a model from `base_model` (one per derived model)."""
     newest = (sa.select(sa.func.max(ProjectionHead.version)).where(ProjectionHead.base_model == base_model)
               .group_by(ProjectionHead.model_name))
-    return [_parse(row) for row in session.scalars(sa.select(ProjectionHead).where(ProjectionHead.version.in_(newest)))]
+    keys = [tuple(row) for row in session.execute(sa.select(ProjectionHead.version, ProjectionHead.created_at)
+                                                  .where(ProjectionHead.version.in_(newest)))]
+    heads = {key: _PARSED[key] for key in keys if key in _PARSED}  # every ingestion batch asks: weights read once
+    if missing := [version for version, created in keys if (version, created) not in heads]:
+        heads.update(((row.version, row.created_at), _parse(row)) for row in session.scalars(
+            sa.select(ProjectionHead).where(ProjectionHead.version.in_(missing))))
+    return [heads[key] for key in keys]
 
 
 def lock_base(session: Session, base_model: str, exclusive: bool = False) -> None:

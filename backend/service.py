@@ -123,14 +123,24 @@ class ImageSearch:
 
     def embed_query(self, image: ImageInput) -> tuple[np.ndarray, np.ndarray]:
         """(the query's vector (d,), its base model's vector): the same for a model that is not derived."""
+        base = self._embed_base(image)
+        with self._lock:
+            return self._to_index_space(base), base
+
+    def _embed_base(self, image: ImageInput) -> np.ndarray:
+        """The query's base model vector (a derived model's head is applied under the lock: _to_index_space)."""
         def picture() -> PILImage.Image:
             if isinstance(image, PILImage.Image):
                 return image.convert("RGB")
             return decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image).image
 
         batcher = self.batcher  # close() may set it to None meanwhile
-        base = batcher.embed(picture) if batcher is not None else self.embedder.source.embed([picture()])[0]
-        return (self.embedder.head.apply(base[None, :])[0] if self._base_space is not None else base), base
+        return batcher.embed(picture) if batcher is not None else self.embedder.source.embed([picture()])[0]
+
+    def _to_index_space(self, base: np.ndarray) -> np.ndarray:
+        """A base vector as the index holds vectors: through the head the index was built with (a derived model's;
+        call with the lock held, under which index and head are swapped together)."""
+        return self.embedder.head.apply(base[None, :])[0] if self._base_space is not None else base
 
     def _use_head(self, head) -> None:
         """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
@@ -155,7 +165,7 @@ class ImageSearch:
         without the base vector); `ranking` is stage 1's (category, similarity) list over every category, when a
         search made one. Call with the lock held."""
         if self._base_space is not None:
-            sims = self._base_space.similarities(base) if base is not None else np.zeros(0)
+            sims = self._base_space.similarities(base, self.index) if base is not None else np.zeros(0)
         else:
             sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
                 self.index.rank_prototypes(vector[None, :])[1][0]
@@ -199,36 +209,37 @@ class ImageSearch:
                        category: str | int | None = None) -> SearchResponse:
         """Embed a query image and return its k most similar stored images."""
         started = time.perf_counter()
-        vector, base = self.embed_query(image)
+        base = self._embed_base(image)
         embed_ms = (time.perf_counter() - started) * 1000
-        response = self.search_vector(vector, k, use_prototypes, top_categories, category, base=base)
+        response = self.search_vector(None, k, use_prototypes, top_categories, category, base=base)
         response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         return response
 
     def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
                      category: str | int | None = None) -> SearchResponse:
         """Search with a stored image's own vector ("more like this"); the image itself is left out."""
-        with self.sessions() as s:
-            vectors = dict(s.execute(sa.select(Embedding.model_name, Embedding.vector).where(
-                Embedding.image_id == image_id, Embedding.model_name.in_({self.embedder.name, self.embedder.source.name}))
-            ).all())
-        if self.embedder.name not in vectors:
+        with self.sessions() as s:  # a derived model's stored vector may be of a newer head than the index's
+            base = s.scalar(sa.select(Embedding.vector).where(Embedding.image_id == image_id,
+                                                              Embedding.model_name == self.embedder.source.name))
+            found = base is not None and s.scalar(sa.select(sa.func.count()).select_from(Embedding).where(
+                Embedding.image_id == image_id, Embedding.model_name == self.embedder.name))
+        if not found:
             raise NotFound(f"image {image_id} not found (or has no {self.embedder.name} vector)")
-        base = vectors.get(self.embedder.source.name)
-        response = self.search_vector(np.asarray(vectors[self.embedder.name], np.float32), k + 1, use_prototypes,
-                                      top_categories, category,
-                                      base=np.asarray(base, np.float32) if base is not None else None)
+        response = self.search_vector(None, k + 1, use_prototypes, top_categories, category,
+                                      base=np.asarray(base, np.float32))
         response.results = [r for r in response.results if r.image_id != image_id][:k]
         for rank, r in enumerate(response.results, 1):
             r.rank = rank
         return response
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                      category: str | int | None = None, base: np.ndarray | None = None) -> SearchResponse:
-        """Two-stage (or exhaustive) search for one query vector (d,); `base`: its base model's vector, which a
-        derived model's confidence needs (embed_query)."""
+    def search_vector(self, vector: np.ndarray | None, k: int = 10, use_prototypes: bool = True,
+                      top_categories: int = 3, category: str | int | None = None,
+                      base: np.ndarray | None = None) -> SearchResponse:
+        """Two-stage (or exhaustive) search for one query vector (d,) as the index holds them, or for None and
+        `base`, its base model's vector, made into one here (a derived model's confidence needs `base` too)."""
         filter_ids = [self._category_id(category)] if category is not None else None
         with self._lock:
+            vector = self._to_index_space(base) if vector is None else vector
             t0 = time.perf_counter()
             hits = self.index.search(vector[None, :], k, top_categories=top_categories,
                                      use_prototypes=use_prototypes, categories=filter_ids)[0]
@@ -245,9 +256,10 @@ class ImageSearch:
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
         """Stage 1 alone: the categories closest to the query image."""
         t0 = time.perf_counter()
-        vector, base = self.embed_query(image)
+        base = self._embed_base(image)
         t1 = time.perf_counter()
         with self._lock:
+            vector = self._to_index_space(base)
             cats, sims = self.index.rank_prototypes(vector[None, :])
             confidence = self.confidence_of(vector, base, list(zip(cats[0].tolist(), sims[0].tolist())))
         names = self._category_names(cats[0].tolist())

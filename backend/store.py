@@ -12,6 +12,7 @@ from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
 
 
 MIN_SLOT_MEMBERS = 50  # members a prototype of a category with several needs, at least
+KMEANS_SAMPLE = 256  # vectors per prototype that k-means learns the slots from (FAISS's own default)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
     how many were deleted."""
     if not image_ids:
         return 0
+    # Not while a model's prototypes are rebuilt: the rebuild renumbers the slots these images count towards.
+    for model in sorted(session.scalars(sa.select(Embedding.model_name).distinct()
+                                        .where(Embedding.image_id.in_(image_ids)))):
+        lock_prototypes(session, model)
     sums = _member_sums(None, image_ids).subquery()
     same = sa.and_(Prototype.category_id == sums.c.category_id, Prototype.model_name == sums.c.model_name,
                    Prototype.slot == sums.c.slot)
@@ -156,7 +161,7 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
 
 
 def lock_prototypes(session: Session, model_name: str) -> None:
-    """Held to commit by whoever replaces a model's prototypes wholesale.
+    """Held to commit by whoever replaces a model's prototypes wholesale, and by deletions (in model order).
 
     One recomputation per model at a time (workers starting together each rebuild): a second one waits for the
     first to commit, where it would otherwise miss the rows the first inserted and collide with them."""
@@ -173,31 +178,28 @@ def rebuild_prototypes(session: Session, model_name: str, per_category: int | No
     """Recompute every prototype of a model from its members (float64 mean), announced on commit; returns how many
     there are. A category gets slots_for(its size, per_category) prototypes (default PROTOTYPES_PER_CATEGORY): its
     members are split by k-means on the sphere and each vector counts towards its cluster's slot from then on."""
-    from backend.bulk import fetch_members
-    from backend.clusters import spherical_kmeans
     from backend.config import settings
 
     e, i = Embedding.__table__, Image.__table__
-    lock_prototypes(session, model_name)
+    lock_prototypes(session, model_name)  # delete_images takes it too: the two never interleave
     per_category = per_category or settings.prototypes_per_category
-    in_model = sa.and_(Embedding.model_name == model_name, Embedding.slot != 0)
-    session.execute(sa.update(Embedding).where(in_model).values(slot=0))
     sizes = session.execute(sa.select(Image.category_id, sa.func.count()).join(Embedding, Embedding.image_id == Image.id)
                             .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
                             .group_by(Image.category_id)).all()
     dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
-    for category, size in sizes:
-        if (k := slots_for(size, per_category)) < 2:
-            continue
-        ids = session.scalars(sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
-                              .where(Embedding.model_name == model_name, Image.category_id == category)).all()
-        ids, _, vectors = fetch_members(session, model_name, dim, ids)  # one category's vectors at a time
-        cluster = spherical_kmeans(vectors, k)
-        slot = np.unique(cluster, return_inverse=True)[1]  # an empty cluster leaves no gap
-        session.execute(sa.text("UPDATE embeddings SET slot = s.slot FROM unnest(:ids, :slots) AS s(image, slot) "
-                                "WHERE embeddings.model_name = :m AND embeddings.image_id = s.image"),
-                        {"m": model_name, "ids": ids.tolist(), "slots": slot.tolist()})
+    # Read first, write after: prototypes before embeddings, the order every writer locks them in.
+    slots = [_split(session, model_name, dim, category, k) for category, size in sizes
+             if (k := slots_for(size, per_category)) > 1]
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
+    split = [category for category, size in sizes if slots_for(size, per_category) > 1]
+    session.execute(sa.update(Embedding).where(Embedding.model_name == model_name, Embedding.slot != 0,
+                                               ~Embedding.image_id.in_(sa.select(Image.id).where(
+                                                   Image.category_id.in_(split)))).values(slot=0))
+    for ids, slot in slots:  # only the vectors whose slot changed are written
+        session.execute(sa.text("UPDATE embeddings SET slot = s.slot FROM unnest(:ids, :slots) AS s(image, slot) "
+                                "WHERE embeddings.model_name = :m AND embeddings.image_id = s.image "
+                                "AND embeddings.slot <> s.slot"),
+                        {"m": model_name, "ids": ids.tolist(), "slots": slot.tolist()})
     members = (sa.select(i.c.category_id, e.c.model_name, e.c.slot, e.c.dim,
                          sa.func.l2_normalize(sa.func.avg(e.c.vector)), sa.func.sum(e.c.vector), sa.func.count())
                .join(i, i.c.id == e.c.image_id)
@@ -209,6 +211,23 @@ def rebuild_prototypes(session: Session, model_name: str, per_category: int | No
     return session.scalar(sa.select(sa.func.count()).select_from(Prototype).where(Prototype.model_name == model_name))
 
 
+def _split(session: Session, model_name: str, dim: int, category: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids, slot of each) of a category's vectors split into k clusters (spherical k-means on at most
+    KMEANS_SAMPLE of them, then every vector to its closest centroid, streamed: a category's vectors are never all
+    in memory at once); slots are numbered without gaps."""
+    from backend.bulk import copy_members, fetch_members
+    from backend.clusters import spherical_kmeans
+
+    ids = np.array(session.scalars(sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
+                                   .where(Embedding.model_name == model_name, Image.category_id == category)).all())
+    sample = np.random.default_rng(category).choice(ids, min(len(ids), KMEANS_SAMPLE * k), replace=False)
+    centroids = spherical_kmeans(fetch_members(session, model_name, dim, np.sort(sample))[2], k)
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    copy_members(session, model_name, dim, lambda i, _, v: found.append((i, (v @ centroids.T).argmax(axis=1))), ids)
+    members, cluster = (np.concatenate(column) for column in zip(*found))
+    return members, np.unique(cluster, return_inverse=True)[1]
+
+
 def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.ndarray, list[int]]:
     """(category ids, prototype vectors (p, d) float32, member counts) of a model, by category id then slot: a
     category with several prototypes appears once per prototype."""
@@ -218,6 +237,17 @@ def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.nd
     if not rows:
         return [], np.zeros((0, 0), np.float32), []
     return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]
+
+
+def category_means(session: Session, model_name: str) -> tuple[list[int], np.ndarray]:
+    """(category ids, the normalised mean of each category's vectors (c, d)) of a model, from its prototypes' sums."""
+    mean = sa.func.l2_normalize(sa.func.sum(Prototype.vector_sum), type_=Prototype.vector.type)
+    rows = session.execute(sa.select(Prototype.category_id, mean)
+                           .where(Prototype.model_name == model_name).group_by(Prototype.category_id)
+                           .order_by(Prototype.category_id)).all()
+    if not rows:
+        return [], np.zeros((0, 0), np.float32)
+    return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
 
 
 def models_with_vectors(session: Session) -> list[tuple[str, int]]:

@@ -152,3 +152,17 @@ def test_a_derived_model_judges_no_close_match_in_its_base_space(collection, tmp
     assert unlike["best_similarity"] == pytest.approx(float((base_prototypes @ base).max()), abs=1e-4)
     assert not unlike["close_match"] and like["close_match"], (unlike, like)
     search.close()
+
+
+def test_a_search_meets_the_head_its_index_was_built_with_until_it_syncs(collection, tmp_path):
+    first = train_projection(collection, PixelEmbedder.name, dim=8, epochs=2, progress=False)
+    search = ImageSearch(collection, projection.ProjectedEmbedder(PixelEmbedder(), first),
+                         snapshot_dir=tmp_path / "snap", batch_size=8)
+    some_id = search.index.assignments().popitem()[0]
+    train_projection(collection, PixelEmbedder.name, dim=5, kind="linear", epochs=2, progress=False)
+    # Published, not yet synced here: the stored derived vectors are 5-d, the index and its head still 8-d.
+    hits = search.search_by_id(some_id, k=3).results
+    assert len(hits) == 3 and search.index.dim == 8 and search.embedder.head.version == first.version
+    search.refresh()
+    assert search.index.dim == 5 and len(search.search_by_id(some_id, k=3).results) == 3
+    search.close()

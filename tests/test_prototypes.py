@@ -117,3 +117,18 @@ def test_the_index_holds_several_prototypes_per_category_through_a_snapshot(tmp_
     assert [c.tolist() for c in loaded.prototypes()][0] == [7, 7, 9]
     assert np.array_equal(loaded.prototypes()[1], index.prototypes()[1])
     assert loaded.rank_prototypes(vectors[1:2])[0][0].tolist() == [7, 9]
+
+
+def test_a_snapshot_takes_its_prototypes_from_postgresql(sessions, tmp_path):
+    x, y = _two_lobed(120)
+    _store(sessions, x, "x", "x")
+    _store(sessions, y, "y", "y")
+    with sessions() as s, s.begin():
+        store.rebuild_prototypes(s, MODEL, per_category=1)
+    manager = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
+    manager.rebuild(save=True, prototypes=False)  # a snapshot with one prototype per category
+    with sessions() as s, s.begin():  # then the prototypes alone are rebuilt, by another process
+        assert store.rebuild_prototypes(s, MODEL, per_category=2) == 4
+    reopened = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
+    assert reopened.load_or_build() == "snapshot" and len(reopened.index.prototypes()[0]) == 4
+    assert check(sessions, MODEL, reopened.index).ok
