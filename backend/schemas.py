@@ -41,6 +41,9 @@ class SearchOut(BaseModel):
     timings_ms: dict[str, float]
     use_prototypes: bool
     confidence: Confidence | None = Field(None, description="how sure stage 1 is (none until there are prototypes)")
+    offset: int = Field(0, description="results ranked before this page (ranks start at offset + 1)")
+    next_offset: int | None = Field(None, description="the offset of the next page; null when no result (scoring "
+                                    "min_score or more, within the 1,000 a search can page through) follows")
 
 
 class UploadOut(BaseModel):

@@ -24,6 +24,7 @@ from backend.models import Category, Embedding, Image
 
 
 ImageInput = Union[PILImage.Image, bytes, str, Path]
+MAX_DEPTH = 1000  # how far down the ranking a search can page: offset + k at most
 
 
 class NotFound(ImsrcError):
@@ -52,6 +53,8 @@ class SearchResponse:
     timings_ms: dict[str, float] = field(default_factory=dict)
     use_prototypes: bool = True
     confidence: dict | None = None  # backend.confidence.Confidence: is the query like anything stored at all?
+    offset: int = 0  # the rank before this page's first result
+    next_offset: int | None = None  # the next page's offset; None when nothing (above min_score) follows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,17 +209,21 @@ class ImageSearch:
                 self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
     def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                       category: str | int | None = None) -> SearchResponse:
-        """Embed a query image and return its k most similar stored images."""
+                       category: str | int | None = None, offset: int = 0,
+                       min_score: float | None = None) -> SearchResponse:
+        """Embed a query image and return its k most similar stored images (after the first `offset`, down to
+        min_score)."""
         started = time.perf_counter()
         base = self._embed_base(image)
         embed_ms = (time.perf_counter() - started) * 1000
-        response = self.search_vector(None, k, use_prototypes, top_categories, category, base=base)
+        response = self.search_vector(None, k, use_prototypes, top_categories, category, base=base, offset=offset,
+                                      min_score=min_score)
         response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         return response
 
     def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                     category: str | int | None = None) -> SearchResponse:
+                     category: str | int | None = None, offset: int = 0,
+                     min_score: float | None = None) -> SearchResponse:
         """Search with a stored image's own vector ("more like this"); the image itself is left out."""
         with self.sessions() as s:  # a derived model's stored vector may be of a newer head than the index's
             base = s.scalar(sa.select(Embedding.vector).where(Embedding.image_id == image_id,
@@ -225,33 +232,41 @@ class ImageSearch:
                 Embedding.image_id == image_id, Embedding.model_name == self.embedder.name))
         if not found:
             raise NotFound(f"image {image_id} not found (or has no {self.embedder.name} vector)")
-        response = self.search_vector(None, k + 1, use_prototypes, top_categories, category,
-                                      base=np.asarray(base, np.float32))
-        response.results = [r for r in response.results if r.image_id != image_id][:k]
-        for rank, r in enumerate(response.results, 1):
-            r.rank = rank
-        return response
+        return self.search_vector(None, k, use_prototypes, top_categories, category, base=np.asarray(base, np.float32),
+                                  offset=offset, min_score=min_score, exclude=image_id)
 
     def search_vector(self, vector: np.ndarray | None, k: int = 10, use_prototypes: bool = True,
-                      top_categories: int = 3, category: str | int | None = None,
-                      base: np.ndarray | None = None) -> SearchResponse:
+                      top_categories: int = 3, category: str | int | None = None, base: np.ndarray | None = None,
+                      offset: int = 0, min_score: float | None = None, exclude: int | None = None) -> SearchResponse:
         """Two-stage (or exhaustive) search for one query vector (d,) as the index holds them, or for None and
-        `base`, its base model's vector, made into one here (a derived model's confidence needs `base` too)."""
+        `base`, its base model's vector, made into one here (a derived model's confidence needs `base` too).
+        Returns ranks offset+1 .. offset+k (offset + k at most MAX_DEPTH) of those scoring min_score or more, leaving
+        out the image `exclude`; every page of one query comes from the same ranking (for the exact index types)."""
+        if offset < 0 or k < 1 or offset + k > MAX_DEPTH:
+            raise ValueError(f"offset + k must be at most {MAX_DEPTH} (offset {offset}, k {k})")
         filter_ids = [self._category_id(category)] if category is not None else None
         with self._lock:
             vector = self._to_index_space(base) if vector is None else vector
             t0 = time.perf_counter()
-            hits = self.index.search(vector[None, :], k, top_categories=top_categories,
-                                     use_prototypes=use_prototypes, categories=filter_ids)[0]
+            # One more than the page (two with an image to leave out): is there a next page?
+            hits = self.index.search(vector[None, :], offset + k + 1 + (exclude is not None),
+                                     top_categories=top_categories, use_prototypes=use_prototypes,
+                                     categories=filter_ids)[0]
             search_ms = (time.perf_counter() - t0) * 1000
             # Stage 1 already ranked every category, unless a filter narrowed it or the search was exhaustive.
             ranking = hits.prototype_ranking if use_prototypes and filter_ids is None else None
             confidence = self.confidence_of(vector, base, ranking)
         t1 = time.perf_counter()
-        results, prototypes = self._describe(hits)
+        floor = min_score if min_score is not None else -np.inf
+        ranked = np.flatnonzero((hits.ids != (exclude if exclude is not None else -1)) & (hits.scores >= floor))
+        page = ranked[offset:offset + k]
+        hits.ids, hits.scores, hits.categories = hits.ids[page], hits.scores[page], hits.categories[page]
+        results, prototypes = self._describe(hits, first_rank=offset + 1)
         return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
                                                     "lookup": round((time.perf_counter() - t1) * 1000, 2)},
-                              use_prototypes, confidence.as_dict() if confidence is not None else None)
+                              use_prototypes, confidence.as_dict() if confidence is not None else None,
+                              offset=offset,
+                              next_offset=offset + k if len(ranked) > offset + k and offset + k < MAX_DEPTH else None)
 
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
         """Stage 1 alone: the categories closest to the query image."""
@@ -387,7 +402,7 @@ class ImageSearch:
         with self.sessions() as s:
             return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
 
-    def _describe(self, hits) -> tuple[list[SearchResult], list[dict]]:
+    def _describe(self, hits, first_rank: int = 1) -> tuple[list[SearchResult], list[dict]]:
         ids = hits.ids.tolist()
         with self.sessions() as s:
             rows = {r.id: r for r in s.execute(
@@ -397,7 +412,8 @@ class ImageSearch:
         results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name if i in rows else None,
                                 category_id=int(cat), file_name=rows[i].original_name if i in rows else None,
                                 label=rows[i].label if i in rows else None)
-                   for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()), 1)
+                   for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()),
+                                                          first_rank)
                    if i in rows]  # an image deleted by another process since the last refresh is left out
         chosen = set(hits.searched_categories)
         prototypes = [{"category_id": c, "category": names.get(c), "similarity": float(sim)}

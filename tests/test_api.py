@@ -182,3 +182,25 @@ def test_not_ready_is_503_with_the_reason(sessions, tmp_path):
         assert c.get("/health").status_code == 503
         response = c.post("/search", files=_file())
         assert response.status_code == 503 and "MODEL_WEIGHTS_PATH" in response.json()["detail"]
+
+
+def test_results_page_through_one_ranking_and_stop_at_min_score(client):
+    whole = client.post("/search?use_prototypes=false&limit=12", files=_file()).json()["results"]
+    first = client.post("/search?use_prototypes=false&limit=5", files=_file()).json()
+    second = client.post("/search?use_prototypes=false&limit=5&offset=5", files=_file()).json()
+    assert [h["image_id"] for h in first["results"] + second["results"]] == [h["image_id"] for h in whole[:10]]
+    assert [h["rank"] for h in second["results"]] == [6, 7, 8, 9, 10]
+    assert (first["offset"], first["next_offset"], second["next_offset"]) == (0, 5, 10)
+    last = client.post("/search?use_prototypes=false&limit=5&offset=15", files=_file()).json()
+    assert len(last["results"]) == 3 and last["next_offset"] is None  # 18 images in all
+    floor = whole[4]["score"]
+    above = client.post(f"/search?use_prototypes=false&limit=12&min_score={floor}", files=_file()).json()
+    assert [h["image_id"] for h in above["results"]] == [h["image_id"] for h in whole if h["score"] >= floor]
+    assert above["next_offset"] is None and all(h["score"] >= floor for h in above["results"])
+    stored = whole[0]["image_id"]
+    similar = client.get(f"/images/{stored}/similar?limit=4&offset=2").json()
+    assert [h["rank"] for h in similar["results"]] == [3, 4, 5, 6] and similar["next_offset"] == 6
+    assert stored not in [h["image_id"] for h in similar["results"]]
+    for bad in ("offset=-1", "offset=951", "min_score=2"):
+        response = client.post(f"/search?{bad}", files=_file())
+        assert response.status_code == 422 and response.json()["detail"], bad

@@ -45,6 +45,12 @@ def test_build_and_search(sessions, tmp_path, collection):
         search.search_similar(_colour((1, 1, 1)), category="purple")
     ranking = search.rank_prototypes(_colour((10, 230, 10)), top_categories=3)
     assert [p["category"] for p in ranking.prototypes][0] == "green" and len(ranking.prototypes) == 3
+    page = search.search_similar(_colour((10, 10, 230)), k=4, use_prototypes=False, offset=4, min_score=0.0)
+    assert [r.image_id for r in page.results] == [r.image_id for r in search.search_similar(
+        _colour((10, 10, 230)), k=8, use_prototypes=False).results][4:]
+    assert (page.offset, page.next_offset, page.results[0].rank) == (4, 8, 5)
+    with pytest.raises(ValueError, match="at most 1000"):
+        search.search_similar(_colour((10, 10, 230)), k=10, offset=995)
 
 
 def test_add_duplicate_new_category_and_delete(sessions, tmp_path, collection):
