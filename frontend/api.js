@@ -16,19 +16,23 @@ const api = {
   status() { return this.request("/status"); },
   categories() { return this.request("/categories"); },
   categoryImages(id, limit = 24) { return this.request(`/categories/${id}/images?limit=${limit}`); },
-  search(file, { limit, useProtos, protoLimit }) {
+  // The query string of a search: a page (offset) of results, down to a minimum score when one is set.
+  searchParams({ limit, useProtos, protoLimit, minScore }, offset) {
+    const q = new URLSearchParams({ limit, use_prototypes: useProtos, prototype_limit: protoLimit, offset });
+    if (minScore > 0) q.set("min_score", minScore);
+    return q;
+  },
+  search(file, options, offset = 0) {
     const form = new FormData();
     form.append("file", file);
-    const q = new URLSearchParams({ limit, use_prototypes: useProtos, prototype_limit: protoLimit });
-    return this.request(`/search?${q}`, { method: "POST", body: form });
+    return this.request(`/search?${this.searchParams(options, offset)}`, { method: "POST", body: form });
   },
   searchPrototypes(file, protoLimit) {
     const form = new FormData();
     form.append("file", file);
     return this.request(`/search/prototypes?prototype_limit=${protoLimit}`, { method: "POST", body: form });
   },
-  similar(imageId, { limit, useProtos, protoLimit }) {
-    const q = new URLSearchParams({ limit, use_prototypes: useProtos, prototype_limit: protoLimit });
-    return this.request(`/images/${imageId}/similar?${q}`);
+  similar(imageId, options, offset = 0) {
+    return this.request(`/images/${imageId}/similar?${this.searchParams(options, offset)}`);
   },
 };

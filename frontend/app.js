@@ -1,9 +1,11 @@
 // The page: pick or drop a query image, search, show results; click a result to search by it.
 const $ = (id) => document.getElementById(id);
 let queryFile = null;
+let lastSearch = null; // { run, fetch(offset), label, nextOffset, shown }: what "More results" continues
 
 function options() {
-  return { limit: $("limit").value, useProtos: $("use-prototypes").checked, protoLimit: $("prototype-limit").value };
+  return { limit: $("limit").value, useProtos: $("use-prototypes").checked, protoLimit: $("prototype-limit").value,
+    minScore: Number($("min-score").value) };
 }
 
 function showError(message) {
@@ -14,6 +16,7 @@ function showError(message) {
 function setBusy(busy) {
   $("search-button").disabled = busy || !queryFile;
   $("prototypes-button").disabled = busy || !queryFile;
+  $("more-button").disabled = busy;
   document.body.classList.toggle("busy", busy);
 }
 
@@ -70,12 +73,36 @@ function renderConfidence(confidence) {
     "category than the collection's own images are. The results below are only the least unlike.";
 }
 
-function render(response, label) {
+// One page of a search's results: the first replaces what was shown, the next ones are appended.
+function render(response, search) {
+  if (search !== lastSearch) return; // a newer search started meanwhile
   const total = Object.values(response.timings_ms).reduce((a, b) => a + b, 0);
-  $("summary").textContent = `${label}: ${response.results.length} results in ${total.toFixed(0)} ms`;
-  renderConfidence(response.confidence);
-  renderCategories(response.prototypes);
-  $("results").replaceChildren(...response.results.map(resultCard));
+  const more = response.offset > 0;
+  search.shown = (more ? search.shown : 0) + response.results.length;
+  search.nextOffset = response.next_offset;
+  $("summary").textContent = `${search.label}: ${search.shown} results in ${total.toFixed(0)} ms`;
+  if (!more) {
+    renderConfidence(response.confidence);
+    renderCategories(response.prototypes);
+    $("results").replaceChildren();
+  }
+  $("results").append(...response.results.map(resultCard));
+  $("more-button").hidden = response.next_offset === null;
+}
+
+// A new search (file or stored image) with the options as they are now: its first page now, the next ones through
+// "More results". run(options, offset) fetches one page.
+function startSearch(run, label) {
+  const chosen = options();
+  const search = { run, fetch: (offset) => run(chosen, offset), label, nextOffset: null, shown: 0 };
+  lastSearch = search;
+  guarded(async () => render(await search.fetch(0), search));
+}
+
+function showMore() {
+  const search = lastSearch;
+  if (!search || search.nextOffset === null) return;
+  guarded(async () => render(await search.fetch(search.nextOffset), search));
 }
 
 async function guarded(work) {
@@ -92,7 +119,8 @@ async function guarded(work) {
 
 function runSearch() {
   if (!queryFile) return;
-  guarded(async () => render(await api.search(queryFile, options()), "Similar images"));
+  const file = queryFile;
+  startSearch((chosen, offset) => api.search(file, chosen, offset), "Similar images");
 }
 
 function runPrototypes() {
@@ -103,11 +131,18 @@ function runPrototypes() {
     renderConfidence(response.confidence);
     renderCategories(response.prototypes);
     $("results").replaceChildren();
+    $("more-button").hidden = true;
   });
 }
 
 function searchByImage(imageId) {
-  guarded(async () => render(await api.similar(imageId, options()), `Images like #${imageId}`));
+  startSearch((chosen, offset) => api.similar(imageId, chosen, offset), `Images like #${imageId}`);
+}
+
+// The minimum score: shown as it moves; the search runs again when it is let go.
+function showMinScore() {
+  const value = Number($("min-score").value);
+  $("min-score-value").textContent = value > 0 ? value.toFixed(2) : "off";
 }
 
 async function loadStatus() {
@@ -154,6 +189,9 @@ zone.addEventListener("keydown", (e) => {
 $("file-input").addEventListener("change", (e) => chooseFile(e.target.files[0]));
 $("search-button").addEventListener("click", runSearch);
 $("prototypes-button").addEventListener("click", runPrototypes);
+$("more-button").addEventListener("click", showMore);
+$("min-score").addEventListener("input", showMinScore);
+$("min-score").addEventListener("change", () => lastSearch && startSearch(lastSearch.run, lastSearch.label));
 // A drop outside the zone would otherwise navigate away to the image.
 window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());

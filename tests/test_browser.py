@@ -123,3 +123,32 @@ def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
     page.wait_for_selector("#browse li img")
     assert all(img.get_attribute("alt") for img in page.locator("img:visible").all())
     page.screenshot(path=str(output_dir / "phone.png"), full_page=True)
+
+
+def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(server, page, tmp_path):
+    base, data_dir = server
+    query, _ = _query_png(data_dir, tmp_path)
+    page.goto(base + "/app/")
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    page.fill("#limit", "5")
+    _drop(page, query)
+    page.wait_for_selector("#results li")
+    assert page.locator("#results li").count() == 5 and page.is_visible("#more-button")
+    page.click("#more-button")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 10")
+    ranks = [text.split()[0] for text in page.locator("#results .caption").all_inner_texts()]
+    assert ranks == [f"#{n}" for n in range(1, 11)]  # the second page continues the first
+    assert page.locator("#summary").inner_text().startswith("Similar images: 10 results")
+    scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    floor = int(scores[2] * 100) / 100  # the slider's step: at least the first three stay
+    page.evaluate("""(v) => { const s = document.getElementById('min-score'); s.value = v;
+        s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change')); }""", str(floor))
+    assert page.locator("#min-score-value").inner_text() == f"{floor:.2f}"
+    page.wait_for_function("(f) => [...document.querySelectorAll('#results .score')].every("
+                           "(s) => Number(s.textContent) >= f) && document.querySelectorAll('#results li').length > 0",
+                           arg=floor)
+    kept = [float(s) for s in page.locator("#results .score").all_inner_texts()]
+    above = sum(s >= floor for s in scores)  # of the first 10, as ranked before
+    assert len(kept) == min(above, 5) and all(s >= floor for s in kept)
+    assert page.is_visible("#more-button") == (above > 5)  # no "more" once the scores fall under the floor
