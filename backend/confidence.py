@@ -75,15 +75,13 @@ class BaseSpace:
 
     def similarities(self, base_vector: np.ndarray, index: CategoryIndex) -> np.ndarray:
         """The base vector's similarity to each category's mean base vector, best first; the means are read again
-        when the derived model's index gains or loses categories or moves by RECALIBRATE_GROWTH."""
-        size = len(index)
-        if self._key is None or self._key[1] != index.categories or \
-                abs(size - self._key[0]) > RECALIBRATE_GROWTH * max(self._key[0], 1):
+        when the derived model's index moves on (_moved_on)."""
+        if _moved_on(self._key, index):
             from backend import store
 
             with self.sessions() as s:
                 _, means = store.category_means(s, self.base_model)
-            self._means, self._key = means.reshape(-1, self.dim), (size, index.categories)
+            self._means, self._key = means.reshape(-1, self.dim), _key_of(index)
         return -np.sort(-(self._means @ base_vector))
 
 
@@ -100,9 +98,18 @@ class Calibration:
 
     def current(self, index: CategoryIndex) -> float | None:
         """The threshold for `index` as it is now (computed again only when it changed enough)."""
-        size = len(index)
-        if self._key is None or self._key[0] != id(index) or self._key[2] != index.categories or \
-                abs(size - self._key[1]) > RECALIBRATE_GROWTH * max(self._key[1], 1):
-            self.threshold = calibrate(index)
-            self._key = (id(index), size, index.categories)  # the id, not the index: a replaced one can go
+        if _moved_on(self._key, index):
+            self.threshold, self._key = calibrate(index), _key_of(index)
         return self.threshold
+
+
+def _key_of(index: CategoryIndex) -> tuple:
+    """What _moved_on compares: the index's id (not the index: a replaced one can go), size and categories."""
+    return id(index), len(index), index.categories
+
+
+def _moved_on(key: tuple | None, index: CategoryIndex) -> bool:
+    """Whether `index` is not the one `key` was taken of, has other categories, or has grown or shrunk by
+    RECALIBRATE_GROWTH since (or there is no key: never taken, or reset)."""
+    return key is None or key[0] != id(index) or key[2] != index.categories or \
+        abs(len(index) - key[1]) > RECALIBRATE_GROWTH * max(key[1], 1)

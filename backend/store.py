@@ -187,14 +187,13 @@ def rebuild_prototypes(session: Session, model_name: str, per_category: int | No
                             .where(Embedding.model_name == model_name, Image.category_id.is_not(None))
                             .group_by(Image.category_id)).all()
     dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
+    split = {category: k for category, size in sizes if (k := slots_for(size, per_category)) > 1}
     # Read first, write after: prototypes before embeddings, the order every writer locks them in.
-    slots = [_split(session, model_name, dim, category, k) for category, size in sizes
-             if (k := slots_for(size, per_category)) > 1]
+    slots = [_split(session, model_name, dim, category, k) for category, k in split.items()]
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
-    split = [category for category, size in sizes if slots_for(size, per_category) > 1]
     session.execute(sa.update(Embedding).where(Embedding.model_name == model_name, Embedding.slot != 0,
                                                ~Embedding.image_id.in_(sa.select(Image.id).where(
-                                                   Image.category_id.in_(split)))).values(slot=0))
+                                                   Image.category_id.in_(list(split))))).values(slot=0))
     for ids, slot in slots:  # only the vectors whose slot changed are written
         session.execute(sa.text("UPDATE embeddings SET slot = s.slot FROM unnest(:ids, :slots) AS s(image, slot) "
                                 "WHERE embeddings.model_name = :m AND embeddings.image_id = s.image "
