@@ -200,7 +200,8 @@ CATEGORY_COLUMNS = ("category", "product_name", "label")
 
 
 def load_csv(csv_path: Path, image_dir: Path | None = None) -> list[Item]:
-    """A CSV with a file column and a category (or product_name) column; paths relative to image_dir."""
+    """A CSV with a file column and a category (or product_name) column; paths relative to image_dir. Every other
+    column becomes metadata of its images (numbers as numbers), which searches can filter on."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetUnavailable(f"--data-dir {csv_path} is not a CSV file")
@@ -213,11 +214,24 @@ def load_csv(csv_path: Path, image_dir: Path | None = None) -> list[Item]:
         if not file_col or not cat_col:
             raise DatasetUnavailable(f"{csv_path} needs a file column ({'/'.join(FILE_COLUMNS)}) and a category "
                                      f"column ({'/'.join(CATEGORY_COLUMNS)}); it has {', '.join(columns) or 'none'}")
-        rows = [(r[file_col].strip(), r[cat_col].strip()) for r in reader if (r.get(file_col) or "").strip()]
-    labels = {name: i for i, name in enumerate(sorted({cat for _, cat in rows if cat}))}
+        extra = [c for c in reader.fieldnames or [] if c not in (file_col, cat_col) and c and c.strip()]
+        rows = [(r[file_col].strip(), r[cat_col].strip(), {c.strip(): _csv_value(r[c]) for c in extra
+                                                           if (r.get(c) or "").strip()})
+                for r in reader if (r.get(file_col) or "").strip()]
+    labels = {name: i for i, name in enumerate(sorted({cat for _, cat, _ in rows if cat}))}
     return [Item(category=cat, label=labels[cat], original_name=file, source="csv", split=None,
-                 read=(image_dir / file).read_bytes)
-            for file, cat in rows if cat]
+                 read=(image_dir / file).read_bytes, metadata=meta or None)
+            for file, cat, meta in rows if cat]
+
+
+def _csv_value(text: str) -> int | float | str:
+    """A CSV cell as metadata: a number when it reads as one in plain decimal (so that ranges filter it), else the
+    text (backend.filters.parse_number: `007` and `1E3` stay text)."""
+    from backend.filters import parse_number
+
+    text = text.strip()
+    number = parse_number(text)
+    return number if number is not None else text
 
 
 DATASETS = ("cifar10", "fashion-mnist", "folder", "csv")

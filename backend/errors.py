@@ -19,3 +19,7 @@ class DatasetUnavailable(ImsrcError):
 
 class InvalidImage(ImsrcError):
     """Bytes that do not decode to a usable image."""
+
+
+class InvalidQuery(ImsrcError):
+    """A search parameter that cannot be used: a filter, a set of examples or a region (the API answers 422)."""

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.config import PROJECT_ROOT, settings
 from backend.database import close as close_database
 from backend.deps import RETRY_AFTER_STARTING, require_write_access
-from backend.errors import DatabaseError, ImsrcError, InvalidImage, ModelUnavailable
+from backend.errors import DatabaseError, ImsrcError, InvalidImage, InvalidQuery, ModelUnavailable
 from backend.guard import ImageJobs, RequestGuard, writes_mode
 from backend.routes import images, search, system
 from backend.service import ImageSearch, NotFound
@@ -29,6 +29,8 @@ def _status_for(exc: ImsrcError) -> int:
         return 415 if "unsupported image format" in str(exc) else 400
     if isinstance(exc, (DatabaseError, ModelUnavailable)):
         return 503
+    if isinstance(exc, InvalidQuery):
+        return 422
     return 400
 
 

@@ -2,8 +2,8 @@
 from datetime import datetime
 
 from pgvector.sqlalchemy import VECTOR
-from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Integer,
-                        LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Index,
+                        Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -38,6 +38,8 @@ class Image(Base):
     category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id", ondelete="RESTRICT"), index=True)
     metadata_: Mapped[dict] = mapped_column("metadata", JSONB, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Serves metadata filters (backend.filters): containment for equality, the key operator for presence.
+    __table_args__ = (Index("ix_images_metadata", "metadata", postgresql_using="gin"),)
 
 
 class EmbeddingModel(Base):

@@ -1,7 +1,14 @@
 """Request and response schemas of the REST API (they become the OpenAPI docs)."""
 from datetime import datetime
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, Field
+
+from backend.deps import CATEGORY_PATTERN
+from backend.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
+from backend.export import MAX_ROWS
+from backend.service import MAX_DEPTH
 
 
 class Problem(BaseModel):
@@ -18,6 +25,7 @@ class SearchHit(BaseModel):
     category_id: int | None
     file_name: str | None
     image_url: str
+    metadata: dict = Field(default_factory=dict, description="what is stored about the image (filterable)")
 
 
 class PrototypeMatch(BaseModel):
@@ -44,6 +52,51 @@ class SearchOut(BaseModel):
     offset: int = Field(0, description="results ranked before this page (ranks start at offset + 1)")
     next_offset: int | None = Field(None, description="the offset of the next page; null when no result (scoring "
                                     "min_score or more, within the 1,000 a search can page through) follows")
+
+
+StoredId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class ExamplesIn(BaseModel):
+    """A search by stored images: more like the positives, less like the negatives."""
+
+    positive_ids: list[StoredId] = Field(min_length=1, max_length=MAX_EXAMPLES,
+                                         description="stored images to look like")
+    negative_ids: list[StoredId] = Field([], max_length=MAX_EXAMPLES, description="stored images not to look like")
+    filter: dict | None = Field(None, description='metadata conditions, all of which must hold: {"colour": "red", '
+                                '"year": {"gte": 2000, "lt": 2010}, "tags": {"in": ["a", "b"]}, "signed": '
+                                '{"exists": true}}')
+    category: str | None = Field(None, max_length=200, pattern=CATEGORY_PATTERN, description="only this category "
+                                 "(name)")
+    limit: int = Field(10, ge=1, le=50, description="number of results (one page)")
+    offset: int = Field(0, ge=0, le=MAX_DEPTH - 50, description="results to skip")
+    min_score: float | None = Field(None, ge=-1, le=1, description="leave out results scoring less")
+    use_prototypes: bool = True
+    prototype_limit: int = Field(3, ge=1, le=10)
+    strategy: Literal["mean", "max"] = DEFAULT_STRATEGY
+    negative_weight: float = Field(NEGATIVE_WEIGHT, ge=0, le=2)
+
+
+class ExportExamplesIn(ExamplesIn):
+    """ExamplesIn as a file: more results, from the first."""
+
+    limit: int = Field(100, ge=1, le=MAX_ROWS, description="number of results in the file")
+    offset: Literal[0] = 0
+
+
+class MetadataValue(BaseModel):
+    value: str
+    images: int
+
+
+class MetadataKey(BaseModel):
+    key: str
+    images: int = Field(description="images that have this key")
+    types: list[str] = Field(description="JSON types of its values: string, number, boolean, null, object, array")
+    values: list[MetadataValue] = Field(description="its most common text and true/false values, most common first")
+    more_values: bool = Field(description="whether it has more distinct values than listed")
+    min: float | None = Field(description="its smallest number, if it has numbers")
+    max: float | None
 
 
 class UploadOut(BaseModel):

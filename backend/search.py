@@ -231,14 +231,38 @@ class _Partition:
         return self.index.ntotal * (inner.code_size + 8)
 
     # -- search -----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better, -1 ids where fewer were found."""
+    def search(self, queries: np.ndarray, k: int,
+               among: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better, -1 ids where fewer were found.
+        `among` restricts the search to the ids it selects, exactly for every index type (a pre-filter)."""
         k = min(k, len(self))
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        raw, ids = self.index.search(queries, k, params=self._search_params())
+        if among is None:
+            raw, ids = self.index.search(queries, k, params=self._search_params())
+        else:
+            raw, ids = self._search_among(queries, k, among)
         scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.kind.metric == faiss.METRIC_L2 else raw
         return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+    def _search_among(self, queries: np.ndarray, k: int, among: faiss.IDSelector):
+        """A search of the selected ids only. A graph walk that may visit only a few of them would miss most, so an
+        HNSW category scans its stored vectors instead, and an inverted file probes every list."""
+        ivf = self._ivf()
+        if ivf is not None:
+            return self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=among, nprobe=ivf.nlist))
+        inner = faiss.downcast_index(self.index.index)
+        if not isinstance(inner, faiss.IndexHNSW):
+            return self.index.search(queries, k, params=faiss.SearchParameters(sel=among))
+        if self.hidden:
+            hidden = faiss.IDSelectorBatch(np.array(sorted(self.hidden), np.int64))
+            shown = faiss.IDSelectorNot(hidden)
+            among = faiss.IDSelectorAnd(among, shown)
+        by_position = faiss.IDSelectorTranslated(self.index.id_map, among)
+        raw, positions = faiss.downcast_index(inner.storage).search(queries, k,
+                                                                    params=faiss.SearchParameters(sel=by_position))
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
     def _search_params(self):
         if self._params is None and isinstance(self.index, faiss.IndexIDMap) and \
@@ -432,10 +456,17 @@ class CategoryIndex:
         order = np.lexsort((np.broadcast_to(cats, sims.shape), -sims), axis=1)  # ties: lower id first
         return cats[order], np.take_along_axis(sims, order, axis=1)
 
+    def categories_of(self, ids: np.ndarray) -> set[int]:
+        """The categories holding any of these image ids."""
+        category_of = self._category_of
+        return {category_of[i] for i in np.asarray(ids, np.int64).tolist() if i in category_of}
+
     def search(self, queries: np.ndarray, k: int, top_categories: int | None = 3, use_prototypes: bool = True,
-               categories=None) -> list[Hits]:
+               categories=None, among: np.ndarray | None = None) -> list[Hits]:
         """Top-k per query. use_prototypes: only the `top_categories` best-matching categories (None: all);
-        else every category (the exhaustive baseline). `categories` restricts either to those ids."""
+        else every category (the exhaustive baseline). `categories` restricts either to those ids, and `among` to
+        those image ids (a pre-filter: stage 1 ranks only the categories holding some, and stage 2 is exact among
+        them)."""
         queries = _check_matrix(queries, self.dim, "queries")
         if k < 1:
             raise ValueError("k must be at least 1")
@@ -443,6 +474,11 @@ class CategoryIndex:
             raise ValueError("top_categories must be at least 1")
         allowed = list(self._partitions) if categories is None else \
             [int(c) for c in categories if int(c) in self._partitions]
+        selector = None
+        if among is not None:
+            holding = self.categories_of(among)
+            allowed = [c for c in allowed if c in holding]
+            selector = faiss.IDSelectorBatch(np.asarray(among, np.int64))
         started = time.perf_counter()
         if use_prototypes:
             ranked_cats, ranked_sims = self.rank_prototypes(queries, allowed)
@@ -452,15 +488,15 @@ class CategoryIndex:
             ranking = list(zip(ranked_cats[q].tolist(), ranked_sims[q].tolist())) if use_prototypes else []
             chosen = [c for c, _ in ranking[:top_categories]] if use_prototypes else sorted(allowed)
             started = time.perf_counter()
-            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking)
+            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selector)
             hits.prototype_ms, hits.search_ms = prototype_ms, (time.perf_counter() - started) * 1000
             results.append(hits)
         return results
 
-    def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking) -> Hits:
+    def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking, selector=None) -> Hits:
         ids, scores, cats = [], [], []
         for c in chosen:
-            part_ids, part_scores = self._partitions[c].search(query, k)
+            part_ids, part_scores = self._partitions[c].search(query, k, selector)
             ids.append(part_ids[0])
             scores.append(part_scores[0])
             cats.append(np.full(len(part_ids[0]), c, dtype=np.int64))

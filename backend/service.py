@@ -1,8 +1,11 @@
 """The Python API: `ImageSearch` ties the database, the embedder and the index together."""
 import io
+import itertools
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Union
 
@@ -11,24 +14,36 @@ import sqlalchemy as sa
 from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
-from backend import store
+from backend import filters, store
 from backend.confidence import BaseSpace, Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
 from backend.errors import ImsrcError, InvalidImage
-from backend.images import decode, sha256
+from backend.examples import (DEFAULT_STRATEGY, NEGATIVE_WEIGHT, STRATEGIES, InvalidExamples, best_of, check_counts,
+                              mean_query, penalise, unit)
+from backend.filters import Condition
+from backend.images import DecodedImage, decode, sha256
 from backend.index_manager import IndexManager
 from backend.ingest import IngestReport, ingest
 from backend.models import Category, Embedding, Image
+from backend.regions import QueryEdit
 
 
 ImageInput = Union[PILImage.Image, bytes, str, Path]
+Example = Union[ImageInput, int]  # an image, or a stored image's id
 MAX_DEPTH = 1000  # how far down the ranking a search can page: offset + k at most
+KEYS_MAX_AGE = 60.0  # seconds a summary of the metadata keys is kept (it reads every image's metadata) ...
+KEYS_MIN_AGE = 5.0  # ... and at least this long, whatever is written meanwhile
+POST_FILTER_MAX_FETCH = 50_000  # results a post-filter fetches at most before it searches among every match
 
 
 class NotFound(ImsrcError):
     """An image or category id that does not exist."""
+
+
+def _is_id(example: Example) -> bool:
+    return isinstance(example, int) and not isinstance(example, bool)
 
 
 @dataclass
@@ -42,6 +57,7 @@ class SearchResult:
     category_id: int | None
     file_name: str | None
     label: int | None
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +101,10 @@ class ImageSearch:
         self._base_space = BaseSpace(sessions, embedder.source.name, embedder.source.dim) \
             if embedder.source is not embedder else None  # a derived model's (backend.projection)
         self.listener = None  # see start_live_sync
+        self._write_count = itertools.count(1)
+        self._writes = 0  # writes made or applied here: a cached summary of metadata keys older than the last is stale
+        self._keys = None  # (writes, monotonic time, summary) of metadata_keys
+        self._keys_lock = threading.Lock()
         self.manager.load_or_build()
 
     @classmethod
@@ -130,20 +150,25 @@ class ImageSearch:
         with self._lock:
             return self._to_index_space(base), base
 
-    def _embed_base(self, image: ImageInput) -> np.ndarray:
-        """The query's base model vector (a derived model's head is applied under the lock: _to_index_space)."""
+    def _embed_base(self, image: ImageInput, edit: QueryEdit | None = None) -> np.ndarray:
+        """The query's base model vector, edited first (a derived model's head is applied under the lock:
+        _to_index_space)."""
         def picture() -> PILImage.Image:
             if isinstance(image, PILImage.Image):
-                return image.convert("RGB")
-            return decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image).image
+                decoded = DecodedImage(image.convert("RGB"), image.width, image.height, "PIL")
+            else:
+                decoded = decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image)
+            return edit.apply(decoded) if edit is not None else decoded.image
 
         batcher = self.batcher  # close() may set it to None meanwhile
         return batcher.embed(picture) if batcher is not None else self.embedder.source.embed([picture()])[0]
 
     def _to_index_space(self, base: np.ndarray) -> np.ndarray:
-        """A base vector as the index holds vectors: through the head the index was built with (a derived model's;
-        call with the lock held, under which index and head are swapped together)."""
-        return self.embedder.head.apply(base[None, :])[0] if self._base_space is not None else base
+        """Base vectors (d,) or (n, d) as the index holds vectors: through the head the index was built with (a
+        derived model's; call with the lock held, under which index and head are swapped together)."""
+        if self._base_space is None:
+            return base
+        return self.embedder.head.apply(base[None, :])[0] if base.ndim == 1 else self.embedder.head.apply(base)
 
     def _use_head(self, head) -> None:
         """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
@@ -201,6 +226,7 @@ class ImageSearch:
         mine = [c for c in changes if c.model in (None, self.embedder.name)]
         if not mine:
             return
+        self._wrote()
         with self._sync_lock:
             if any(c.what == "resync" for c in mine):
                 self.manager.sync()
@@ -209,56 +235,130 @@ class ImageSearch:
                 self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
     def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                       category: str | int | None = None, offset: int = 0,
-                       min_score: float | None = None) -> SearchResponse:
-        """Embed a query image and return its k most similar stored images (after the first `offset`, down to
-        min_score)."""
-        started = time.perf_counter()
-        base = self._embed_base(image)
-        embed_ms = (time.perf_counter() - started) * 1000
-        response = self.search_vector(None, k, use_prototypes, top_categories, category, base=base, offset=offset,
-                                      min_score=min_score)
-        response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
-        return response
+                       category: str | int | None = None, offset: int = 0, min_score: float | None = None,
+                       where: list[Condition] | None = None, edit: QueryEdit | None = None) -> SearchResponse:
+        """Embed a query image (edited first: cropped, rotated, flipped) and return its k most similar stored
+        images (after the first `offset`, down to min_score, among those whose metadata match `where`)."""
+        return self.search_examples([image], [], k, use_prototypes, top_categories, category, offset, min_score, where,
+                                    edit=edit)
 
     def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                     category: str | int | None = None, offset: int = 0,
-                     min_score: float | None = None) -> SearchResponse:
+                     category: str | int | None = None, offset: int = 0, min_score: float | None = None,
+                     where: list[Condition] | None = None) -> SearchResponse:
         """Search with a stored image's own vector ("more like this"); the image itself is left out."""
-        with self.sessions() as s:  # a derived model's stored vector may be of a newer head than the index's
-            base = s.scalar(sa.select(Embedding.vector).where(Embedding.image_id == image_id,
-                                                              Embedding.model_name == self.embedder.source.name))
-            found = base is not None and s.scalar(sa.select(sa.func.count()).select_from(Embedding).where(
-                Embedding.image_id == image_id, Embedding.model_name == self.embedder.name))
-        if not found:
-            raise NotFound(f"image {image_id} not found (or has no {self.embedder.name} vector)")
-        return self.search_vector(None, k, use_prototypes, top_categories, category, base=np.asarray(base, np.float32),
-                                  offset=offset, min_score=min_score, exclude=image_id)
+        return self.search_examples([image_id], [], k, use_prototypes, top_categories, category, offset, min_score,
+                                    where)
 
-    def search_vector(self, vector: np.ndarray | None, k: int = 10, use_prototypes: bool = True,
-                      top_categories: int = 3, category: str | int | None = None, base: np.ndarray | None = None,
-                      offset: int = 0, min_score: float | None = None, exclude: int | None = None) -> SearchResponse:
-        """Two-stage (or exhaustive) search for one query vector (d,) as the index holds them, or for None and
-        `base`, its base model's vector, made into one here (a derived model's confidence needs `base` too).
-        Returns ranks offset+1 .. offset+k (offset + k at most MAX_DEPTH) of those scoring min_score or more, leaving
-        out the image `exclude`; every page of one query comes from the same ranking (for the exact index types)."""
+    def search_examples(self, positives: list[Example], negatives: list[Example] = (), k: int = 10,
+                        use_prototypes: bool = True, top_categories: int = 3, category: str | int | None = None,
+                        offset: int = 0, min_score: float | None = None, where: list[Condition] | None = None,
+                        strategy: str = DEFAULT_STRATEGY, negative_weight: float = NEGATIVE_WEIGHT,
+                        edit: QueryEdit | None = None) -> SearchResponse:
+        """More like the positive examples, less like the negative ones (backend.examples): each an image or a
+        stored image's id (stored examples are left out of the results); `edit` applies to every positive image."""
+        check_counts(len(positives), len(negatives))
+        if strategy not in STRATEGIES:
+            raise InvalidExamples(f"strategy is one of {', '.join(STRATEGIES)}, not {strategy!r:.40}")
+        started = time.perf_counter()
+        stored = dict(zip(*self._stored_bases([e for e in (*positives, *negatives) if _is_id(e)])))
+        bases = [stored[e] if _is_id(e) else self._embed_base(e, edit if n < len(positives) else None)
+                 for n, e in enumerate((*positives, *negatives))]
+        embed_ms = (time.perf_counter() - started) * 1000
+        negative = np.stack(bases[len(positives):]) if negatives else np.zeros((0, len(bases[0])), np.float32)
+        response = self._search(np.stack(bases[:len(positives)]), negative, k, use_prototypes, top_categories,
+                                category, offset, min_score, where, strategy, negative_weight, exclude=set(stored))
+        if len(stored) < len(bases):  # some example was embedded here
+            response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
+        return response
+
+    def _stored_bases(self, image_ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
+        """The base model vectors of stored images (a derived model's stored vectors may be of a newer head than the
+        index's: the head is applied under the lock); NotFound for an id without this model's vector."""
+        if not image_ids:
+            return [], []
+        wanted = sorted(set(image_ids))
+        with self.sessions() as s:
+            found = dict(s.execute(sa.select(Embedding.image_id, Embedding.vector).where(
+                Embedding.image_id.in_(wanted), Embedding.model_name == self.embedder.source.name)).all())
+            indexed = set(s.scalars(sa.select(Embedding.image_id).where(
+                Embedding.image_id.in_(wanted), Embedding.model_name == self.embedder.name)).all())
+        missing = [i for i in wanted if i not in found or i not in indexed]
+        if missing:
+            raise NotFound(f"image {missing[0]} not found (or has no {self.embedder.name} vector)")
+        return wanted, [np.asarray(found[i], np.float32) for i in wanted]
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
+                      category: str | int | None = None, offset: int = 0, min_score: float | None = None,
+                      where: list[Condition] | None = None) -> SearchResponse:
+        """Search for one query vector (d,) as the index holds them (for a derived model: through its head)."""
+        return self._search(vector[None, :], np.zeros((0, vector.shape[0]), np.float32), k, use_prototypes,
+                            top_categories, category, offset, min_score, where, in_index_space=True)
+
+    def _search(self, positives: np.ndarray, negatives: np.ndarray, k: int, use_prototypes: bool,
+                top_categories: int, category: str | int | None, offset: int, min_score: float | None,
+                where: list[Condition] | None, strategy: str = DEFAULT_STRATEGY, weight: float = NEGATIVE_WEIGHT,
+                exclude: set[int] = frozenset(), in_index_space: bool = False) -> SearchResponse:
+        """Ranks offset+1 .. offset+k (offset + k at most MAX_DEPTH) of the images scoring min_score or more whose
+        metadata match `where`, leaving out `exclude`; every page of one query comes from the same ranking (for the
+        exact index types). The examples are base model vectors unless in_index_space.
+
+        A filter matching at most filters.PREFILTER_MAX_IDS images is a pre-filter: FAISS searches only those (exact,
+        however few). One matching more is a post-filter: the search fetches more than the page, keeps the matching
+        results, and fetches four times as many again until the page is full or nothing more can be found; past
+        POST_FILTER_MAX_FETCH results (the matches lie far from the query) it searches among all the matching ids,
+        as a pre-filter does. Stage 1 ranks only the categories that hold a match, either way."""
         if offset < 0 or k < 1 or offset + k > MAX_DEPTH:
             raise ValueError(f"offset + k must be at most {MAX_DEPTH} (offset {offset}, k {k})")
         filter_ids = [self._category_id(category)] if category is not None else None
-        with self._lock:
-            vector = self._to_index_space(base) if vector is None else vector
-            t0 = time.perf_counter()
-            # One more than the page (two with an image to leave out): is there a next page?
-            hits = self.index.search(vector[None, :], offset + k + 1 + (exclude is not None),
-                                     top_categories=top_categories, use_prototypes=use_prototypes,
-                                     categories=filter_ids)[0]
-            search_ms = (time.perf_counter() - t0) * 1000
-            # Stage 1 already ranked every category, unless a filter narrowed it or the search was exhaustive.
-            ranking = hits.prototype_ranking if use_prototypes and filter_ids is None else None
-            confidence = self.confidence_of(vector, base, ranking)
-        t1 = time.perf_counter()
+        wanted = offset + k + 1  # one more than the page: is there a next page?
+        among, post_filter = None, False
+        if where:
+            with self.sessions() as s:
+                matching = filters.matching_ids(s, where, filters.PREFILTER_MAX_IDS)
+                if matching is None and use_prototypes:
+                    holding = filters.matching_categories(s, where)
+                    filter_ids = [c for c in (filter_ids or holding) if c in holding]
+            post_filter = matching is None
+            among = np.array(matching, np.int64) if matching is not None else None
+        fetch = wanted + len(exclude)
+        if post_filter:  # at least PREFILTER_MAX_IDS of the index match: expect that share, fetch a quarter more
+            fetch = min(math.ceil(fetch * max(1.0, len(self.index) / filters.PREFILTER_MAX_IDS) * 1.25),
+                        POST_FILTER_MAX_FETCH)
         floor = min_score if min_score is not None else -np.inf
-        ranked = np.flatnonzero((hits.ids != (exclude if exclude is not None else -1)) & (hits.scores >= floor))
+        # A negative example's penalty can lift a lower candidate above a higher one: no early stop on scores then.
+        monotone = strategy == "mean" or not len(negatives)
+        search_ms, confidence, checked, matched = 0.0, None, set(), set()
+        while True:
+            with self._lock:
+                t0 = time.perf_counter()
+                hits, complete, query, base = self._rank(positives, negatives, fetch, MAX_DEPTH + 1 + len(exclude),
+                                                         use_prototypes, top_categories, filter_ids, among, strategy,
+                                                         weight, in_index_space)
+                search_ms += (time.perf_counter() - t0) * 1000
+                if confidence is None:
+                    # Stage 1 already ranked every category for one plain query, unless a filter narrowed it.
+                    plain = use_prototypes and filter_ids is None and among is None
+                    ranking = hits.prototype_ranking if plain and len(positives) == 1 and not len(negatives) else None
+                    confidence = self.confidence_of(query, base, ranking)
+                size = len(self.index)
+            keep = (hits.scores >= floor) & ~np.isin(hits.ids, list(exclude))
+            if post_filter:
+                fresh = [i for i in hits.ids[keep].tolist() if i not in checked]  # each candidate is asked about once
+                with self.sessions() as s:
+                    matched |= filters.which_match(s, where, fresh)
+                checked.update(fresh)
+                keep &= np.isin(hits.ids, list(matched))
+            low = monotone and len(hits.scores) and hits.scores[-1] < floor  # the rest score lower still
+            if not post_filter or keep.sum() >= wanted or complete or low or fetch >= size:
+                break
+            if fetch >= POST_FILTER_MAX_FETCH:
+                with self.sessions() as s:
+                    among = filters.all_matching_ids(s, where)
+                post_filter, fetch = False, wanted + len(exclude)
+                continue
+            fetch = min(fetch * 4, size, POST_FILTER_MAX_FETCH)
+        t1 = time.perf_counter()
+        ranked = np.flatnonzero(keep)
         page = ranked[offset:offset + k]
         hits.ids, hits.scores, hits.categories = hits.ids[page], hits.scores[page], hits.categories[page]
         results, prototypes = self._describe(hits, first_rank=offset + 1)
@@ -267,6 +367,52 @@ class ImageSearch:
                               use_prototypes, confidence.as_dict() if confidence is not None else None,
                               offset=offset,
                               next_offset=offset + k if len(ranked) > offset + k and offset + k < MAX_DEPTH else None)
+
+    def _rank(self, positives: np.ndarray, negatives: np.ndarray, fetch: int, pool: int, use_prototypes: bool,
+              top_categories: int, categories, among, strategy: str, weight: float, in_index_space: bool):
+        """(the `fetch` best hits by the strategy, whether they are all there are, the query vector for confidence,
+        its base vector). The `max` strategy with negatives re-ranks at least `pool` candidates per positive, the same
+        for every page. Call with the lock held: the head that makes index-space vectors is swapped under it."""
+        if in_index_space:
+            pos, neg, base = positives, negatives, None
+        else:
+            pos, neg = self._to_index_space(positives), self._to_index_space(negatives)
+            base = positives[0] if len(positives) == 1 else unit(positives.mean(axis=0))
+        search = partial(self.index.search, top_categories=top_categories, use_prototypes=use_prototypes,
+                         categories=categories, among=among)
+        if strategy == "mean":
+            query = mean_query(pos, neg, weight)
+            hits = search(query[None, :], fetch)[0]
+            return hits, len(hits.ids) < fetch, query, base
+        depth = max(fetch, pool) if len(neg) else fetch
+        per_positive = search(pos, depth)
+        hits = best_of(per_positive)
+        if len(neg):
+            hits = penalise(hits, self.index.search(neg, max(1, len(hits.ids)), use_prototypes=False,
+                                                    among=hits.ids), weight)
+        query = pos[0] if len(pos) == 1 else unit(pos.mean(axis=0))
+        return hits, all(len(h.ids) < depth for h in per_positive), query, base
+
+    def _wrote(self) -> None:
+        """Note a write made or applied here (a cached summary of metadata keys is then stale)."""
+        self._writes = next(self._write_count)  # itertools.count: atomic, no lock to wait for
+
+    def metadata_keys(self) -> list[dict]:
+        """The filterable metadata keys stored, with their values or ranges (backend.filters.summarise_keys); read
+        again after a write this process made or applied (but not within KEYS_MIN_AGE seconds of the last read), and
+        KEYS_MAX_AGE seconds after it."""
+        def fresh(cached) -> bool:
+            age = time.monotonic() - cached[1]
+            return age < KEYS_MIN_AGE or (cached[0] == self._writes and age < KEYS_MAX_AGE)
+
+        if self._keys is not None and fresh(self._keys):
+            return self._keys[2]
+        with self._keys_lock:  # one summary at a time: the others wait for it rather than read every image too
+            if self._keys is None or not fresh(self._keys):
+                writes = self._writes
+                with self.sessions() as s:
+                    self._keys = (writes, time.monotonic(), filters.summarise_keys(s))
+            return self._keys[2]
 
     def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
         """Stage 1 alone: the categories closest to the query image."""
@@ -308,6 +454,7 @@ class ImageSearch:
         with self.sessions() as s, s.begin():
             if not store.delete_images(s, [image_id]):
                 raise NotFound(f"image {image_id} not found")
+        self._wrote()
         with self._sync_lock:
             self.manager.sync([image_id])
 
@@ -330,6 +477,7 @@ class ImageSearch:
 
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
+        self._wrote()
         with self._sync_lock:
             changed = self.manager.sync()
         self._recalibrate()  # images may have moved between categories (a recluster)
@@ -383,6 +531,7 @@ class ImageSearch:
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
+        self._wrote()
         with self._sync_lock:
             self.manager.sync(report.image_ids)
         return report
@@ -406,15 +555,16 @@ class ImageSearch:
         ids = hits.ids.tolist()
         with self.sessions() as s:
             rows = {r.id: r for r in s.execute(
-                sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Category.name)
+                sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Image.metadata_, Category.name)
                 .join(Category, isouter=True).where(Image.id.in_(ids))).all()} if ids else {}
         names = self._category_names([c for c, _ in hits.prototype_ranking])
-        results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name if i in rows else None,
-                                category_id=int(cat), file_name=rows[i].original_name if i in rows else None,
-                                label=rows[i].label if i in rows else None)
+        # An image deleted by another process since the last refresh is left out.
+        results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name,
+                                category_id=int(cat), file_name=rows[i].original_name, label=rows[i].label,
+                                metadata=rows[i].metadata_)
                    for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()),
                                                           first_rank)
-                   if i in rows]  # an image deleted by another process since the last refresh is left out
+                   if i in rows]
         chosen = set(hits.searched_categories)
         prototypes = [{"category_id": c, "category": names.get(c), "similarity": float(sim)}
                       for c, sim in hits.prototype_ranking if c in chosen]

@@ -60,6 +60,18 @@ def test_folder_and_csv(tmp_path):
     from_csv = load_dataset("csv", data_dir=csv_path)
     assert [(i.original_name, i.category) for i in from_csv] == [(i.original_name, i.category) for i in items]
     assert from_csv[0].read() == items[0].read()
+    assert all(i.metadata is None for i in from_csv)
+
+
+def test_csv_keeps_other_columns_as_metadata_numbers_as_numbers(tmp_path):
+    write_folder_dataset(tmp_path / "folder", n_per_class=1)
+    (tmp_path / "folder" / "data.csv").write_text(
+        "file,category,year,price,colour,code,empty\n"
+        "red/0.png,red,2001,9.5,dark red,007,\n"
+        "green/0.png,green,-3,1e3,green,99999999999999999999,\n")
+    first, second = load_dataset("csv", data_dir=tmp_path / "folder" / "data.csv")
+    assert first.metadata == {"year": 2001, "price": 9.5, "colour": "dark red", "code": "007"}
+    assert second.metadata == {"year": -3, "price": "1e3", "colour": "green", "code": "99999999999999999999"}
 
 
 def test_csv_without_the_needed_columns_is_a_clear_error(tmp_path):

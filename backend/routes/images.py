@@ -5,13 +5,15 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from starlette.concurrency import run_in_threadpool
 
 from backend import store
-from backend.deps import (CATEGORY_PATTERN, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep, clean_file_name,
-                          read_upload, require_write_access)
+from backend.deps import (CATEGORY_PATTERN, CONTROL_CHARACTERS, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep,
+                          SearchDep, clean_file_name, read_upload, require_write_access)
+from backend.filters import MAX_KEY_LENGTH, load_json
 from backend.models import Category
 from backend.routes.search import ERRORS
-from backend.schemas import CategoryOut, ImageInfo, ImagePage, Problem, UploadOut
+from backend.schemas import CategoryOut, ImageInfo, ImagePage, MetadataKey, Problem, UploadOut
 
 router = APIRouter(tags=["images"])
+MAX_METADATA = 10_000  # characters of an upload's metadata JSON
 
 CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
                  "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
@@ -47,9 +49,12 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
                  category: Annotated[str | None, Form(max_length=200, pattern=CATEGORY_PATTERN,
                                                       description="category name (created if new)")] = None,
                  category_id: Annotated[int | None, Form(ge=1, le=MAX_INTEGER,
-                                                         description="or an existing category's id")] = None):
+                                                         description="or an existing category's id")] = None,
+                 metadata: Annotated[str | None, Form(max_length=MAX_METADATA, description="what to store about the "
+                                                     "image, as a JSON object (searches filter on its keys)")] = None):
     """Store an image under a category, embed it and add it to the index; a duplicate returns the existing id
-    and the category it is stored under."""
+    and the category it is stored under (its metadata unchanged)."""
+    stored_metadata = _metadata(metadata)
     if category_id is not None:
         with search.sessions() as s:
             found = s.get(Category, category_id)
@@ -60,10 +65,31 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
         raise HTTPException(422, "give the image a category: form field `category` (name) or `category_id`")
     async with jobs.slot(own_embedding=True):
         data = await read_upload(file)
-        added = await run_in_threadpool(search.add_image, data, category.strip(), clean_file_name(file.filename))
+        added = await run_in_threadpool(search.add_image, data, category.strip(), clean_file_name(file.filename),
+                                        stored_metadata)
     stored_category = _find(search, added.image_id)[1] if added.duplicate else category.strip()
     return UploadOut(image_id=added.image_id, duplicate=added.duplicate, category=stored_category,
                      image_url=image_url(request, added.image_id))
+
+
+def _metadata(text: str | None) -> dict | None:
+    """An upload's metadata field: a JSON object whose keys filters can name."""
+    if text is None:
+        return None
+    value = load_json(text, "metadata")
+    if not isinstance(value, dict):
+        raise HTTPException(422, "metadata: give a JSON object of keys and values, such as {\"colour\": \"red\"}")
+    bad = next((k for k in value if not k or len(k) > MAX_KEY_LENGTH or CONTROL_CHARACTERS.search(k)), None)
+    if bad is not None:
+        raise HTTPException(422, f"metadata: keys are 1 to {MAX_KEY_LENGTH} printable characters (not {bad!r:.60})")
+    return value
+
+
+@router.get("/metadata/keys", response_model=list[MetadataKey])
+def metadata_keys(search: SearchDep):
+    """The metadata keys stored, most common first (at most 50): for each, how many images have it, its most common
+    values or its range of numbers; what the page offers as filters."""
+    return search.metadata_keys()
 
 
 @router.get("/images/{image_id}", responses={200: {"content": {"image/*": {}}}, **NOT_FOUND},
