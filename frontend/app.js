@@ -1,11 +1,23 @@
-// The page: pick or drop a query image, search, show results; click a result to search by it.
+// The page: pick or drop a query image (and drag a region of it), search, show results; click a result to search by
+// it, select several to search with them, mark one "not like this"; filter by metadata; export the results.
 const $ = (id) => document.getElementById(id);
 let queryFile = null;
-let lastSearch = null; // { run, fetch(offset), label, nextOffset, shown }: what "More results" continues
+let crop = null; // the region of the query image dragged on its preview: "x,y,w,h" in fractions
+let lastSearch = null; // { query, fetch(offset), label, nextOffset, shown }: what "More results" continues
+const picked = new Set(); // ids of results selected for "Search with these"
 
 function options() {
   return { limit: $("limit").value, useProtos: $("use-prototypes").checked, protoLimit: $("prototype-limit").value,
-    minScore: Number($("min-score").value) };
+    minScore: Number($("min-score").value), filters: chosenFilters() };
+}
+
+// The metadata filters set on the page: {key, op, value}, the value as text (see api.filterObject).
+function chosenFilters() {
+  const chosen = [];
+  document.querySelectorAll("#filters [data-key]").forEach((control) => {
+    if (control.value !== "") chosen.push({ key: control.dataset.key, op: control.dataset.op, value: control.value });
+  });
+  return chosen;
 }
 
 function showError(message) {
@@ -17,6 +29,8 @@ function setBusy(busy) {
   $("search-button").disabled = busy || !queryFile;
   $("prototypes-button").disabled = busy || !queryFile;
   $("more-button").disabled = busy;
+  $("with-these-button").disabled = busy || !picked.size;
+  $("export-button").disabled = busy || !lastSearch || !lastSearch.shown;
   document.body.classList.toggle("busy", busy);
 }
 
@@ -24,6 +38,7 @@ function chooseFile(file) {
   if (!file) return;
   showError("");
   queryFile = file;
+  clearRegion();
   const preview = $("preview");
   preview.src = URL.createObjectURL(file);
   preview.alt = "Query image: " + file.name;
@@ -42,7 +57,7 @@ function renderCategories(prototypes) {
   }));
 }
 
-function resultCard(hit) {
+function resultCard(hit, actions = true) {
   const li = document.createElement("li");
   const button = document.createElement("button");
   button.type = "button";
@@ -61,7 +76,34 @@ function resultCard(hit) {
   button.append(img, caption);
   button.addEventListener("click", () => searchByImage(hit.image_id));
   li.append(button);
+  if (actions) li.append(cardActions(hit.image_id));
   return li;
+}
+
+// Under each result: select it for "Search with these", or search again without things like it.
+function cardActions(imageId) {
+  const bar = document.createElement("div");
+  bar.className = "card-actions";
+  const label = document.createElement("label");
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.className = "pick";
+  box.checked = picked.has(imageId);
+  box.setAttribute("aria-label", `Select image ${imageId}`);
+  box.addEventListener("change", () => {
+    if (box.checked) picked.add(imageId); else picked.delete(imageId);
+    $("with-these-button").textContent = `Search with these (${picked.size})`;
+    $("with-these-button").disabled = !picked.size;
+  });
+  label.append(box, " select");
+  const unlike = document.createElement("button");
+  unlike.type = "button";
+  unlike.className = "unlike";
+  unlike.textContent = "Not like this";
+  unlike.title = "Search again, leaving out images like this one";
+  unlike.addEventListener("click", () => notLikeThis(imageId));
+  bar.append(label, unlike);
+  return bar;
 }
 
 // A query unlike every category (a cat photo in a collection of clothes) is said to be so, above the results,
@@ -86,17 +128,26 @@ function render(response, search) {
     renderCategories(response.prototypes);
     $("results").replaceChildren();
   }
-  $("results").append(...response.results.map(resultCard));
+  $("results").append(...response.results.map((hit) => resultCard(hit)));
   $("more-button").hidden = response.next_offset === null;
 }
 
-// A new search (file or stored image) with the options as they are now: its first page now, the next ones through
-// "More results". run(options, offset) fetches one page.
-function startSearch(run, label) {
+// A new search with the options as they are now: its first page now, the next ones through "More results". The query
+// is { file, crop, positiveIds, negativeIds }: an uploaded image (or none) and stored examples.
+function startSearch(query, label) {
   const chosen = options();
-  const search = { run, fetch: (offset) => run(chosen, offset), label, nextOffset: null, shown: 0 };
+  const search = { query, options: chosen, fetch: (offset, format, limit = chosen.limit) =>
+    api.run(query, { ...chosen, limit }, offset, format), label, nextOffset: null, shown: 0 };
   lastSearch = search;
-  guarded(async () => render(await search.fetch(0), search));
+  picked.clear(); // selections belong to the results they were made on
+  $("with-these-button").textContent = "Search with these (0)";
+  guarded(async () => {
+    try {
+      render(await search.fetch(0), search);
+    } catch (err) {
+      if (search === lastSearch) throw err; // a newer search replaced this one: its error no longer matters
+    }
+  });
 }
 
 function showMore() {
@@ -105,7 +156,11 @@ function showMore() {
   guarded(async () => render(await search.fetch(search.nextOffset), search));
 }
 
+// Runs one request's work, showing its error; the page is busy while any request is under way (filters changed in a
+// row start several searches, of which only the last is shown).
+let underWay = 0;
 async function guarded(work) {
+  underWay += 1;
   setBusy(true);
   showError("");
   try {
@@ -113,18 +168,19 @@ async function guarded(work) {
   } catch (err) {
     showError(err.message);
   } finally {
-    setBusy(false);
+    underWay -= 1;
+    setBusy(underWay > 0);
   }
 }
 
 function runSearch() {
   if (!queryFile) return;
-  const file = queryFile;
-  startSearch((chosen, offset) => api.search(file, chosen, offset), "Similar images");
+  startSearch({ file: queryFile, crop, positiveIds: [], negativeIds: [] }, crop ? "Similar to the region" : "Similar images");
 }
 
 function runPrototypes() {
   if (!queryFile) return;
+  lastSearch = null; // filters and "More results" belong to a search, not to this ranking of categories
   guarded(async () => {
     const response = await api.searchPrototypes(queryFile, options().protoLimit);
     $("summary").textContent = `Closest categories (${response.timings_ms.prototypes.toFixed(1)} ms after embedding)`;
@@ -136,7 +192,118 @@ function runPrototypes() {
 }
 
 function searchByImage(imageId) {
-  startSearch((chosen, offset) => api.similar(imageId, chosen, offset), `Images like #${imageId}`);
+  startSearch({ file: null, positiveIds: [imageId], negativeIds: [] }, `Images like #${imageId}`);
+}
+
+function searchWithPicked() {
+  if (!picked.size) return;
+  const ids = [...picked];
+  startSearch({ file: null, positiveIds: ids, negativeIds: [] }, `Images like #${ids.join(", #")}`);
+}
+
+// The same search again, with this result as a negative example.
+function notLikeThis(imageId) {
+  if (!lastSearch) return;
+  const query = { ...lastSearch.query, negativeIds: [...lastSearch.query.negativeIds, imageId] };
+  startSearch(query, `${lastSearch.label.split(" — ")[0]} — not like #${query.negativeIds.join(", #")}`);
+}
+
+// The current search's results as a file: as many as are shown, in the chosen format.
+function exportResults() {
+  const search = lastSearch;
+  if (!search || !search.shown) return;
+  const format = $("export-format").value;
+  guarded(async () => {
+    const blob = await search.fetch(0, format, search.shown); // the search as it was run, as many as are shown
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = `imsrc-results.${format}`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  });
+}
+
+// Dragging a rectangle on the preview chooses a region of the query image; the search then uses that region.
+function startRegion(event) {
+  const preview = $("preview");
+  if (preview.hidden || event.button !== 0) return;
+  event.preventDefault();
+  const box = preview.getBoundingClientRect();
+  const start = { x: event.clientX - box.left, y: event.clientY - box.top };
+  const region = $("region");
+  const clamp = (v, max) => Math.min(Math.max(v, 0), max);
+  const at = (e) => ({ x: clamp(e.clientX - box.left, box.width), y: clamp(e.clientY - box.top, box.height) });
+  const draw = (e) => {
+    const end = at(e);
+    Object.assign(region.style, { left: `${Math.min(start.x, end.x)}px`, top: `${Math.min(start.y, end.y)}px`,
+      width: `${Math.abs(end.x - start.x)}px`, height: `${Math.abs(end.y - start.y)}px` });
+    region.hidden = false;
+    return end;
+  };
+  const stop = (e) => {
+    window.removeEventListener("pointermove", draw);
+    window.removeEventListener("pointerup", stop);
+    const end = draw(e);
+    const w = Math.abs(end.x - start.x), h = Math.abs(end.y - start.y);
+    if (w < 4 || h < 4) { clearRegion(); runSearch(); return; } // a click, not a drag: the whole image again
+    const f = (v) => v.toFixed(4);
+    crop = [Math.min(start.x, end.x) / box.width, Math.min(start.y, end.y) / box.height, w / box.width,
+      h / box.height].map(f).join(",");
+    $("region-note").hidden = false;
+    runSearch();
+  };
+  window.addEventListener("pointermove", draw);
+  window.addEventListener("pointerup", stop);
+}
+
+function clearRegion() {
+  crop = null;
+  $("region").hidden = true;
+  $("region-note").hidden = true;
+}
+
+// The filters the collection allows: a choice of values for text and true/false keys with few values, a range for
+// number keys, a text box for the others. Changing one searches again.
+async function loadFilters() {
+  let keys;
+  try {
+    keys = await api.metadataKeys();
+  } catch (err) {
+    return; // the page works without filters
+  }
+  const usable = keys.filter((k) => !k.key.includes(":"));
+  $("filters").hidden = !usable.length;
+  $("filter-controls").replaceChildren(...usable.map((k) => {
+    const row = document.createElement("div");
+    row.className = "filter";
+    const name = document.createElement("span");
+    name.textContent = k.key;
+    row.append(name);
+    const control = (tag, op, type, label) => {
+      const el = document.createElement(tag);
+      Object.assign(el.dataset, { key: k.key, op, type });
+      el.setAttribute("aria-label", `${k.key} ${label}`);
+      el.addEventListener("change", () => lastSearch && startSearch(lastSearch.query, lastSearch.label));
+      row.append(el);
+      return el;
+    };
+    if (k.values.length && !k.more_values) {
+      const select = control("select", "eq", k.types.includes("boolean") && !k.types.includes("string") ? "boolean"
+        : "string", "is");
+      select.append(new Option("any", ""), ...k.values.map((v) => new Option(`${v.value} (${v.images})`, v.value)));
+    } else if (k.min !== null) {
+      for (const [op, label, hint] of [["gte", "from", k.min], ["lte", "to", k.max]]) {
+        const input = control("input", op, "number", label);
+        Object.assign(input, { type: "number", placeholder: String(hint), step: "any" });
+      }
+    } else {
+      const input = control("input", "eq", "string", "is");
+      input.placeholder = "any";
+    }
+    return row;
+  }));
 }
 
 // The minimum score: shown as it moves; the search runs again when it is let go.
@@ -168,7 +335,7 @@ async function loadCategories() {
           const page = await api.categoryImages(c.category_id);
           $("browse").replaceChildren(...page.images.map((im, i) => resultCard({
             image_id: im.image_id, image_url: im.image_url, rank: i + 1, category: im.category,
-            file_name: im.original_name })));
+            file_name: im.original_name }, false)));
         } catch (err) { showError(err.message); }
       });
       li.append(b);
@@ -191,10 +358,15 @@ $("search-button").addEventListener("click", runSearch);
 $("prototypes-button").addEventListener("click", runPrototypes);
 $("more-button").addEventListener("click", showMore);
 $("min-score").addEventListener("input", showMinScore);
-$("min-score").addEventListener("change", () => lastSearch && startSearch(lastSearch.run, lastSearch.label));
+$("min-score").addEventListener("change", () => lastSearch && startSearch(lastSearch.query, lastSearch.label));
+$("with-these-button").addEventListener("click", searchWithPicked);
+$("export-button").addEventListener("click", exportResults);
+$("preview").addEventListener("pointerdown", startRegion);
+$("clear-region").addEventListener("click", () => { clearRegion(); runSearch(); });
 // A drop outside the zone would otherwise navigate away to the image.
 window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
 loadStatus();
 loadCategories();
+loadFilters();

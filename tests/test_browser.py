@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 
@@ -93,10 +94,10 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
     _drop(page, query)
     page.wait_for_selector("#no-match", state="hidden")
 
-    clicked_id = page.locator("#results li button").nth(1).get_attribute("data-image-id")
-    page.locator("#results li button").nth(1).click()
+    clicked_id = page.locator("#results li button.card").nth(1).get_attribute("data-image-id")
+    page.locator("#results li button.card").nth(1).click()
     page.wait_for_selector(f"#summary:has-text('Images like #{clicked_id}')")
-    assert clicked_id not in [b.get_attribute("data-image-id") for b in page.locator("#results li button").all()]
+    assert clicked_id not in [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()]
 
     (tmp_path / "notes.txt").write_text("this is not an image")
     page.set_input_files("#file-input", str(tmp_path / "notes.txt"))
@@ -125,7 +126,7 @@ def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
     page.screenshot(path=str(output_dir / "phone.png"), full_page=True)
 
 
-def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(server, page, tmp_path):
+def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(server, page, tmp_path, output_dir):
     base, data_dir = server
     query, _ = _query_png(data_dir, tmp_path)
     page.goto(base + "/app/")
@@ -152,3 +153,138 @@ def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(serve
     above = sum(s >= floor for s in scores)  # of the first 10, as ranked before
     assert len(kept) == min(above, 5) and all(s >= floor for s in kept)
     assert page.is_visible("#more-button") == (above > 5)  # no "more" once the scores fall under the floor
+    page.screenshot(path=str(output_dir / "paging.png"), full_page=True)
+
+
+@pytest.fixture
+def server_with_metadata(cli_env, tmp_path):
+    """The server on 60 Fashion-MNIST images loaded from a CSV that gives each a `shade` (dark or light: its mean
+    pixel below or above the median) and `n` (0-59); yields (base URL, {file name: (category, shade, n)}, photos
+    folder)."""
+    from statistics import median
+
+    data_dir = REAL_FASHION_MNIST if (REAL_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() else tmp_path / "fm"
+    if data_dir != REAL_FASHION_MNIST:
+        write_fashion_mnist(data_dir, n_per_class=6)
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    items = select_balanced(load_dataset("fashion-mnist", "train", data_dir), 60)
+    brightness = {}
+    for item in items:
+        (folder / item.original_name).write_bytes(item.read())
+        brightness[item.original_name] = float(np.asarray(PILImage.open(folder / item.original_name)).mean())
+    middle = median(brightness.values())
+    known = {item.original_name: (item.category, "dark" if brightness[item.original_name] < middle else "light", n)
+             for n, item in enumerate(items)}
+    (folder / "images.csv").write_text("file,category,shade,n\n" + "".join(
+        f"{name},{cat},{shade},{n}\n" for name, (cat, shade, n) in known.items()))
+    populate = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "csv", "--data-dir",
+                               str(folder / "images.csv")], cwd=ROOT, env=cli_env, capture_output=True, text=True,
+                              timeout=300)
+    assert populate.returncode == 0, populate.stderr
+    with running_server(cli_env, tmp_path / "server.log", timeout=120) as (base, _):
+        yield base, known, folder
+
+
+def _shown(page) -> list[str]:
+    """The file names of the results shown, in order (from the images' alt text)."""
+    return [alt.rsplit("(", 1)[1].rstrip(")") for alt in
+            (img.get_attribute("alt") for img in page.locator("#results li img").all())]
+
+
+def _wait_summary(page, text: str) -> None:
+    page.wait_for_selector(f"#summary:has-text('{text}')")
+    page.wait_for_function("!document.body.classList.contains('busy')")
+
+
+def test_filters_several_examples_not_like_this_and_export(server_with_metadata, page, tmp_path, output_dir):
+    import csv
+
+    base, known, folder = server_with_metadata
+    page.goto(base + "/app/")
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    page.wait_for_selector("#filters:not([hidden]) select[data-key='shade']")
+    page.fill("#limit", "20")
+    page.uncheck("#use-prototypes")  # every category: 20 results whatever the filter leaves
+    first = next(iter(known))
+    _drop(page, folder / first)
+    _wait_summary(page, "Similar images: 20 results")
+    page.select_option("select[data-key='shade']", "dark")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 20 && "
+                           "!document.body.classList.contains('busy')")
+    _wait_summary(page, "Similar images")
+    assert {known[name][1] for name in _shown(page)} == {"dark"}
+    page.fill("input[data-key='n'][data-op='gte']", "10")
+    page.fill("input[data-key='n'][data-op='lte']", "19")
+    page.locator("input[data-key='n'][data-op='lte']").blur()  # a number is taken when the field is left
+    page.wait_for_function("document.querySelectorAll('#results li').length < 20")
+    _wait_summary(page, "Similar images")
+    names = _shown(page)
+    assert names and all(known[n][1] == "dark" and 10 <= known[n][2] <= 19 for n in names)
+    page.screenshot(path=str(output_dir / "filters.png"), full_page=True)
+
+    page.select_option("select[data-key='shade']", "")
+    page.fill("input[data-key='n'][data-op='gte']", "")
+    page.fill("input[data-key='n'][data-op='lte']", "")
+    page.locator("input[data-key='n'][data-op='lte']").blur()
+    _wait_summary(page, "Similar images: 20 results")
+    picks = [page.locator("#results li button.card").nth(i).get_attribute("data-image-id") for i in (1, 2)]
+    assert page.locator("#results li .pick").count() == 20  # every result can be selected
+    for i in (1, 2):
+        page.locator("#results li .pick").nth(i).check()
+    assert page.locator("#with-these-button").inner_text() == "Search with these (2)"
+    page.click("#with-these-button")
+    _wait_summary(page, f"Images like #{picks[0]}, #{picks[1]}")
+    shown_ids = [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()]
+    assert len(shown_ids) == 20 and not set(picks) & set(shown_ids)
+    unwanted = shown_ids[0]
+    page.locator("#results li .unlike").first.click()
+    _wait_summary(page, f"not like #{unwanted}")
+    assert unwanted not in [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()]
+    page.screenshot(path=str(output_dir / "examples.png"), full_page=True)
+
+    shown = [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()]
+    page.select_option("#export-format", "csv")
+    with page.expect_download() as download:
+        page.click("#export-button")
+    rows = list(csv.DictReader(open(download.value.path(), newline="")))
+    assert [r["image_id"] for r in rows] == shown and json_ok(rows[0]["metadata"])
+
+
+def json_ok(text: str) -> bool:
+    import json
+
+    meta = json.loads(text)
+    return set(meta) == {"shade", "n"}
+
+
+def test_a_region_dragged_on_the_preview_searches_that_region(server_with_metadata, page, tmp_path, output_dir):
+    """Four stored images side by side in one picture: dragging over the top-right one finds it first."""
+    base, known, folder = server_with_metadata
+    by_category = {}
+    for name, (category, _, _) in known.items():
+        by_category.setdefault(category, name)
+    four = list(by_category.items())[:4]
+    picture = PILImage.new("L", (56, 56))
+    for n, (_, name) in enumerate(four):
+        picture.paste(PILImage.open(folder / name), ((n % 2) * 28, (n // 2) * 28))
+    path = tmp_path / "four.png"
+    picture.save(path)
+    page.goto(base + "/app/")
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    _drop(page, path)
+    _wait_summary(page, "Similar images")
+    box = page.locator("#preview").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5 + 1, box["y"] + 1)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.25, steps=5)
+    page.mouse.move(box["x"] + box["width"] - 1, box["y"] + box["height"] * 0.5 - 1, steps=5)
+    page.mouse.up()
+    _wait_summary(page, "Similar to the region")
+    assert page.is_visible("#region") and page.is_visible("#region-note")
+    top_right_category, top_right_name = four[1]
+    assert _shown(page)[0] == top_right_name
+    page.screenshot(path=str(output_dir / "region.png"), full_page=True)
+    page.click("#clear-region")
+    _wait_summary(page, "Similar images")
+    assert page.is_hidden("#region")
