@@ -1,6 +1,7 @@
 """The command line: `python -m backend COMMAND`, one command per pipeline stage."""
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -311,6 +312,7 @@ def cmd_evaluate(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the REST API and the web page (model and index load once at start-up, in each worker)."""
     import copy
+    import tempfile
 
     import uvicorn
 
@@ -320,6 +322,16 @@ def cmd_serve(args) -> int:
     # Start-up says how the index was loaded, and how fast; in a logging config, so that every worker says it too.
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["backend"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    # Every line says which request it belongs to (backend.telemetry), "-" outside one.
+    log_config["filters"] = {"request_id": {"()": "backend.telemetry.RequestIdFilter"}}
+    for handler in log_config["handlers"].values():
+        handler["filters"] = ["request_id"]
+    log_config["formatters"]["default"]["fmt"] = "%(levelprefix)s [%(request_id)s] %(message)s"
+    log_config["formatters"]["access"]["fmt"] = \
+        '%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" %(status_code)s'
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The workers write their metrics here, and /metrics sums them, whichever worker answers.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imsrc-metrics-")
     print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
           f"(API docs at /docs)", flush=True)
     if args.workers > 1:

@@ -142,6 +142,11 @@ class ImageJobs:
         self._embedding = asyncio.Semaphore(workers)
         self._admitted = 0
 
+    @property
+    def under_way(self) -> int:
+        """Image requests admitted and not yet finished."""
+        return self._admitted
+
     @asynccontextmanager
     async def slot(self, own_embedding: bool = False):
         """Hold a place for one image request; with own_embedding (an upload) then also a worker."""

@@ -1,5 +1,6 @@
 """The FastAPI application: `uvicorn backend.main:app` or `python -m backend serve`."""
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import sqlalchemy as sa
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from backend import telemetry
 from backend.config import PROJECT_ROOT, settings
 from backend.database import close as close_database
 from backend.deps import RETRY_AFTER_STARTING, require_write_access
@@ -76,6 +78,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
                 log.warning("serving 0 images: %s", notice)
             else:
                 log.info("ready: %d images indexed (%s)", len(app.state.search.index), app.state.search.index_source)
+            telemetry.update_gauges(app.state)
         except (ImsrcError, sa.exc.SQLAlchemyError) as exc:
             app.state.startup_error = str(exc).splitlines()[0] if isinstance(exc, sa.exc.SQLAlchemyError) else str(exc)
             log.error("not ready: %s", app.state.startup_error)
@@ -83,6 +86,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         yield
         if app.state.search is not None:
             await run_in_threadpool(app.state.search.close)
+        telemetry.mark_process_dead(os.getpid())
         # Here, not atexit: uvicorn re-raises SIGTERM after shutting down, which skips atexit handlers.
         await run_in_threadpool(close_database)
 
@@ -123,6 +127,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
     if settings.origins:  # other sites' pages may call the API (the guard still checks their writes' keys)
         app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key"], max_age=600)
+    app.add_middleware(telemetry.RequestTelemetry)  # outermost: its id and timing cover everything above
     app.openapi = lambda: _openapi(app)
     return app
 

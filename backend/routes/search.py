@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from backend import export, filters
+from backend import export, filters, telemetry
 from backend.config import settings
 from backend.deps import CATEGORY_PATTERN, MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, read_upload
 from backend.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
@@ -85,7 +85,8 @@ OptionsDep = Annotated[Options, Depends(search_options)]
 
 
 def to_out(request: Request, response: SearchResponse) -> SearchOut:
-    """Add image URLs to a service response."""
+    """Add image URLs to a service response (and count its stage times in the metrics)."""
+    telemetry.observe_stages(response.timings_ms)
     return SearchOut(**_with_urls(request, response))
 
 

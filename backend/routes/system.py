@@ -1,13 +1,13 @@
-"""Service info, health, status and admin rebuilds."""
+"""Service info, health, metrics, status and admin rebuilds."""
 import os
 import time
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from backend import store
+from backend import store, telemetry
 from backend.database import is_embedded
 from backend.deps import SearchDep, require_write_access
 from backend.model_choice import unserved_notice
@@ -24,6 +24,15 @@ def root(request: Request):
         return RedirectResponse("/app/")
     return {"service": "imsrc", "description": "PostgreSQL-backed image similarity search",
             "docs": "/docs", "app": "/app/", "health": "/health", "status": "/status"}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}},
+                                                                   "description": "Prometheus text format"}})
+def metrics(request: Request):
+    """Prometheus metrics: requests and their latency per route, search stage times, index size and image requests
+    under way (with several workers, all of them)."""
+    body, content_type = telemetry.exposition(request.app.state)
+    return Response(body, media_type=content_type)
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "not ready"}})
