@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from backend.duplicates import DEFAULT_THRESHOLD as DEFAULT_DUPLICATE_THRESHOLD
 from backend.errors import ImsrcError
 
 DEFAULT_POPULATE = 1000  # what the populate dialog offers for CIFAR-10 and Fashion-MNIST (the seed's default)
@@ -253,6 +254,26 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
+def cmd_duplicates(args) -> int:
+    """List groups of near-duplicate images (the same picture re-encoded, resized, cropped), found with the index."""
+    import json
+
+    from backend.service import ImageSearch
+
+    search = ImageSearch.open(load_model=False)  # the stored vectors are compared: no model needed
+    found = search.duplicate_groups(args.threshold)
+    if args.json:
+        print(json.dumps([[{"image_id": h.image_id, "similarity": round(h.score, 4), "category": h.category,
+                            "file_name": h.file_name} for h in group] for group in found], indent=1))
+    else:
+        for n, group in enumerate(found, 1):
+            print(f"group {n}: " + ", ".join(f"#{h.image_id} {h.file_name or ''} ({h.score:.3f})" for h in group))
+        print(f"{len(found)} groups of near-duplicates (similarity {args.threshold} or more) among {len(search.index)} "
+              f"images; decide about them on the page or with POST /duplicates/decisions")
+    search.close()
+    return 0
+
+
 def cmd_check(args) -> int:
     """Compare PostgreSQL's images, vectors and prototypes with each other and with the index snapshot."""
     from backend.config import settings
@@ -382,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     sub.add_parser("rebuild", help=cmd_rebuild.__doc__).set_defaults(func=cmd_rebuild)
     sub.add_parser("check", help=cmd_check.__doc__).set_defaults(func=cmd_check)
+    p = sub.add_parser("duplicates", help=cmd_duplicates.__doc__)
+    p.add_argument("--threshold", type=_similarity, default=DEFAULT_DUPLICATE_THRESHOLD,
+                   help=f"how alike two images must be (cosine similarity; default {DEFAULT_DUPLICATE_THRESHOLD})")
+    p.add_argument("--json", action="store_true", help="print the groups as JSON")
+    p.set_defaults(func=cmd_duplicates)
     p = sub.add_parser("recluster", help=cmd_recluster.__doc__)
     p.add_argument("--k", type=_at_least_two, default=None, help="clusters (default: from the collection's size)")
     p.set_defaults(func=cmd_recluster)
@@ -428,6 +454,16 @@ def _at_least_two(text: str) -> int:
     value = _positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.5 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0.5 and 1, got {value}")
     return value
 
 

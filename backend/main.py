@@ -18,7 +18,7 @@ from backend.database import close as close_database
 from backend.deps import RETRY_AFTER_STARTING, require_write_access
 from backend.errors import DatabaseError, ImsrcError, InvalidImage, InvalidQuery, ModelUnavailable
 from backend.guard import ImageJobs, RequestGuard, writes_mode
-from backend.routes import images, search, system
+from backend.routes import duplicates, images, search, system
 from backend.service import ImageSearch, NotFound
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
-    routers = (system.router, search.router, images.router)
+    routers = (system.router, search.router, images.router, duplicates.router)
     for router in routers:
         app.include_router(router)
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="app")

@@ -107,3 +107,17 @@ class ProjectionHead(Base):
     weights: Mapped[bytes] = mapped_column(LargeBinary)  # numpy .npz, read without pickle
     report: Mapped[dict] = mapped_column(JSONB, server_default="{}")  # how training went (backend.train_projection)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DuplicateDecision(Base):
+    """A pair of images a person looked at as near-duplicates (image_a < image_b): `distinct` (not duplicates) or
+    `kept_all` (duplicates, both kept). Either way the pair is not offered again (backend.duplicates)."""
+
+    __tablename__ = "duplicate_decisions"
+
+    image_a: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    image_b: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    __table_args__ = (CheckConstraint("image_a < image_b", name="duplicate_pair_ordered"),
+                      CheckConstraint("decision IN ('distinct', 'kept_all')", name="duplicate_decision_known"))

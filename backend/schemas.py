@@ -75,6 +75,7 @@ class ExamplesIn(BaseModel):
     prototype_limit: int = Field(3, ge=1, le=10)
     strategy: Literal["mean", "max"] = DEFAULT_STRATEGY
     negative_weight: float = Field(NEGATIVE_WEIGHT, ge=0, le=2)
+    collapse_duplicates: bool = Field(False, description="leave out near-duplicates of a result ranked before them")
 
 
 class ExportExamplesIn(ExamplesIn):

@@ -456,6 +456,17 @@ class CategoryIndex:
         order = np.lexsort((np.broadcast_to(cats, sims.shape), -sims), axis=1)  # ties: lower id first
         return cats[order], np.take_along_axis(sims, order, axis=1)
 
+    def neighbours(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n, k), scores (n, k)) of each vector's k nearest stored images across every category, best first (-1
+        ids where fewer exist): one batched FAISS search per category."""
+        vectors = _check_matrix(vectors, self.dim, "vectors")
+        found = [part.search(vectors, k) for part in self._partitions.values()]
+        if not found:
+            return np.full((len(vectors), 0), -1, np.int64), np.zeros((len(vectors), 0), np.float32)
+        ids, scores = np.concatenate([f[0] for f in found], axis=1), np.concatenate([f[1] for f in found], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
+
     def categories_of(self, ids: np.ndarray) -> set[int]:
         """The categories holding any of these image ids."""
         category_of = self._category_of

@@ -14,17 +14,18 @@ import sqlalchemy as sa
 from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
-from backend import filters, store
+from backend import duplicates, filters, store
 from backend.confidence import BaseSpace, Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
-from backend.errors import ImsrcError, InvalidImage
+from backend.errors import ImsrcError, InvalidImage, InvalidQuery
 from backend.examples import (DEFAULT_STRATEGY, NEGATIVE_WEIGHT, STRATEGIES, InvalidExamples, best_of, check_counts,
                               mean_query, penalise, unit)
 from backend.filters import Condition
 from backend.images import DecodedImage, decode, sha256
 from backend.index_manager import IndexManager
+from backend.search import Hits
 from backend.ingest import IngestReport, ingest
 from backend.models import Category, Embedding, Image
 from backend.regions import QueryEdit
@@ -35,6 +36,7 @@ Example = Union[ImageInput, int]  # an image, or a stored image's id
 MAX_DEPTH = 1000  # how far down the ranking a search can page: offset + k at most
 KEYS_MAX_AGE = 60.0  # seconds a summary of the metadata keys is kept (it reads every image's metadata) ...
 KEYS_MIN_AGE = 5.0  # ... and at least this long, whatever is written meanwhile
+COLLAPSE_FETCH = 3  # results fetched per result wanted when near-duplicates are collapsed
 POST_FILTER_MAX_FETCH = 50_000  # results a post-filter fetches at most before it searches among every match
 
 
@@ -236,11 +238,13 @@ class ImageSearch:
 
     def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
                        category: str | int | None = None, offset: int = 0, min_score: float | None = None,
-                       where: list[Condition] | None = None, edit: QueryEdit | None = None) -> SearchResponse:
+                       where: list[Condition] | None = None, edit: QueryEdit | None = None,
+                       collapse: float | None = None) -> SearchResponse:
         """Embed a query image (edited first: cropped, rotated, flipped) and return its k most similar stored
-        images (after the first `offset`, down to min_score, among those whose metadata match `where`)."""
+        images (after the first `offset`, down to min_score, among those whose metadata match `where`; with
+        `collapse`, without near-duplicates of a result ranked before)."""
         return self.search_examples([image], [], k, use_prototypes, top_categories, category, offset, min_score, where,
-                                    edit=edit)
+                                    edit=edit, collapse=collapse)
 
     def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
                      category: str | int | None = None, offset: int = 0, min_score: float | None = None,
@@ -253,9 +257,10 @@ class ImageSearch:
                         use_prototypes: bool = True, top_categories: int = 3, category: str | int | None = None,
                         offset: int = 0, min_score: float | None = None, where: list[Condition] | None = None,
                         strategy: str = DEFAULT_STRATEGY, negative_weight: float = NEGATIVE_WEIGHT,
-                        edit: QueryEdit | None = None) -> SearchResponse:
+                        edit: QueryEdit | None = None, collapse: float | None = None) -> SearchResponse:
         """More like the positive examples, less like the negative ones (backend.examples): each an image or a
-        stored image's id (stored examples are left out of the results); `edit` applies to every positive image."""
+        stored image's id (stored examples are left out of the results); `edit` applies to every positive image;
+        `collapse`, a similarity, leaves out results at least that alike to a result ranked before them."""
         check_counts(len(positives), len(negatives))
         if strategy not in STRATEGIES:
             raise InvalidExamples(f"strategy is one of {', '.join(STRATEGIES)}, not {strategy!r:.40}")
@@ -266,7 +271,8 @@ class ImageSearch:
         embed_ms = (time.perf_counter() - started) * 1000
         negative = np.stack(bases[len(positives):]) if negatives else np.zeros((0, len(bases[0])), np.float32)
         response = self._search(np.stack(bases[:len(positives)]), negative, k, use_prototypes, top_categories,
-                                category, offset, min_score, where, strategy, negative_weight, exclude=set(stored))
+                                category, offset, min_score, where, strategy, negative_weight, exclude=set(stored),
+                                collapse=collapse)
         if len(stored) < len(bases):  # some example was embedded here
             response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         return response
@@ -297,7 +303,8 @@ class ImageSearch:
     def _search(self, positives: np.ndarray, negatives: np.ndarray, k: int, use_prototypes: bool,
                 top_categories: int, category: str | int | None, offset: int, min_score: float | None,
                 where: list[Condition] | None, strategy: str = DEFAULT_STRATEGY, weight: float = NEGATIVE_WEIGHT,
-                exclude: set[int] = frozenset(), in_index_space: bool = False) -> SearchResponse:
+                exclude: set[int] = frozenset(), in_index_space: bool = False,
+                collapse: float | None = None) -> SearchResponse:
         """Ranks offset+1 .. offset+k (offset + k at most MAX_DEPTH) of the images scoring min_score or more whose
         metadata match `where`, leaving out `exclude`; every page of one query comes from the same ranking (for the
         exact index types). The examples are base model vectors unless in_index_space.
@@ -320,7 +327,7 @@ class ImageSearch:
                     filter_ids = [c for c in (filter_ids or holding) if c in holding]
             post_filter = matching is None
             among = np.array(matching, np.int64) if matching is not None else None
-        fetch = wanted + len(exclude)
+        fetch = (wanted + len(exclude)) * (COLLAPSE_FETCH if collapse is not None else 1)
         if post_filter:  # at least PREFILTER_MAX_IDS of the index match: expect that share, fetch a quarter more
             fetch = min(math.ceil(fetch * max(1.0, len(self.index) / filters.PREFILTER_MAX_IDS) * 1.25),
                         POST_FILTER_MAX_FETCH)
@@ -359,6 +366,8 @@ class ImageSearch:
             fetch = min(fetch * 4, size, POST_FILTER_MAX_FETCH)
         t1 = time.perf_counter()
         ranked = np.flatnonzero(keep)
+        if collapse is not None:
+            ranked = self._collapsed(hits.ids, ranked, collapse)
         page = ranked[offset:offset + k]
         hits.ids, hits.scores, hits.categories = hits.ids[page], hits.scores[page], hits.categories[page]
         results, prototypes = self._describe(hits, first_rank=offset + 1)
@@ -367,6 +376,58 @@ class ImageSearch:
                               use_prototypes, confidence.as_dict() if confidence is not None else None,
                               offset=offset,
                               next_offset=offset + k if len(ranked) > offset + k and offset + k < MAX_DEPTH else None)
+
+    def _collapsed(self, ids: np.ndarray, ranked: np.ndarray, threshold: float) -> np.ndarray:
+        """The ranked positions whose images are not near-duplicates of one ranked before (backend.duplicates)."""
+        order = ids[ranked].tolist()
+        with self.sessions() as s:
+            stored = dict(s.execute(sa.select(Embedding.image_id, Embedding.vector).where(
+                Embedding.image_id.in_(order), Embedding.model_name == self.embedder.name)).all()) if order else {}
+        present = [i for i in order if i in stored]
+        vectors = np.array([np.asarray(stored[i], np.float32) for i in present]).reshape(len(present), -1)
+        kept = set(duplicates.collapse(present, vectors, threshold))
+        return np.array([r for r, i in zip(ranked.tolist(), order) if i in kept], np.int64)
+
+    def duplicate_groups(self, threshold: float = duplicates.DEFAULT_THRESHOLD) -> list[list[SearchResult]]:
+        """Groups of near-duplicate images (at least `threshold` alike), largest first, leaving out pairs a person
+        already decided about; each member described as a search result scoring its highest similarity to another
+        member."""
+        with self._lock:  # the index holds still (and FAISS searches one at a time) while every image is looked at
+            pairs = duplicates.similar_pairs(self.index, threshold)
+            category_of = self.index.assignments()
+        with self.sessions() as s:
+            found = duplicates.groups(pairs, duplicates.decided_pairs(s, {i for pair in pairs for i in pair}))
+        best: dict[int, float] = {}  # each image's highest similarity to another of its group
+        for (a, b), score in pairs.items():
+            best[a], best[b] = max(best.get(a, score), score), max(best.get(b, score), score)
+        described = []
+        for group in found:
+            scores = np.array([best[i] for i in group], np.float32)
+            hits = Hits(np.array(group, np.int64), scores, np.array([category_of.get(i, -1) for i in group], np.int64))
+            results, _ = self._describe(hits)
+            if len(results) > 1:
+                described.append(results)
+        return described
+
+    def decide_duplicates(self, image_ids: list[int], decision: str, keep: int | None = None) -> int:
+        """A person's decision about a group: keep_one (the others are deleted), keep_all or not_duplicates (the
+        group's pairs are not offered again). Returns how many images were deleted or pairs recorded."""
+        with self.sessions() as s:
+            stored = set(s.scalars(sa.select(Image.id).where(Image.id.in_(set(image_ids)))))
+        if missing := sorted(set(image_ids) - stored):
+            raise NotFound(f"image {missing[0]} not found")
+        if decision == "keep_one":
+            if keep not in image_ids:
+                raise InvalidQuery("keep_one needs `keep`: the id, among the group's, of the image to keep")
+            doomed = sorted(set(image_ids) - {keep})
+            with self.sessions() as s, s.begin():
+                deleted = store.delete_images(s, doomed)
+            self._wrote()
+            with self._sync_lock:
+                self.manager.sync(doomed)
+            return deleted
+        with self.sessions() as s, s.begin():
+            return duplicates.record(s, image_ids, decision)
 
     def _rank(self, positives: np.ndarray, negatives: np.ndarray, fetch: int, pool: int, use_prototypes: bool,
               top_categories: int, categories, among, strategy: str, weight: float, in_index_space: bool):

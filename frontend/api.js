@@ -65,6 +65,11 @@ const api = {
     });
     return filters.length ? spec : null;
   },
+  duplicates() { return this.request("/duplicates"); },
+  decideDuplicates(imageIds, decision, keep = null) {
+    return this.request("/duplicates/decisions", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ image_ids: imageIds, decision, keep }) });
+  },
   searchPrototypes(file, protoLimit) {
     const form = new FormData();
     form.append("file", file);

@@ -175,7 +175,8 @@ async function guarded(work) {
 
 function runSearch() {
   if (!queryFile) return;
-  startSearch({ file: queryFile, crop, positiveIds: [], negativeIds: [] }, crop ? "Similar to the region" : "Similar images");
+  const label = crop ? "Similar to the region" : "Similar images";
+  startSearch({ file: queryFile, crop, positiveIds: [], negativeIds: [] }, label);
 }
 
 function runPrototypes() {
@@ -346,6 +347,63 @@ async function loadCategories() {
   }
 }
 
+// Near-duplicates: each group side by side, with what to do about it. A decision is stored (the group is not offered
+// again); "Keep one" deletes the others, so it asks first.
+const NO_DUPLICATES = "No near-duplicates left to review";
+
+async function findDuplicates() {
+  guarded(async () => {
+    const groups = await api.duplicates();
+    const plural = groups.length > 1 ? "s" : "";
+    $("duplicates-summary").textContent = groups.length ? `${groups.length} group${plural} of near-duplicates`
+      : NO_DUPLICATES;
+    $("duplicate-groups").replaceChildren(...groups.map(duplicateGroup));
+  });
+}
+
+function duplicateGroup(group, n) {
+  const li = document.createElement("li");
+  li.className = "group";
+  const ids = group.images.map((im) => im.image_id);
+  const thumbs = document.createElement("div");
+  thumbs.className = "thumbs";
+  group.images.forEach((im, i) => {
+    const figure = document.createElement("label");
+    figure.className = "thumb";
+    const img = document.createElement("img");
+    img.src = im.image_url;
+    img.alt = `Image ${im.image_id} (${im.file_name || im.category || ""})`;
+    const pick = document.createElement("input");
+    Object.assign(pick, { type: "radio", name: `keep-${n}`, value: im.image_id, checked: i === 0 });
+    const caption = document.createElement("span");
+    caption.textContent = `#${im.image_id} · ${im.score.toFixed(3)}`;
+    figure.append(img, pick, caption);
+    thumbs.append(figure);
+  });
+  const actions = document.createElement("div");
+  actions.className = "buttons";
+  const act = (label, decision) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.dataset.decision = decision;
+    button.addEventListener("click", () => guarded(async () => {
+      const keep = Number(li.querySelector("input:checked").value);
+      const question = `Delete ${ids.length - 1} of these images, keeping #${keep}?`;
+      if (decision === "keep_one" && !window.confirm(question)) return;
+      await api.decideDuplicates(ids, decision, keep);
+      li.remove();
+      if (!$("duplicate-groups").children.length) $("duplicates-summary").textContent = NO_DUPLICATES;
+    }));
+    actions.append(button);
+  };
+  act("Keep the chosen one", "keep_one");
+  act("Keep all", "keep_all");
+  act("Not duplicates", "not_duplicates");
+  li.append(thumbs, actions);
+  return li;
+}
+
 const zone = $("drop-zone");
 ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
@@ -360,6 +418,7 @@ $("more-button").addEventListener("click", showMore);
 $("min-score").addEventListener("input", showMinScore);
 $("min-score").addEventListener("change", () => lastSearch && startSearch(lastSearch.query, lastSearch.label));
 $("with-these-button").addEventListener("click", searchWithPicked);
+$("find-duplicates").addEventListener("click", findDuplicates);
 $("export-button").addEventListener("click", exportResults);
 $("preview").addEventListener("pointerdown", startRegion);
 $("clear-region").addEventListener("click", () => { clearRegion(); runSearch(); });

@@ -288,3 +288,37 @@ def test_a_region_dragged_on_the_preview_searches_that_region(server_with_metada
     page.click("#clear-region")
     _wait_summary(page, "Similar images")
     assert page.is_hidden("#region")
+
+
+def test_duplicate_review_is_kept(cli_env, page, tmp_path, output_dir):
+    """Two copies of a photo among distinct ones: the page shows them side by side; "Not duplicates" is stored, and
+    the group does not come back, even after a reload."""
+    from skimage import data as photos
+
+    folder = tmp_path / "photos" / "all"
+    folder.mkdir(parents=True)
+    coffee = PILImage.fromarray(photos.coffee())
+    coffee.save(folder / "coffee.png")
+    coffee.resize((480, 320)).save(folder / "coffee-copy.jpg", quality=95)
+    PILImage.fromarray(photos.rocket()).save(folder / "rocket.png")
+    PILImage.fromarray(photos.astronaut()).save(folder / "astronaut.png")
+    populate = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "folder", "--data-dir",
+                               str(tmp_path / "photos")], cwd=ROOT, env=cli_env, capture_output=True, text=True,
+                              timeout=300)
+    assert populate.returncode == 0, populate.stderr
+    with running_server({**cli_env, "OPEN_WRITES": "true"}, tmp_path / "server.log", timeout=120) as (base, _):
+        page.goto(base + "/app/")
+        page.wait_for_selector("#status:has-text('4 images indexed')")
+        page.click("#find-duplicates")
+        page.wait_for_selector("#duplicate-groups .group")
+        assert page.locator("#duplicate-groups .group").count() == 1
+        alts = [img.get_attribute("alt") for img in page.locator("#duplicate-groups img").all()]
+        assert len(alts) == 2 and all("coffee" in alt for alt in alts)
+        page.locator("#duplicates-heading").scroll_into_view_if_needed()
+        page.screenshot(path=str(output_dir / "duplicates.png"), full_page=True)
+        page.click("#duplicate-groups button[data-decision='not_duplicates']")
+        page.wait_for_selector("#duplicates-summary:has-text('No near-duplicates left')")
+        page.reload()
+        page.click("#find-duplicates")
+        page.wait_for_selector("#duplicates-summary:has-text('No near-duplicates left')")
+        assert page.locator("#duplicate-groups .group").count() == 0

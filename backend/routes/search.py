@@ -10,6 +10,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from backend import export, filters, telemetry
 from backend.config import settings
 from backend.deps import CATEGORY_PATTERN, MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, read_upload
+from backend.duplicates import DEFAULT_THRESHOLD
 from backend.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
 from backend.regions import CROP_PATTERN, QueryEdit
 from backend.schemas import ExamplesIn, ExportExamplesIn, Problem, SearchOut
@@ -53,12 +54,14 @@ class Options:
     where: list
     strategy: str
     negative_weight: float
+    collapse_duplicates: bool = False
 
     def kwargs(self) -> dict:
         """As keyword arguments of ImageSearch.search_examples."""
         return {"use_prototypes": self.use_prototypes, "top_categories": self.prototype_limit,
                 "category": self.category, "min_score": self.min_score, "where": self.where,
-                "strategy": self.strategy, "negative_weight": self.negative_weight}
+                "strategy": self.strategy, "negative_weight": self.negative_weight,
+                "collapse": DEFAULT_THRESHOLD if self.collapse_duplicates else None}
 
 
 def search_options(
@@ -75,10 +78,12 @@ def search_options(
         strategy: Annotated[Literal["mean", "max"], Query(description="how several examples combine (see the "
                                                           "README): mean, or max")] = DEFAULT_STRATEGY,
         negative_weight: Annotated[float, Query(ge=0, le=2, description="how much the negative examples count "
-                                                "against a result")] = NEGATIVE_WEIGHT) -> Options:
+                                                "against a result")] = NEGATIVE_WEIGHT,
+        collapse_duplicates: Annotated[bool, Query(description="leave out results that are near-duplicates of a "
+                                                   "result ranked before them")] = False) -> Options:
     """The search options of the query string."""
     return Options(use_prototypes, prototype_limit, category, min_score, filters.from_query(terms), strategy,
-                   negative_weight)
+                   negative_weight, collapse_duplicates)
 
 
 OptionsDep = Annotated[Options, Depends(search_options)]
@@ -175,7 +180,7 @@ async def search_export(request: Request, search: SearchDep, jobs: ImageJobsDep,
 
 def _examples_search(search, body: ExamplesIn, offset: int) -> SearchResponse:
     options = Options(body.use_prototypes, body.prototype_limit, body.category, body.min_score,
-                      filters.from_json(body.filter), body.strategy, body.negative_weight)
+                      filters.from_json(body.filter), body.strategy, body.negative_weight, body.collapse_duplicates)
     return search.search_examples(body.positive_ids, body.negative_ids, body.limit, offset=offset, **options.kwargs())
 
 
