@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     prototype_limit: int = Field(3, ge=1, le=10)
     prototypes_per_category: int = Field(8, ge=1, le=16)  # at most; fewer in small categories (store.slots_for)
     default_search_limit: int = Field(10, ge=1, le=50)
+    history_enabled: bool = True  # record every search the API answers (backend.history)
+    history_retention_days: int = Field(30, ge=1, le=3650)
 
     # API
     api_host: str = "127.0.0.1"

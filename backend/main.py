@@ -18,7 +18,7 @@ from backend.database import close as close_database
 from backend.deps import RETRY_AFTER_STARTING, require_write_access
 from backend.errors import DatabaseError, ImsrcError, InvalidImage, InvalidQuery, ModelUnavailable
 from backend.guard import ImageJobs, RequestGuard, writes_mode
-from backend.routes import duplicates, images, search, system
+from backend.routes import duplicates, history, images, search, system
 from backend.service import ImageSearch, NotFound
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
             app.state.search.start_batching(settings.query_batch, settings.embed_workers)
             app.state.search.start_live_sync()  # what other processes write is searchable here too
             await _search_once(app, ImageSearch.warm_up_query())
+            if settings.history_enabled:  # from now on: the warm-up search is not one of the history's
+                app.state.search.start_history(settings.history_retention_days)
             notice = await run_in_threadpool(app.state.search.unserved_notice)
             if notice:  # not "ready": the stored images are there but this model cannot search them
                 log.warning("serving 0 images: %s", notice)
@@ -117,7 +119,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
-    routers = (system.router, search.router, images.router, duplicates.router)
+    routers = (system.router, search.router, images.router, duplicates.router, history.router)
     for router in routers:
         app.include_router(router)
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="app")

@@ -2,9 +2,9 @@
 from datetime import datetime
 
 from pgvector.sqlalchemy import VECTOR
-from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, ForeignKeyConstraint, Index,
-                        Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, ForeignKeyConstraint,
+                        Index, Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -121,3 +121,23 @@ class DuplicateDecision(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     __table_args__ = (CheckConstraint("image_a < image_b", name="duplicate_pair_ordered"),
                       CheckConstraint("decision IN ('distinct', 'kept_all')", name="duplicate_decision_known"))
+
+
+class SearchRecord(Base):
+    """One search the API answered (backend.history): what was asked, what came back, how long it took."""
+
+    __tablename__ = "search_history"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "upload", "stored" (by stored images) or "vector" (a re-run)
+    model_name: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict] = mapped_column(JSONB, server_default="{}")
+    query_sha256: Mapped[str | None] = mapped_column(String(64))
+    query_vector: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, the base model's: to run it again
+    query_thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary)
+    result_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), server_default="{}")
+    result_scores: Mapped[list[float]] = mapped_column(ARRAY(Float), server_default="{}")
+    top_category: Mapped[str | None] = mapped_column(String(200))
+    timings_ms: Mapped[dict] = mapped_column(JSONB, server_default="{}")
+    total_ms: Mapped[float] = mapped_column(Float)

@@ -168,6 +168,7 @@ class StatusOut(BaseModel):
     worker: int = Field(description="the id (pid) of the process that answered: with several workers or "
                         "servers, each has its own index")
     sync: SyncOut | None = Field(None, description="live sync with other processes writing to the database")
+    history: bool = Field(False, description="whether this process records searches (HISTORY_ENABLED)")
 
 
 class HealthOut(BaseModel):

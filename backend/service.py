@@ -1,6 +1,7 @@
 """The Python API: `ImageSearch` ties the database, the embedder and the index together."""
 import io
 import itertools
+import logging
 import math
 import threading
 import time
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
-from backend import duplicates, filters, store
+from backend import duplicates, filters, history, store
 from backend.confidence import BaseSpace, Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
@@ -27,10 +28,11 @@ from backend.images import DecodedImage, decode, sha256
 from backend.index_manager import IndexManager
 from backend.search import Hits
 from backend.ingest import IngestReport, ingest
-from backend.models import Category, Embedding, Image
+from backend.models import Category, Embedding, Image, SearchRecord
 from backend.regions import QueryEdit
 
 
+log = logging.getLogger(__name__)
 ImageInput = Union[PILImage.Image, bytes, str, Path]
 Example = Union[ImageInput, int]  # an image, or a stored image's id
 MAX_DEPTH = 1000  # how far down the ranking a search can page: offset + k at most
@@ -103,6 +105,7 @@ class ImageSearch:
         self._base_space = BaseSpace(sessions, embedder.source.name, embedder.source.dim) \
             if embedder.source is not embedder else None  # a derived model's (backend.projection)
         self.listener = None  # see start_live_sync
+        self.history_days = None  # see start_history
         self._write_count = itertools.count(1)
         self._writes = 0  # writes made or applied here: a cached summary of metadata keys older than the last is stale
         self._keys = None  # (writes, monotonic time, summary) of metadata_keys
@@ -264,6 +267,11 @@ class ImageSearch:
         check_counts(len(positives), len(negatives))
         if strategy not in STRATEGIES:
             raise InvalidExamples(f"strategy is one of {', '.join(STRATEGIES)}, not {strategy!r:.40}")
+        params = {"k": k, "offset": offset, "use_prototypes": use_prototypes, "top_categories": top_categories,
+                  "category": category, "min_score": min_score, "where": [asdict(c) for c in where or []],
+                  "strategy": strategy, "negative_weight": negative_weight, "collapse": collapse,
+                  "positives": len(positives), "stored_ids": [e for e in (*positives, *negatives) if _is_id(e)],
+                  "edit": asdict(edit) if edit is not None else None}
         started = time.perf_counter()
         stored = dict(zip(*self._stored_bases([e for e in (*positives, *negatives) if _is_id(e)])))
         bases = [stored[e] if _is_id(e) else self._embed_base(e, edit if n < len(positives) else None)
@@ -275,6 +283,46 @@ class ImageSearch:
                                 collapse=collapse)
         if len(stored) < len(bases):  # some example was embedded here
             response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
+        uploaded = next((e for e in positives if not _is_id(e)), None)
+        self._record("upload" if uploaded is not None else "stored", params, np.stack(bases), uploaded, response)
+        return response
+
+    def start_history(self, retention_days: int) -> None:
+        """Record every search from now on in PostgreSQL, for `retention_days` (backend.history): what the server
+        does unless HISTORY_ENABLED is off."""
+        self.history_days = retention_days
+
+    def _record(self, kind: str, params: dict, vectors: np.ndarray, uploaded, response: SearchResponse) -> None:
+        """Keep a search in the history (when it is on); a failure to record is logged, never the search's."""
+        if self.history_days is None:
+            return
+        sha, thumb = None, None
+        if uploaded is not None:
+            data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
+            picture = data if isinstance(data, PILImage.Image) else decode(data).image
+            sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
+        try:
+            with self.sessions() as s, s.begin():
+                history.record(s, kind=kind, model=self.embedder.name, params=params, vector=vectors,
+                               query_sha256=sha, query_thumbnail=thumb, results=response.results,
+                               timings_ms=response.timings_ms, retention_days=self.history_days)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("search not recorded in the history: %s", str(exc).splitlines()[0])
+
+    def run_again(self, record_id: int) -> SearchResponse:
+        """A recorded search, run again now with its query's vectors and parameters (and recorded too)."""
+        with self.sessions() as s:
+            row = s.get(SearchRecord, record_id)
+        if row is None or row.query_vector is None:
+            raise NotFound(f"search {record_id} not found in the history")
+        p = row.params
+        vectors = np.frombuffer(row.query_vector, np.float32).reshape(-1, self.embedder.source.dim)
+        where = [Condition(c["key"], c["op"], tuple(c["value"]) if isinstance(c["value"], list) else c["value"])
+                 for c in p["where"]]
+        response = self._search(vectors[:p["positives"]], vectors[p["positives"]:], p["k"], p["use_prototypes"],
+                                p["top_categories"], p["category"], p["offset"], p["min_score"], where, p["strategy"],
+                                p["negative_weight"], exclude=set(p["stored_ids"]), collapse=p["collapse"])
+        self._record("rerun", {**p, "of": record_id}, vectors, None, response)
         return response
 
     def _stored_bases(self, image_ids: list[int]) -> tuple[list[int], list[np.ndarray]]:

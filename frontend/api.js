@@ -33,6 +33,10 @@ const api = {
     if (format) { q.set("format", format); q.delete("offset"); }
     const suffix = format ? "/export" : "";
     const asFile = Boolean(format);
+    if (query.historyId) {
+      if (offset || format) throw new Error("A search run again from the history shows its own results only");
+      return this.request(`/history/${query.historyId}/run`, { method: "POST" });
+    }
     if (query.file) {
       const form = new FormData();
       form.append("file", query.file);
@@ -66,6 +70,8 @@ const api = {
     return filters.length ? spec : null;
   },
   duplicates() { return this.request("/duplicates"); },
+  history() { return this.request("/history?limit=20"); },
+  analytics() { return this.request("/analytics?days=30"); },
   decideDuplicates(imageIds, decision, keep = null) {
     return this.request("/duplicates/decisions", { method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify({ image_ids: imageIds, decision, keep }) });

@@ -129,7 +129,7 @@ function render(response, search) {
     $("results").replaceChildren();
   }
   $("results").append(...response.results.map((hit) => resultCard(hit)));
-  $("more-button").hidden = response.next_offset === null;
+  $("more-button").hidden = response.next_offset === null || Boolean(search.query.historyId);
 }
 
 // A new search with the options as they are now: its first page now, the next ones through "More results". The query
@@ -404,6 +404,68 @@ function duplicateGroup(group, n) {
   return li;
 }
 
+// History: the searches this service answered, newest first, each with its query and "Run again"; analytics: searches
+// per day (a bar chart), latency percentiles, the categories most searched and the images most returned.
+async function loadHistory() {
+  guarded(async () => {
+    const [page, stats] = await Promise.all([api.history(), api.analytics()]);
+    $("history-summary").textContent = `${page.total} searches recorded`;
+    $("history").replaceChildren(...page.entries.map(historyEntry));
+    renderAnalytics(stats);
+  });
+}
+
+function historyEntry(entry) {
+  const li = document.createElement("li");
+  li.className = "history-entry";
+  if (entry.thumbnail_url) {
+    const img = document.createElement("img");
+    img.src = entry.thumbnail_url;
+    img.alt = `Query of search ${entry.id}`;
+    li.append(img);
+  }
+  const text = document.createElement("span");
+  const when = new Date(entry.at).toLocaleString();
+  text.textContent = `${when} · ${entry.kind} · ${entry.result_ids.length} results · ${entry.total_ms.toFixed(0)} ms`;
+  const again = document.createElement("button");
+  again.type = "button";
+  again.textContent = "Run again";
+  again.addEventListener("click", () => startSearch({ historyId: entry.id, positiveIds: [], negativeIds: [] },
+    `Search ${entry.id} again`));
+  li.append(text, again);
+  return li;
+}
+
+function renderAnalytics(stats) {
+  const most = Math.max(1, ...stats.per_day.map((d) => d.searches));
+  const width = 24;
+  const svg = [`<svg viewBox="0 0 ${Math.max(1, stats.per_day.length) * width} 110" role="img"`,
+    ` aria-label="Searches per day" class="chart">`];
+  stats.per_day.forEach((d, i) => {
+    const h = Math.round((d.searches / most) * 90);
+    svg.push(`<rect x="${i * width + 3}" y="${95 - h}" width="${width - 6}" height="${h}"><title>${d.day}: ` +
+      `${d.searches}</title></rect><text x="${i * width + width / 2}" y="108">${d.day.slice(5)}</text>`);
+  });
+  svg.push("</svg>");
+  $("chart").innerHTML = svg.join("");
+  const l = stats.latency_ms;
+  $("latency").textContent = l.p50 === null ? "No searches yet" :
+    `${stats.searches} searches in ${stats.days} days · latency p50 ${l.p50} ms, p95 ${l.p95} ms, p99 ${l.p99} ms`;
+  $("top-categories").replaceChildren(...stats.top_categories.map((c) => {
+    const li = document.createElement("li");
+    li.textContent = `${c.category} (${c.searches})`;
+    return li;
+  }));
+  $("top-images").replaceChildren(...stats.top_images.map((im) => {
+    const li = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = `/images/${im.image_id}`;
+    img.alt = `Image ${im.image_id}, returned ${im.times_returned} times`;
+    li.append(img, `×${im.times_returned}`);
+    return li;
+  }));
+}
+
 const zone = $("drop-zone");
 ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
@@ -419,6 +481,7 @@ $("min-score").addEventListener("input", showMinScore);
 $("min-score").addEventListener("change", () => lastSearch && startSearch(lastSearch.query, lastSearch.label));
 $("with-these-button").addEventListener("click", searchWithPicked);
 $("find-duplicates").addEventListener("click", findDuplicates);
+$("load-history").addEventListener("click", loadHistory);
 $("export-button").addEventListener("click", exportResults);
 $("preview").addEventListener("pointerdown", startRegion);
 $("clear-region").addEventListener("click", () => { clearRegion(); runSearch(); });

@@ -29,7 +29,8 @@ def server(cli_env, tmp_path):
                                "--num-images", "60", "--data-dir", str(data_dir)],
                               cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
     assert populate.returncode == 0, populate.stderr
-    with running_server(cli_env, tmp_path / "server.log", timeout=120) as (base, _):
+    # Writes open on localhost: the history panel shows what was searched, which is guarded as writes are.
+    with running_server({**cli_env, "OPEN_WRITES": "true"}, tmp_path / "server.log", timeout=120) as (base, _):
         yield base, data_dir
 
 
@@ -322,3 +323,26 @@ def test_duplicate_review_is_kept(cli_env, page, tmp_path, output_dir):
         page.click("#find-duplicates")
         page.wait_for_selector("#duplicates-summary:has-text('No near-duplicates left')")
         assert page.locator("#duplicate-groups .group").count() == 0
+
+
+def test_history_lists_searches_runs_one_again_and_charts_them(server, page, tmp_path, output_dir):
+    base, data_dir = server
+    query, _ = _query_png(data_dir, tmp_path)
+    page.goto(base + "/app/")
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    _drop(page, query)
+    _wait_summary(page, "Similar images: 10 results")
+    first = [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()]
+    page.locator("#results li button.card").nth(0).click()
+    _wait_summary(page, "Images like")
+    page.click("#load-history")
+    page.wait_for_selector("#history li")
+    assert page.locator("#history li").count() == 2 and "2 searches recorded" in page.inner_text("#history-summary")
+    assert page.locator("#history li img").count() == 1  # the uploaded query's thumbnail
+    assert page.locator("#chart rect").count() == 1 and "2 searches in 30 days" in page.inner_text("#latency")
+    assert page.locator("#top-images li").count() > 0
+    page.locator("#history-heading").scroll_into_view_if_needed()
+    page.screenshot(path=str(output_dir / "history.png"), full_page=True)
+    page.locator("#history li").nth(1).locator("button").click()  # the older one: the upload
+    _wait_summary(page, "again: 10 results")
+    assert [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()] == first

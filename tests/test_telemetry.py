@@ -1,8 +1,10 @@
 """Operations: Prometheus metrics at GET /metrics and a request id in every log line (real PostgreSQL)."""
+import json
 import logging
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -86,6 +88,12 @@ def test_served_logs_show_the_request_id_and_workers_share_metrics(cli_env, tmp_
     assert populate.returncode == 0, populate.stderr
     log = tmp_path / "server.log"
     with running_server(cli_env, log, "--workers", "2") as (base, _):
+        workers, deadline = set(), time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline:  # the second may still be loading its model
+            with urllib.request.urlopen(base + "/status", timeout=30) as r:
+                workers.add(json.loads(r.read())["worker"])
+            time.sleep(0.2)
+        assert len(workers) == 2
         for _ in range(6):
             request = urllib.request.Request(base + "/categories", headers={"X-Request-ID": "ops-check-7"})
             with urllib.request.urlopen(request, timeout=30) as r:

@@ -62,7 +62,7 @@ def status(search: SearchDep):
                      index_type=search.index.index_type, index_size=len(search.index),
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
-                     sync=search.sync_status())
+                     sync=search.sync_status(), history=search.history_days is not None)
 
 
 async def _timed(search, work) -> RebuildOut:
