@@ -165,15 +165,21 @@ def test_metadata_keys_summary(random_collection, sessions):
     assert summary["signed"]["images"] == len(range(0, N_IMAGES, 7))
 
 
+def _mark_far(sessions, ids, vectors, query) -> np.ndarray:
+    """Give every image `far`: false for the query's 500 nearest, true for the rest; returns the 500 ids."""
+    near = ids[np.argsort(-(vectors @ query))[:500]]
+    with sessions() as s, s.begin():
+        s.execute(sa.text("UPDATE images SET metadata = metadata || jsonb_build_object('far', NOT (id = ANY(:near)))"),
+                  {"near": near.tolist()})
+    return near
+
+
 def test_post_filter_fetches_more_until_the_page_is_full(random_collection, sessions, monkeypatch):
     """The query's 500 nearest images are the ones the filter leaves out: the first fetches find no match, and the
     search fetches more until it has the page, the true top 20 of the rest."""
     open_search, ids, vectors, cats, metas = random_collection
     query = vectors[5]
-    near = ids[np.argsort(-(vectors @ query))[:500]]
-    with sessions() as s, s.begin():
-        s.execute(sa.text("UPDATE images SET metadata = metadata || jsonb_build_object('far', NOT (id = ANY(:near)))"),
-                  {"near": near.tolist()})
+    near = _mark_far(sessions, ids, vectors, query)
     monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 1000)  # 2,500 match: a post-filter
     rounds = []
     real = filters.which_match
@@ -191,10 +197,7 @@ def test_post_filter_searches_among_every_match_past_its_fetch_limit(random_coll
     the ids of every match, and the answer is still the true top 20."""
     open_search, ids, vectors, cats, metas = random_collection
     query = vectors[5]
-    near = ids[np.argsort(-(vectors @ query))[:500]]
-    with sessions() as s, s.begin():
-        s.execute(sa.text("UPDATE images SET metadata = metadata || jsonb_build_object('far', NOT (id = ANY(:near)))"),
-                  {"near": near.tolist()})
+    near = _mark_far(sessions, ids, vectors, query)
     monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 1000)
     monkeypatch.setattr("backend.service.POST_FILTER_MAX_FETCH", 200)
     fallbacks = []
