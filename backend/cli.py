@@ -198,6 +198,7 @@ def status_line() -> str:
     from backend.config import settings
     from backend.database import session_factory
     from backend.guard import writes_mode
+    from backend.collections import snapshot_dir_of
     from backend.index_manager import fingerprint, snapshot_meta, snapshot_path
     from backend.model_choice import choose_model
 
@@ -213,7 +214,8 @@ def status_line() -> str:
     except ImsrcError as exc:
         return (f"database: not reachable ({str(exc).splitlines()[0]}): check DATABASE_URL, or unset it for the "
                 f"embedded server | {writes}")
-    meta = snapshot_meta(snapshot_path(settings.snapshot_dir, choice.name, settings.faiss_index_type))
+    meta = snapshot_meta(snapshot_path(snapshot_dir_of(settings.snapshot_dir, settings.collection), choice.name,
+                                       settings.faiss_index_type))
     if current.startswith("0:"):
         index = "no vectors yet: populate (3)"
     elif meta and meta.get("fingerprint") == current and meta.get("model") == choice.name:
@@ -330,6 +332,115 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_collections(args) -> int:
+    """List, create, describe or delete collections (each with its own model, categories and index)."""
+    import json
+
+    from backend import collections, store
+    from backend.config import settings
+    from backend.database import collection_sessions
+
+    registry = collection_sessions()
+    if args.action == "create":
+        info = collections.create_collection(registry.engine, args.name, args.model, args.description)
+        print(f"created collection {info.name} (model: {info.model_name or 'chosen when first populated'}); fill it "
+              f"with: python -m backend --collection {info.name} populate ...")
+    elif args.action == "delete":
+        collections.get_collection(registry.engine, args.name)  # 'not found' before asking
+        if not args.yes and not _confirmed(f"delete collection {args.name} and all its images? type its name to "
+                                           f"confirm: ", args.name):
+            return 1
+        collections.delete_collection(registry.engine, args.name, settings.snapshot_dir)
+        print(f"deleted collection {args.name}")
+    else:
+        found = collections.list_collections(registry.engine) if args.action == "list" else \
+            [collections.get_collection(registry.engine, args.name)]
+        described = []
+        for info in found:
+            with registry.sessions(info.name)() as s:
+                counts = store.counts(s)
+            described.append({"name": info.name, "model": info.model_name, "description": info.description,
+                              "created_at": info.created_at.isoformat(), "images": counts["images"],
+                              "categories": counts["categories"], "embeddings": counts["embeddings"]})
+        if args.json:
+            print(json.dumps(described if args.action == "list" else described[0], indent=1))
+        for c in described if not args.json else []:
+            vectors = ", ".join(f"{n:,} {m}" for m, n in c["embeddings"].items()) or "none"
+            print(f"{c['name']}: {c['images']:,} images, {c['categories']} categories, model "
+                  f"{c['model'] or '(not fixed)'}, vectors: {vectors}" + (f" - {c['description']}"
+                                                                           if c["description"] else ""))
+    return 0
+
+
+def cmd_reembed(args) -> int:
+    """Compute another model's vectors for the collection in the background of serving (resumable), to switch to."""
+    from backend.config import settings
+    from backend.database import session_factory
+    from backend.model_choice import ModelChoice, choose_model, load_embedder
+    from backend.reembed import coverage, reembed
+
+    factory = session_factory()
+    serving = choose_model(factory, quiet=True).name
+    embedder = load_embedder(ModelChoice(args.model, "caller", "asked for"), factory)
+    with factory() as s:
+        before = coverage(s, embedder.name)
+    print(f"re-embedding collection {settings.collection} with {embedder.name} on {embedder.device} "
+          f"({before.describe()} so far); searches go on with {serving} meanwhile")
+    started = time.perf_counter()
+    report = reembed(factory, embedder, batch_size=args.batch_size or settings.batch_size)
+    with factory() as s:
+        after = coverage(s, embedder.name)
+    print(f"{after.describe()} after {time.perf_counter() - started:.1f} s ({report.embedded_existing} embedded now, "
+          f"{len(report.failed)} failed)")
+    if not after.complete:
+        print("not complete: run the same command again to resume")
+        return 1
+    where = f"--collection {settings.collection} " if settings.collection != "default" else ""
+    print(f"switch with: python -m backend {where}switch-model {embedder.name}")
+    return 0
+
+
+def cmd_switch_model(args) -> int:
+    """Make another model the collection's: every serving process swaps to its vectors and index at once."""
+    from backend.config import settings
+    from backend.database import session_factory
+    from backend.model_choice import choose_model
+    from backend.reembed import switch_model
+
+    factory = session_factory()
+    serving = choose_model(factory, quiet=True).name
+    with factory() as s, s.begin():
+        switch_model(s, args.model, args.force)
+    print(f"collection {settings.collection} switched from {serving} to {args.model}; the {serving} vectors stay "
+          f"(switch back the same way, or drop them with drop-model {serving})")
+    return 0
+
+
+def cmd_drop_model(args) -> int:
+    """Delete a model's vectors and prototypes from the collection (not those of its current model)."""
+    from backend.config import settings
+    from backend.database import session_factory
+    from backend.reembed import drop_model
+
+    if not args.yes and not _confirmed(f"delete the {args.model} vectors of collection {settings.collection}? "
+                                       f"type the model's name to confirm: ", args.model):
+        return 1
+    with session_factory()() as s, s.begin():
+        dropped = drop_model(s, args.model)
+    print(f"dropped {dropped:,} {args.model} vectors from collection {settings.collection}")
+    return 0
+
+
+def _confirmed(question: str, answer: str) -> bool:
+    """Whether a person typed `answer` to `question`; where nobody can answer, an error saying to add --yes."""
+    if not sys.stdin.isatty():
+        raise ImsrcError("this cannot be undone: add --yes to confirm")
+    if input(question) != answer:
+        print("not done")
+        return False
+    return True
+
+
 def cmd_serve(args) -> int:
     """Serve the REST API and the web page (model and index load once at start-up, in each worker)."""
     import copy
@@ -371,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m backend", description="imsrc: image similarity search")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-c", "--collection", type=_collection_name, default=None,
+                        help="the collection a command works on (default: COLLECTION, else `default`)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("init-db", help=cmd_init_db.__doc__).set_defaults(func=cmd_init_db)
@@ -435,6 +548,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("collections", help=cmd_collections.__doc__)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="every collection, with its model and size").add_argument(
+        "--json", action="store_true", help="as JSON")
+    a = actions.add_parser("create", help="an empty collection")
+    a.add_argument("name", type=_collection_name)
+    a.add_argument("--model", default=None, help="its embedding model (default: chosen when it is first populated)")
+    a.add_argument("--description", default=None)
+    a = actions.add_parser("describe", help="one collection")
+    a.add_argument("name", type=_collection_name)
+    a.add_argument("--json", action="store_true", help="as JSON")
+    a = actions.add_parser("delete", help="a collection, its images and vectors (asks to confirm)")
+    a.add_argument("name", type=_collection_name)
+    a.add_argument("--yes", action="store_true", help="do not ask (needed where nobody can answer)")
+    p.set_defaults(func=cmd_collections)
+
+    p = sub.add_parser("reembed", help=cmd_reembed.__doc__)
+    p.add_argument("--model", required=True, help="the model to compute vectors of (resnet50, resnet18, "
+                   "efficientnet_lite0, efficientnet_lite2)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default BATCH_SIZE)")
+    p.set_defaults(func=cmd_reembed)
+    p = sub.add_parser("switch-model", help=cmd_switch_model.__doc__)
+    p.add_argument("model")
+    p.add_argument("--force", action="store_true", help="even though some images lack the model's vectors")
+    p.set_defaults(func=cmd_switch_model)
+    p = sub.add_parser("drop-model", help=cmd_drop_model.__doc__)
+    p.add_argument("model")
+    p.add_argument("--yes", action="store_true", help="do not ask (needed where nobody can answer)")
+    p.set_defaults(func=cmd_drop_model)
+
     p = sub.add_parser("serve", help=cmd_serve.__doc__)
     p.add_argument("--host", default=None, help="default API_HOST")
     p.add_argument("--port", type=_positive_int, default=None, help="default API_PORT")
@@ -442,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the port (each holds the model and the index: see README)")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _collection_name(text: str) -> str:
+    from backend.collections import NAME
+
+    if not NAME.match(text):
+        raise argparse.ArgumentTypeError(f"a collection's name is 1 to 40 lowercase letters, digits and underscores, "
+                                         f"starting with a letter, not {text[:50]!r}")
+    return text
 
 
 def _categories(text: str) -> str:
@@ -480,6 +632,10 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; errors a person can fix print one message and exit 2."""
     args = build_parser().parse_args(argv)
+    if args.collection:  # for this command, and for a server's workers (they read the environment)
+        from backend.config import settings
+
+        settings.collection = os.environ["COLLECTION"] = args.collection
     # A plain SIGTERM would end the process without cleanup; as SystemExit, atexit stops the embedded server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / "data"
     embedded_pg_dir: Path | None = None
     embedded_pg_port: int | None = Field(None, ge=1, le=65535)
+    # The collection commands and the Python API use when none is named (backend.collections)
+    collection: str = Field("default", pattern=r"^[a-z][a-z0-9_]{0,39}$")
 
     # Embedding model: None lets backend.model_choice pick (the database's model, else a default that works here)
     model_name: str | None = None

@@ -66,10 +66,11 @@ def _create_database_if_missing(server_url, name: str) -> None:
         engine.dispose()
 
 
-def create_engine_checked(url: str) -> sa.Engine:
-    """An engine for `url`, after checking the server answers and offers pgvector."""
+def create_engine_checked(url: str, schema: str | None = None) -> sa.Engine:
+    """An engine for `url`, after checking the server answers and offers pgvector; with `schema` (a collection's,
+    backend.collections), every connection looks up tables there first, then in `public`."""
     parsed = make_url(url)
-    connect_args = {}
+    connect_args = {"options": f"-csearch_path={schema},public"} if schema else {}
     # A server that is down or unreachable fails a connection within about DB_TIMEOUT instead of hanging, and
     # pool_pre_ping swaps out connections that died with it, so the engine recovers once the server is back.
     if parsed.get_driver_name() == "psycopg2" and "connect_timeout" not in parsed.query:  # a URL's own value wins
@@ -111,45 +112,73 @@ def get_engine() -> sa.Engine:
 
 
 @functools.cache
-def session_factory() -> sessionmaker:
-    """Sessions on the process-wide engine (migrated to head on first use)."""
+def collection_sessions():
+    """The process-wide backend.collections.CollectionSessions (the engine migrated to head on first use)."""
+    from backend.collections import CollectionSessions
+
     engine = get_engine()
     migrate(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    return CollectionSessions(engine)
+
+
+def session_factory(collection: str | None = None) -> sessionmaker:
+    """Sessions on the process-wide engine for a collection (default: COLLECTION's, which is `default` unless set)."""
+    return collection_sessions().sessions(collection or settings.collection)
 
 
 def close() -> None:
-    """Dispose the engine and let go of the embedded server (stopped if no other process uses it)."""
+    """Dispose the engines and let go of the embedded server (stopped if no other process uses it)."""
+    if collection_sessions.cache_info().currsize:
+        collection_sessions().close()
     if get_engine.cache_info().currsize:
         get_engine().dispose()
     if _embedded_server.cache_info().currsize:
         _embedded_server().release()
-    for cached in (session_factory, get_engine, _embedded_server):
+    for cached in (collection_sessions, get_engine, _embedded_server):
         cached.cache_clear()
 
 
-def _alembic_config(connection):
+def _alembic_config(connection, schema: str):
     from alembic.config import Config
 
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
     cfg.attributes["connection"] = connection
+    cfg.attributes["schema"] = schema
     return cfg
 
 
-def migrate(engine: sa.Engine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision`; safe to repeat."""
+def _collection_schemas(engine: sa.Engine) -> list[str]:
+    """The schemas of the collections other than the default (which lives in `public`)."""
+    with engine.connect() as conn:
+        if conn.scalar(sa.text("SELECT to_regclass('public.collections')")) is None:
+            return []
+        return list(conn.scalars(sa.text("SELECT schema FROM public.collections WHERE schema <> 'public' "
+                                         "ORDER BY schema")))
+
+
+def migrate_schema(engine: sa.Engine, schema: str, revision: str = "head", down: bool = False) -> None:
+    """Upgrade (or downgrade) one collection's schema to `revision`, in one transaction."""
     from alembic import command
 
     with engine.begin() as conn:
-        command.upgrade(_alembic_config(conn), revision)
+        if schema != "public":  # its own tables first, then the shared ones (pgvector's type, the blobs)
+            conn.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public'))
+        (command.downgrade if down else command.upgrade)(_alembic_config(conn, schema), revision)
+
+
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Upgrade `public` (the default collection and what collections share) and then every other collection's
+    schema to `revision`; safe to repeat."""
+    migrate_schema(engine, "public", revision)
+    for schema in _collection_schemas(engine):
+        migrate_schema(engine, schema, revision)
 
 
 def downgrade(engine: sa.Engine, revision: str = "base") -> None:
-    """Downgrade the schema to `revision`."""
-    from alembic import command
-
-    with engine.begin() as conn:
-        command.downgrade(_alembic_config(conn), revision)
+    """Downgrade every collection's schema, then `public`, to `revision`."""
+    for schema in _collection_schemas(engine):
+        migrate_schema(engine, schema, revision, down=True)
+    migrate_schema(engine, "public", revision, down=True)
 
 
 def current_revision(engine: sa.Engine) -> str | None:

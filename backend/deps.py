@@ -1,11 +1,14 @@
 """FastAPI dependencies: the ready ImageSearch, write access, image-job slots and upload reading with limits."""
 import re
+from urllib.parse import urlencode
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Path, Request, UploadFile
+from fastapi import Depends, Header, HTTPException, Path, Query, Request, UploadFile
 
+from backend.collections import NAME
 from backend.config import settings
 from backend.guard import ImageJobs, body_too_large, write_refusal
+from backend.served import ServedCollections
 from backend.service import ImageSearch
 
 RETRY_AFTER_STARTING = "5"  # seconds: the model and index take a few seconds to load
@@ -13,19 +16,36 @@ _CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part 
 CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
 MAX_INTEGER, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # PostgreSQL's integer and bigint
 MAX_FILE_NAME = 255
+COLLECTION_PATTERN = NAME.pattern
 
 
-def get_search(request: Request) -> ImageSearch:
-    """The ImageSearch built at start-up; 503 until it is ready."""
-    search = getattr(request.app.state, "search", None)
-    if search is None:
+def get_served(request: Request) -> ServedCollections:
+    """The collections served (the default's opened at start-up); 503 until the server is ready."""
+    if getattr(request.app.state, "collections", None) is None:
         error = getattr(request.app.state, "startup_error", None)
         raise HTTPException(503, f"not ready: {error}" if error else "not ready: the model and index are loading",
                             headers={"Retry-After": RETRY_AFTER_STARTING})
-    return search
+    return request.app.state.collections
+
+
+ServedDep = Annotated[ServedCollections, Depends(get_served)]
+
+
+def get_search(served: ServedDep, collection: Annotated[str | None, Query(
+        description="the collection to use (default: the server's, COLLECTION, which is `default` unless set); "
+                    "see GET /collections",
+        pattern=COLLECTION_PATTERN, max_length=40)] = None) -> ImageSearch:
+    """The collection's ImageSearch (opened on its first request); 404 for a collection that does not exist."""
+    return served.get(collection)
 
 
 SearchDep = Annotated[ImageSearch, Depends(get_search)]
+
+
+def in_collection(request: Request, path: str) -> str:
+    """`path` in the collection the request named (ids are the collection's own), e.g. /images/7?collection=x."""
+    collection = request.query_params.get("collection")
+    return f"{path}?{urlencode({'collection': collection})}" if collection else path
 
 
 def require_write_access(request: Request, x_api_key: Annotated[

@@ -23,3 +23,11 @@ class InvalidImage(ImsrcError):
 
 class InvalidQuery(ImsrcError):
     """A search parameter that cannot be used: a filter, a set of examples or a region (the API answers 422)."""
+
+
+class NotFound(ImsrcError):
+    """An image, category or collection that does not exist."""
+
+
+class Conflict(ImsrcError):
+    """A request the stored state does not allow now: a name taken, a model not ready (the API answers 409)."""

@@ -39,18 +39,22 @@ class Change:
     what: str
     ids: tuple[int, ...] = ()
     at: float = 0.0
+    schema: str | None = None  # the collection's (backend.collections); None: every collection's
 
 
-def announce(session: Session, model: str | None, image_ids=(), what: str = "images") -> None:
+def announce(session: Session, model: str | None, image_ids=(), what: str = "images",
+             schema: str | None = None) -> None:
     """NOTIFY listeners in the session's transaction: these images of `model` (None: every model) changed, or
-    `what` ('prototypes', 'resync') changed; sent when the transaction commits, never if it rolls back."""
+    `what` ('prototypes', 'resync', 'model': the collection switched models, 'dropped': it was deleted) changed, in
+    the collection of `schema` (default: the session's); sent when the transaction commits, never if it rolls back."""
     ranges = _ranges(sorted({int(i) for i in image_ids}))
     payload = json.dumps({"model": model, "what": what, "ids": ranges}, separators=(",", ":"))
     if len(payload) > MAX_PAYLOAD:  # a huge batch: listeners re-read the index's whole membership instead
         payload = json.dumps({"model": model, "what": "resync", "ids": []})
-    session.execute(sa.text("SELECT pg_notify(:channel, (CAST(:payload AS jsonb) || "
-                            "jsonb_build_object('at', extract(epoch FROM clock_timestamp())))::text)"),
-                    {"channel": CHANNEL, "payload": payload})
+    session.execute(sa.text("SELECT pg_notify(:channel, (CAST(:payload AS jsonb) || jsonb_build_object("
+                            "'at', extract(epoch FROM clock_timestamp()), "
+                            "'schema', coalesce(CAST(:schema AS text), current_schema())))::text)"),
+                    {"channel": CHANNEL, "payload": payload, "schema": schema})
 
 
 def parse(payload: str) -> Change:
@@ -61,9 +65,10 @@ def parse(payload: str) -> Change:
         runs = [(int(first), int(last)) for first, last in body.get("ids", [])]
         if sum(last - first + 1 for first, last in runs) > MAX_IDS or any(last < first for first, last in runs):
             raise ValueError("too many ids")
-        model = body.get("model")
+        model, schema = body.get("model"), body.get("schema")
         return Change(model if isinstance(model, str) else None, str(body.get("what", "images")),
-                      tuple(i for first, last in runs for i in range(first, last + 1)), float(body.get("at", 0.0)))
+                      tuple(i for first, last in runs for i in range(first, last + 1)), float(body.get("at", 0.0)),
+                      schema if isinstance(schema, str) else None)
     except (ValueError, TypeError, AttributeError):
         log.warning("live sync: a notification imsrc did not send (%r...); resynchronising", payload[:80])
         return Change(None, "resync", (), time.time())

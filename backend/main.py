@@ -16,9 +16,10 @@ from backend import telemetry
 from backend.config import PROJECT_ROOT, settings
 from backend.database import close as close_database
 from backend.deps import RETRY_AFTER_STARTING, require_write_access
-from backend.errors import DatabaseError, ImsrcError, InvalidImage, InvalidQuery, ModelUnavailable
+from backend.errors import Conflict, DatabaseError, ImsrcError, InvalidImage, InvalidQuery, ModelUnavailable
 from backend.guard import ImageJobs, RequestGuard, writes_mode
-from backend.routes import duplicates, history, images, search, system
+from backend.routes import collections, duplicates, history, images, search, system
+from backend.served import ServedCollections, open_collection
 from backend.service import ImageSearch, NotFound
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def _status_for(exc: ImsrcError) -> int:
         return 503
     if isinstance(exc, InvalidQuery):
         return 422
+    if isinstance(exc, Conflict):
+        return 409
     return 400
 
 
@@ -62,32 +65,34 @@ async def _search_once(app: FastAPI, png: bytes) -> None:
         log.warning("the warm-up search answered %s", status)
 
 
-def create_app(open_search=ImageSearch.open) -> FastAPI:
-    """The app; `open_search` builds the ImageSearch at start-up (tests hand in their own)."""
+def create_app(open_search=ImageSearch.open, open_collection=open_collection) -> FastAPI:
+    """The app; `open_search` builds the default collection's ImageSearch at start-up, `open_collection(name,
+    sessions)` another's on its first request (tests hand in their own)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.search, app.state.startup_error = None, None
+        app.state.collections, app.state.startup_error = None, None
         try:  # the model and index load once, off the event loop
-            app.state.search = await run_in_threadpool(open_search)
-            app.state.search.start_batching(settings.query_batch, settings.embed_workers)
-            app.state.search.start_live_sync()  # what other processes write is searchable here too
+            search = await run_in_threadpool(open_search)
+            served = ServedCollections(search, open_collection, (settings.query_batch, settings.embed_workers),
+                                       settings.history_retention_days if settings.history_enabled else None)
+            app.state.collections = served  # ready from here: what other processes write is searchable here too
             await _search_once(app, ImageSearch.warm_up_query())
             if settings.history_enabled:  # from now on: the warm-up search is not one of the history's
-                app.state.search.start_history(settings.history_retention_days)
-            notice = await run_in_threadpool(app.state.search.unserved_notice)
+                search.start_history(settings.history_retention_days)
+            notice = await run_in_threadpool(search.unserved_notice)
             if notice:  # not "ready": the stored images are there but this model cannot search them
                 log.warning("serving 0 images: %s", notice)
             else:
-                log.info("ready: %d images indexed (%s)", len(app.state.search.index), app.state.search.index_source)
+                log.info("ready: %d images indexed (%s)", len(search.index), search.index_source)
             telemetry.update_gauges(app.state)
         except (ImsrcError, sa.exc.SQLAlchemyError) as exc:
             app.state.startup_error = str(exc).splitlines()[0] if isinstance(exc, sa.exc.SQLAlchemyError) else str(exc)
             log.error("not ready: %s", app.state.startup_error)
         log.info("%s", writes_mode())
         yield
-        if app.state.search is not None:
-            await run_in_threadpool(app.state.search.close)
+        if app.state.collections is not None:
+            await run_in_threadpool(app.state.collections.close)
         telemetry.mark_process_dead(os.getpid())
         # Here, not atexit: uvicorn re-raises SIGTERM after shutting down, which skips atexit handlers.
         await run_in_threadpool(close_database)
@@ -119,7 +124,7 @@ def create_app(open_search=ImageSearch.open) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
-    routers = (system.router, search.router, images.router, duplicates.router, history.router)
+    routers = (system.router, collections.router, search.router, images.router, duplicates.router, history.router)
     for router in routers:
         app.include_router(router)
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="app")
@@ -147,6 +152,8 @@ def _openapi(app: FastAPI) -> dict:
         for path in spec["paths"].values():
             for operation in path.values():
                 responses = operation.setdefault("responses", {})
+                if any(p.get("name") == "collection" for p in operation.get("parameters", [])):
+                    responses.setdefault("404", {"description": "no such collection", "content": problem})
                 for code, description in COMMON_ERRORS.items():
                     given = responses.get(code, {})
                     if code == "422" or "content" not in given:  # FastAPI's own 422 is not what the API sends

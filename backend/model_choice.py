@@ -1,4 +1,5 @@
-"""Which embedding model a command uses: MODEL_NAME when it is set; else the model the database's vectors
+"""Which embedding model a command uses: the collection's own when one was recorded for it (created with a model,
+or switched after a re-embed); else MODEL_NAME when it is set; else the model the database's vectors
 were made with (the one a populate chose last); else the default, resnet50, when its weights can be had
 here, and an offline model when they cannot. What a demo or a populate chose therefore stays chosen."""
 import logging
@@ -17,7 +18,7 @@ class ModelChoice:
     """A model name and, for a person, why it was chosen."""
 
     name: str
-    source: str  # "MODEL_NAME", "database", "default" or "offline fallback"
+    source: str  # "collection", "MODEL_NAME", "database", "default" or "offline fallback"
     reason: str
 
     def describe(self) -> str:
@@ -29,6 +30,15 @@ def choose_model(sessions: sessionmaker, quiet: bool = False) -> ModelChoice:
     """The model to use (see the module docstring); unless quiet, says which and why in the log."""
     from backend.config import settings
 
+    from backend.collections import recorded_model
+
+    with sessions() as s:
+        recorded = recorded_model(s)
+    if recorded:  # created with a model, or switched to one (backend.reembed): the collection's own choice
+        choice = ModelChoice(recorded, "collection", "the collection's model")
+        if not quiet:
+            log.info("%s", choice.describe())
+        return choice
     if settings.model_name:
         return ModelChoice(settings.model_name, "MODEL_NAME", "set by MODEL_NAME")  # chosen by the user: no news
     with sessions() as s:

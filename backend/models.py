@@ -3,13 +3,38 @@ from datetime import datetime
 
 from pgvector.sqlalchemy import VECTOR
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, ForeignKeyConstraint,
-                        Index, Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func)
+                        Index, Integer, LargeBinary, SmallInteger, String, Text, UniqueConstraint, false, func, select)
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class Collection(Base):
+    """A named set of images with its own model, categories, prototypes and index (backend.collections). Its tables
+    live in PostgreSQL schema `schema` (the default collection's in `public`); this registry is shared by all."""
+
+    __tablename__ = "collections"
+    __table_args__ = {"schema": "public"}
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    schema: Mapped[str] = mapped_column(String(63), unique=True)
+    # The model searches use (a re-embed switches it); None: chosen as backend.model_choice says.
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ImageBlob(Base):
+    """An image's encoded bytes, stored once however many collections hold the image."""
+
+    __tablename__ = "image_blobs"
+    __table_args__ = {"schema": "public"}
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Category(Base):
@@ -26,8 +51,10 @@ class Image(Base):
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(ForeignKey("public.image_blobs.sha256"), unique=True)
+    # The bytes, from the shared table; loaded only when asked for (a select naming it, or undefer).
+    data: Mapped[bytes] = column_property(select(ImageBlob.data).where(ImageBlob.sha256 == sha256)
+                                          .correlate_except(ImageBlob).scalar_subquery(), deferred=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(16))

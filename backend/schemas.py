@@ -150,6 +150,13 @@ class SyncOut(BaseModel):
     error: str | None = Field(None, description="why this process is not listening, while it is not")
 
 
+class ServedCollection(BaseModel):
+    name: str
+    model: str
+    index_vectors: int
+    memory_bytes: int
+
+
 class StatusOut(BaseModel):
     images: int
     categories: int
@@ -169,6 +176,9 @@ class StatusOut(BaseModel):
                         "servers, each has its own index")
     sync: SyncOut | None = Field(None, description="live sync with other processes writing to the database")
     history: bool = Field(False, description="whether this process records searches (HISTORY_ENABLED)")
+    collection: str = Field("default", description="the collection these counts and this index are of")
+    served_collections: list[ServedCollection] = Field(
+        default_factory=list, description="the collections this process has loaded, with their indexes' memory")
 
 
 class HealthOut(BaseModel):

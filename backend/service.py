@@ -20,7 +20,7 @@ from backend.confidence import BaseSpace, Calibration, assess
 from backend.consistency import Report, check
 from backend.datasets import Item, load_dataset, select_balanced
 from backend.embedders import Embedder
-from backend.errors import ImsrcError, InvalidImage, InvalidQuery
+from backend.errors import InvalidImage, InvalidQuery, NotFound
 from backend.examples import (DEFAULT_STRATEGY, NEGATIVE_WEIGHT, STRATEGIES, InvalidExamples, best_of, check_counts,
                               mean_query, penalise, unit)
 from backend.filters import Condition
@@ -28,7 +28,8 @@ from backend.images import DecodedImage, decode, sha256
 from backend.index_manager import IndexManager
 from backend.search import Hits
 from backend.ingest import IngestReport, ingest
-from backend.models import Category, Embedding, Image, SearchRecord
+from backend.collections import DEFAULT, snapshot_dir_of
+from backend.models import Category, Collection, Embedding, Image, SearchRecord
 from backend.regions import QueryEdit
 
 
@@ -40,10 +41,6 @@ KEYS_MAX_AGE = 60.0  # seconds a summary of the metadata keys is kept (it reads 
 KEYS_MIN_AGE = 5.0  # ... and at least this long, whatever is written meanwhile
 COLLAPSE_FETCH = 3  # results fetched per result wanted when near-duplicates are collapsed
 POST_FILTER_MAX_FETCH = 50_000  # results a post-filter fetches at most before it searches among every match
-
-
-class NotFound(ImsrcError):
-    """An image or category id that does not exist."""
 
 
 def _is_id(example: Example) -> bool:
@@ -96,10 +93,16 @@ class ImageSearch:
         from backend.config import settings
 
         self.sessions, self.embedder, self.batch_size = sessions, embedder, batch_size
+        with sessions() as s:  # the collection is the one the sessions' search path leads to (backend.collections)
+            self.schema = s.scalar(sa.text("SELECT current_schema()"))
+            self.collection = s.scalar(sa.select(Collection.name).where(Collection.schema == self.schema)) or DEFAULT
+        snapshot_dir = snapshot_dir_of(snapshot_dir or settings.snapshot_dir, self.collection)
+        self.dropped = False  # set when the collection is deleted (by any process): serve it no more
+        self.on_switch = None  # called with this ImageSearch when the collection switches models (backend.reembed)
         self._lock = threading.RLock()  # searches hold it; the index changes in memory only under it
         self._sync_lock = threading.RLock()  # one sync, rebuild, check or snapshot at a time; taken before _lock
-        self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type,
-                                    snapshot_dir or settings.snapshot_dir, guard=self._lock, on_head=self._use_head)
+        self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type, snapshot_dir,
+                                    guard=self._lock, on_head=self._use_head)
         self.batcher = None  # see start_batching
         self._calibration = Calibration()  # what "no close match" means for this collection (backend.confidence)
         self._base_space = BaseSpace(sessions, embedder.source.name, embedder.source.dim) \
@@ -113,15 +116,16 @@ class ImageSearch:
         self.manager.load_or_build()
 
     @classmethod
-    def open(cls, model_name: str | None = None, index_type: str | None = None,
-             load_model: bool = True) -> "ImageSearch":
-        """Open against the configured (or embedded) database with `model_name`, else the model
-        backend.model_choice picks, and FAISS_INDEX_TYPE; the model loads now unless load_model is False."""
+    def open(cls, model_name: str | None = None, index_type: str | None = None, load_model: bool = True,
+             collection: str | None = None, sessions: sessionmaker | None = None) -> "ImageSearch":
+        """Open a collection (default: COLLECTION's) of the configured (or embedded) database, or the one `sessions`
+        lead to, with `model_name`, else the model backend.model_choice picks, and FAISS_INDEX_TYPE; the model loads
+        now unless load_model is False."""
         from backend.config import settings
         from backend.database import session_factory
         from backend.model_choice import ModelChoice, choose_model, load_embedder
 
-        sessions = session_factory()
+        sessions = sessions or session_factory(collection)
         choice = ModelChoice(model_name, "caller", "asked for") if model_name else choose_model(sessions)
         embedder = load_embedder(choice, sessions, load=load_model)
         return cls(sessions, embedder, index_type or settings.faiss_index_type, batch_size=settings.batch_size)
@@ -136,6 +140,10 @@ class ImageSearch:
     @property
     def index(self):
         return self.manager.index
+
+    def memory_bytes(self) -> int:
+        """Bytes the collection's index holds in memory (vectors, graph or lists, prototypes)."""
+        return self.index.nbytes()
 
     @property
     def index_source(self) -> str:
@@ -228,7 +236,14 @@ class ImageSearch:
     def _apply_changes(self, changes) -> None:
         """Bring the index in line with the database for announced changes: those images, re-read (so a change
         applied twice or late is harmless); everything on a 'resync'."""
-        mine = [c for c in changes if c.model in (None, self.embedder.name)]
+        ours = [c for c in changes if c.schema in (None, self.schema)]
+        if any(c.what == "dropped" for c in ours):
+            self.dropped = True
+            return
+        switched = [c.model for c in ours if c.what == "model"]
+        if switched and switched[-1] != self.embedder.name and self.on_switch is not None:
+            self.on_switch(self)  # the collection now has another model: whoever serves it opens it anew
+        mine = [c for c in ours if c.model in (None, self.embedder.name) and c.what != "model"]
         if not mine:
             return
         self._wrote()
@@ -626,7 +641,7 @@ class ImageSearch:
 
     def close(self) -> None:
         """Stop listening and batching queries, and snapshot the index if writes changed it since the last
-        snapshot, so the next start loads it."""
+        snapshot (and the collection was not deleted), so the next start loads it."""
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
@@ -634,7 +649,7 @@ class ImageSearch:
             self.batcher.close()
             self.batcher = None
         with self._sync_lock:
-            if not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
+            if not self.dropped and not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
                 self.manager.save_snapshot()
             self.manager.close()
 

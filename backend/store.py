@@ -1,16 +1,17 @@
 """Reads and writes of images, embeddings and prototypes in PostgreSQL (the source of truth)."""
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from backend import projection
 from backend.live_sync import announce
-from backend.models import Category, Embedding, EmbeddingModel, Image, Prototype
+from backend.models import Category, Collection, Embedding, EmbeddingModel, Image, ImageBlob, Prototype
 
-
+log = logging.getLogger(__name__)
 MIN_SLOT_MEMBERS = 50  # members a prototype of a category with several needs, at least
 KMEANS_SAMPLE = 256  # vectors per prototype that k-means learns the slots from (FAISS's own default)
 
@@ -62,11 +63,15 @@ def existing_images(session: Session, shas: list[str], model_name: str) -> dict[
 
 
 def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
-    """Insert images not yet stored; returns sha -> id for those this call inserted."""
+    """Insert images not yet stored (their bytes only where no collection holds them yet); returns sha -> id for
+    those this call inserted."""
     if not images:
         return {}
     ids = category_ids(session, {im.category for im in images if im.category})
-    rows = [dict(sha256=im.sha256, data=im.data, width=im.width, height=im.height, format=im.format,
+    blobs = {im.sha256: im.data for im in images}
+    session.execute(insert(ImageBlob).values([dict(sha256=sha, data=data) for sha, data in sorted(blobs.items())])
+                    .on_conflict_do_nothing())
+    rows = [dict(sha256=im.sha256, width=im.width, height=im.height, format=im.format,
                  original_name=im.original_name, source_dataset=im.source_dataset, source_split=im.source_split,
                  label=im.label, category_id=ids.get(im.category), metadata_=im.metadata or {})
             for im in images]
@@ -154,10 +159,28 @@ def delete_images(session: Session, image_ids: list[int]) -> int:
     session.execute(sa.update(Prototype).where(same).values(
         vector_sum=remaining, vector=sa.func.l2_normalize(remaining),
         member_count=Prototype.member_count - sums.c.n, updated_at=sa.func.now()))
-    deleted = session.execute(sa.delete(Image).where(Image.id.in_(image_ids)).returning(Image.id)).scalars().all()
+    deleted = session.execute(sa.delete(Image).where(Image.id.in_(image_ids)).returning(Image.id, Image.sha256)).all()
     if deleted:
-        announce(session, None, deleted)  # their vectors of every model went with them
+        announce(session, None, [i for i, _ in deleted])  # their vectors of every model went with them
+        remove_unreferenced_blobs(session, [sha for _, sha in deleted])
     return len(deleted)
+
+
+def remove_unreferenced_blobs(session: Session, shas: list[str] | None = None) -> int:
+    """Delete the bytes (of `shas`, or all) that no collection's images refer to any more; returns how many. An
+    image of the same bytes being added meanwhile keeps them: its foreign key refuses the delete, which is then
+    skipped (the bytes go at a later deletion)."""
+    schemas = session.scalars(sa.select(Collection.schema).order_by(Collection.schema)).all()
+    unreferenced = " AND ".join(f'NOT EXISTS (SELECT 1 FROM "{schema}".images i WHERE i.sha256 = b.sha256)'
+                                for schema in schemas) or "TRUE"
+    where = " AND b.sha256 = ANY(:shas)" if shas is not None else ""
+    try:
+        with session.begin_nested():
+            return session.execute(sa.text(f"DELETE FROM public.image_blobs b WHERE {unreferenced}{where}"),
+                                   {"shas": list(shas or [])}).rowcount
+    except sa.exc.IntegrityError:
+        log.info("bytes of a deleted image are in use again; kept")
+        return 0
 
 
 def lock_prototypes(session: Session, model_name: str) -> None:
@@ -277,10 +300,10 @@ def counts(session: Session) -> dict:
     }
 
 
-def get_image(session: Session, image_id: int):
-    """The image row joined with its category name, or None."""
-    return session.execute(sa.select(Image, Category.name).join(Category, isouter=True)
-                           .where(Image.id == image_id)).first()
+def get_image(session: Session, image_id: int, with_data: bool = False):
+    """The image row joined with its category name (its bytes loaded too `with_data`), or None."""
+    query = sa.select(Image, Category.name).join(Category, isouter=True).where(Image.id == image_id)
+    return session.execute(query.options(undefer(Image.data)) if with_data else query).first()
 
 
 def list_categories(session: Session) -> list[tuple[int, str, int, bool]]:

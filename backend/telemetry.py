@@ -23,8 +23,10 @@ REQUESTS = Counter("imsrc_requests", "HTTP requests answered", ["method", "route
 LATENCY = Histogram("imsrc_request_seconds", "time to answer an HTTP request", ["method", "route"], buckets=BUCKETS)
 STAGES = Histogram("imsrc_search_stage_seconds", "time of each stage of a search (embedding, search, lookup, ...)",
                    ["stage"], buckets=BUCKETS)
-INDEX_VECTORS = Gauge("imsrc_index_vectors", "vectors in this process's index", ["model", "index_type"],
-                      multiprocess_mode="liveall")
+INDEX_VECTORS = Gauge("imsrc_index_vectors", "vectors in this process's index of a collection",
+                      ["collection", "model", "index_type"], multiprocess_mode="liveall")
+INDEX_BYTES = Gauge("imsrc_index_bytes", "memory this process's index of a collection holds", ["collection"],
+                    multiprocess_mode="liveall")
 QUEUE_DEPTH = Gauge("imsrc_image_jobs", "image requests (searches, uploads) under way in this process",
                     multiprocess_mode="livesum")
 
@@ -44,10 +46,12 @@ def observe_stages(timings_ms: dict[str, float]) -> None:
 
 
 def update_gauges(app_state) -> None:
-    """Set this process's index size and image requests under way (cheap: after every request, and at start-up)."""
-    search = getattr(app_state, "search", None)
-    if search is not None:
-        INDEX_VECTORS.labels(search.embedder.name, search.manager.index_type).set(len(search.index))
+    """Set this process's index sizes (per collection loaded) and image requests under way (cheap: after every
+    request, and at start-up)."""
+    served = getattr(app_state, "collections", None)
+    for search in served.served() if served is not None else []:
+        INDEX_VECTORS.labels(search.collection, search.embedder.name, search.manager.index_type).set(len(search.index))
+        INDEX_BYTES.labels(search.collection).set(search.memory_bytes())
     QUEUE_DEPTH.set(app_state.image_jobs.under_way)
 
 

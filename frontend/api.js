@@ -1,9 +1,17 @@
 // Every network call of the page, in one place. Errors become Error objects carrying the API's message.
 const api = {
+  collection: null, // the collection the page works on (the switcher); null: the server's own
+  // A path of the API in the page's collection: every request, and every image id, is the collection's own.
+  inCollection(path) {
+    if (!this.collection) return path;
+    const url = new URL(path, location.origin);
+    url.searchParams.set("collection", this.collection);
+    return url.pathname + url.search;
+  },
   async request(path, options = {}) {
     let response;
     try {
-      response = await fetch(path, options);
+      response = await fetch(this.inCollection(path), options);
     } catch (err) {
       throw new Error("Cannot reach the imsrc server: " + err.message);
     }
@@ -15,6 +23,8 @@ const api = {
     return options.asFile ? response.blob() : json ? response.json() : null;
   },
   status() { return this.request("/status"); },
+  collections() { return this.request("/collections"); },
+  imageSrc(imageId) { return this.inCollection(`/images/${imageId}`); },
   categories() { return this.request("/categories"); },
   metadataKeys() { return this.request("/metadata/keys"); },
   categoryImages(id, limit = 24) { return this.request(`/categories/${id}/images?limit=${limit}`); },

@@ -316,7 +316,8 @@ function showMinScore() {
 async function loadStatus() {
   try {
     const s = await api.status();
-    $("status").textContent = `${s.index_size} images indexed · ${s.categories} categories · model ${s.model}`;
+    const where = api.collection ? `${s.collection}: ` : "";
+    $("status").textContent = `${where}${s.index_size} images indexed · ${s.categories} categories · model ${s.model}`;
   } catch (err) {
     $("status").textContent = err.message;
   }
@@ -459,7 +460,7 @@ function renderAnalytics(stats) {
   $("top-images").replaceChildren(...stats.top_images.map((im) => {
     const li = document.createElement("li");
     const img = document.createElement("img");
-    img.src = `/images/${im.image_id}`;
+    img.src = api.imageSrc(im.image_id);
     img.alt = `Image ${im.image_id}, returned ${im.times_returned} times`;
     li.append(img, `×${im.times_returned}`);
     return li;
@@ -489,6 +490,47 @@ $("clear-region").addEventListener("click", () => { clearRegion(); runSearch(); 
 window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
-loadStatus();
-loadCategories();
-loadFilters();
+// Collections: the switcher lists them; switching clears what the page shows of the last one and loads the new one's
+// status, categories and filters. The choice is kept in the address (?collection=), so a reload or a link keeps it.
+async function loadCollections() {
+  try {
+    const listed = await api.collections();
+    const wanted = new URLSearchParams(location.search).get("collection");
+    api.collection = listed.some((c) => c.name === wanted) ? wanted : null;
+    $("collection").replaceChildren(...listed.map((c) => {
+      const option = new Option(c.model ? `${c.name} (${c.model})` : c.name, c.name);
+      option.selected = c.name === (api.collection || listed[0].name);
+      return option;
+    }));
+    $("collection-switcher").hidden = listed.length < 2;
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+function switchCollection() {
+  api.collection = $("collection").value;
+  const address = new URL(location.href);
+  address.searchParams.set("collection", api.collection);
+  history.replaceState(null, "", address);
+  lastSearch = null;
+  picked.clear();
+  showError("");
+  for (const id of ["results", "browse", "chosen-categories", "history", "duplicate-groups", "top-categories",
+    "top-images", "chart"]) $(id).replaceChildren();
+  for (const id of ["summary", "history-summary", "duplicates-summary", "latency"]) $(id).textContent = "";
+  $("no-match").hidden = true;
+  $("more-button").hidden = true;
+  setBusy(false);
+  loadStatus();
+  loadCategories();
+  loadFilters();
+  if (queryFile) runSearch(); // the same query, in the collection switched to
+}
+
+$("collection").addEventListener("change", switchCollection);
+loadCollections().then(() => {
+  loadStatus();
+  loadCategories();
+  loadFilters();
+});

@@ -19,7 +19,10 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata)
+    # A collection's schema keeps its own version table (backend.database.migrate_schema sets its search path).
+    schema = config.attributes.get("schema", "public")
+    context.configure(connection=connection, target_metadata=target_metadata,
+                      version_table_schema=None if schema == "public" else schema)
     with context.begin_transaction():
         context.run_migrations()
 

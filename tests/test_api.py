@@ -120,7 +120,7 @@ def test_status_shows_live_sync_and_admin_check_compares_this_worker_s_index(cli
 
 
 def test_refresh_picks_up_another_process_s_writes(client, sessions, tmp_path):
-    client.app.state.search.listener.stop()  # by hand, as when live sync is cut off
+    client.app.state.collections.default.listener.stop()  # by hand, as when live sync is cut off
     other = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "other")
     added = other.add_image(png_bytes(Image.new("RGB", (32, 32), (7, 7, 7))), "grey")
     assert client.post("/admin/refresh").json() == {"added": 1, "removed": 0, "indexed_images": 19}

@@ -346,3 +346,48 @@ def test_history_lists_searches_runs_one_again_and_charts_them(server, page, tmp
     page.locator("#history li").nth(1).locator("button").click()  # the older one: the upload
     _wait_summary(page, "again: 10 results")
     assert [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()] == first
+
+
+def test_collection_switcher_searches_the_chosen_collection(server, page, tmp_path, output_dir):
+    """A second collection, made and filled through the API while the server runs: the switcher shows it, and the
+    page's status, categories, searches and images are then that collection's; switching back restores the first."""
+    import io
+
+    import httpx
+    from skimage import data as photos
+
+    base, data_dir = server
+    made = httpx.post(base + "/collections", json={"name": "photos", "model": "efficientnet_lite0",
+                                                   "description": "scikit-image's photos"})
+    assert made.status_code == 201, made.text
+    for name, category in (("coffee", "drinks"), ("chelsea", "animals"), ("astronaut", "people"), ("rocket", "things")):
+        buffer = io.BytesIO()
+        PILImage.fromarray(getattr(photos, name)()).convert("RGB").save(buffer, format="PNG")
+        up = httpx.post(base + "/upload?collection=photos", files={"file": (f"{name}.png", buffer.getvalue())},
+                        data={"category": category}, timeout=60)
+        assert up.status_code == 200, up.text
+    page.goto(base + "/app/")
+    page.wait_for_selector("#collection-switcher:not([hidden])")
+    assert page.locator("#collection option").all_inner_texts() == ["default (efficientnet_lite0)",
+                                                                     "photos (efficientnet_lite0)"]
+    page.wait_for_selector("#status:has-text('60 images indexed')")
+    page.select_option("#collection", "photos")
+    page.wait_for_selector("#status:has-text('photos: 4 images indexed')")
+    page.wait_for_selector("#categories button:has-text('animals (1)')")
+    assert "collection=photos" in page.url
+    cat = tmp_path / "cat.png"
+    PILImage.fromarray(photos.chelsea()).save(cat)
+    _drop(page, cat)
+    page.wait_for_selector("#results li")
+    # The photos collection's images only: one per category of the 3 (of its 4) stage 1 chose.
+    assert page.locator("#results li").count() == 3
+    assert all("collection=photos" in img.get_attribute("src") for img in page.locator("#results li img").all())
+    page.wait_for_function("() => document.querySelector('#results li img').naturalWidth > 0")  # the bytes load
+    assert "animals" in page.locator("#results li").first.inner_text()  # the cat itself, first
+    page.screenshot(path=str(output_dir / "collections.png"), full_page=True)
+    page.reload()  # the choice is kept in the address
+    page.wait_for_selector("#status:has-text('photos: 4 images indexed')")
+    page.select_option("#collection", "default")
+    page.wait_for_selector("#status:has-text('default: 60 images indexed')")
+    assert page.locator("#results li").count() == 0  # the other collection's results are cleared
+    page.wait_for_selector("#categories button:has-text('Sneaker')")

@@ -30,7 +30,7 @@ def test_migrations_from_empty_to_head_and_back(empty_db_url):
     assert current_revision(engine) is None and not (_tables(engine) & TABLES)
     migrate(engine)
     migrate(engine)  # repeating is harmless
-    assert current_revision(engine) == schema_head() == "0008"
+    assert current_revision(engine) == schema_head() == "0009"
     assert TABLES <= _tables(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()

@@ -58,7 +58,7 @@ def test_metrics_count_requests_per_route_template_and_time_search_stages(client
     assert grew("imsrc_request_seconds_count", method="POST", route="/search") == 3
     for stage in ("embedding", "search", "lookup"):
         assert grew("imsrc_search_stage_seconds_count", stage=stage) == 3, stage
-    assert after[("imsrc_index_vectors", (("index_type", "flatip"), ("model", "test-pixels")))] == 12
+    assert after[("imsrc_index_vectors", (("collection", "default"), ("index_type", "flatip"), ("model", "test-pixels")))] == 12
     assert ("imsrc_image_jobs", ()) in after
     assert not any("/images/1/" in str(key) for key in after)  # one series per route, not per id
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from backend import history
-from backend.deps import MAX_BIGINT, SearchDep, require_write_access
+from backend.deps import MAX_BIGINT, SearchDep, in_collection, require_write_access
 from backend.models import SearchRecord
 from backend.routes.images import WRITE_ERRORS
 from backend.routes.search import ERRORS, to_out
@@ -23,6 +23,7 @@ class HistoryEntry(BaseModel):
     id: int
     at: datetime
     kind: str = Field(description="upload, stored (by stored images) or rerun")
+    collection: str = Field(description="the collection searched (each keeps its own history)")
     model: str
     params: dict = Field(description="what the search asked for: k, offset, filters (`where`), strategy, ...")
     query_sha256: str | None
@@ -54,9 +55,10 @@ class Analytics(BaseModel):
     top_images: list[dict] = Field(description="images most often among the results")
 
 
-def _entry(request: Request, row: SearchRecord) -> HistoryEntry:
-    thumb = str(request.url_for("history_thumbnail", record_id=row.id).path) if row.query_thumbnail else None
-    return HistoryEntry(id=row.id, at=row.at, kind=row.kind, model=row.model_name, params=row.params,
+def _entry(request: Request, row: SearchRecord, collection: str) -> HistoryEntry:
+    thumb = in_collection(request, str(request.url_for("history_thumbnail", record_id=row.id).path)) \
+        if row.query_thumbnail else None
+    return HistoryEntry(id=row.id, at=row.at, kind=row.kind, collection=collection, model=row.model_name, params=row.params,
                         query_sha256=row.query_sha256, thumbnail_url=thumb, result_ids=row.result_ids,
                         result_scores=row.result_scores, top_category=row.top_category, timings_ms=row.timings_ms,
                         total_ms=row.total_ms)
@@ -70,7 +72,7 @@ def search_history(request: Request, search: SearchDep,
     off)."""
     with search.sessions() as s:
         total, rows = history.page(s, offset, limit)
-    return HistoryPage(total=total, offset=offset, entries=[_entry(request, r) for r in rows])
+    return HistoryPage(total=total, offset=offset, entries=[_entry(request, r, search.collection) for r in rows])
 
 
 @router.get("/history/{record_id}/thumbnail", response_class=Response,

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend import store
 from backend.deps import (CATEGORY_PATTERN, CONTROL_CHARACTERS, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep,
-                          SearchDep, clean_file_name, read_upload, require_write_access)
+                          SearchDep, clean_file_name, in_collection, read_upload, require_write_access)
 from backend.filters import MAX_KEY_LENGTH, load_json
 from backend.models import Category
 from backend.routes.search import ERRORS
@@ -24,7 +24,8 @@ WRITE_ERRORS = {**ERRORS, 401: {"model": Problem, "description": "missing or wro
 
 
 def image_url(request: Request, image_id: int) -> str:
-    return str(request.url_for("get_image", image_id=image_id).path)
+    """Where an image's bytes are, in the request's collection."""
+    return in_collection(request, str(request.url_for("get_image", image_id=image_id).path))
 
 
 def info_out(request: Request, image, category: str | None) -> ImageInfo:
@@ -35,9 +36,9 @@ def info_out(request: Request, image, category: str | None) -> ImageInfo:
                      image_url=image_url(request, image.id))
 
 
-def _find(search, image_id: int):
+def _find(search, image_id: int, with_data: bool = False):
     with search.sessions() as s:
-        row = store.get_image(s, image_id)
+        row = store.get_image(s, image_id, with_data)
     if row is None:
         raise HTTPException(404, f"image {image_id} not found")
     return row
@@ -96,7 +97,7 @@ def metadata_keys(search: SearchDep):
             response_class=Response)
 def get_image(image_id: ImageId, search: SearchDep, request: Request):
     """The stored image bytes, with their content type; cacheable forever (content-addressed ETag)."""
-    image, _ = _find(search, image_id)
+    image, _ = _find(search, image_id, with_data=True)
     etag = f'"{image.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
     if request.headers.get("if-none-match") == etag:

@@ -9,7 +9,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from backend import export, filters, telemetry
 from backend.config import settings
-from backend.deps import CATEGORY_PATTERN, MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, read_upload
+from backend.deps import CATEGORY_PATTERN, MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, in_collection, read_upload
 from backend.duplicates import DEFAULT_THRESHOLD
 from backend.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
 from backend.regions import CROP_PATTERN, QueryEdit
@@ -98,7 +98,7 @@ def to_out(request: Request, response: SearchResponse) -> SearchOut:
 def _with_urls(request: Request, response: SearchResponse) -> dict:
     body = response.to_dict()
     for hit in body["results"]:
-        hit["image_url"] = str(request.url_for("get_image", image_id=hit["image_id"]).path)
+        hit["image_url"] = in_collection(request, str(request.url_for("get_image", image_id=hit["image_id"]).path))
     return body
 
 

@@ -9,10 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from backend import store, telemetry
 from backend.database import is_embedded
-from backend.deps import SearchDep, require_write_access
+from backend.deps import SearchDep, ServedDep, require_write_access
 from backend.model_choice import unserved_notice
 from backend.routes.images import WRITE_ERRORS
-from backend.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, StatusOut
+from backend.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection, StatusOut
 
 router = APIRouter(tags=["system"])
 
@@ -38,7 +38,8 @@ def metrics(request: Request):
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "not ready"}})
 def health(request: Request):
     """Liveness, plus whether the database answers and the index is loaded (503 until both)."""
-    search = getattr(request.app.state, "search", None)
+    served = getattr(request.app.state, "collections", None)
+    search = served.default if served is not None else None
     database = False
     if search is not None:
         try:
@@ -53,8 +54,9 @@ def health(request: Request):
 
 
 @router.get("/status", response_model=StatusOut, responses={503: {"model": Problem}})
-def status(search: SearchDep):
-    """What is stored and served: counts, model, index type and size, which database."""
+def status(search: SearchDep, served: ServedDep):
+    """What is stored and served in a collection: counts, model, index type and size, which database; and the
+    collections this process has loaded, with their memory."""
     with search.sessions() as s:
         c = store.counts(s)
     return StatusOut(images=c["images"], categories=c["categories"], embeddings=c["embeddings"],
@@ -62,7 +64,11 @@ def status(search: SearchDep):
                      index_type=search.index.index_type, index_size=len(search.index),
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
-                     sync=search.sync_status(), history=search.history_days is not None)
+                     sync=search.sync_status(), history=search.history_days is not None,
+                     collection=search.collection,
+                     served_collections=[ServedCollection(name=c.collection, model=c.embedder.name,
+                                                          index_vectors=len(c.index), memory_bytes=c.memory_bytes())
+                                         for c in served.served()])
 
 
 async def _timed(search, work) -> RebuildOut:

@@ -79,4 +79,6 @@ def downgrade() -> None:
     op.drop_table("embedding_models")
     op.drop_table("images")
     op.drop_table("categories")
-    op.execute("DROP EXTENSION IF EXISTS vector")
+    # Shared by every collection's schema (0009): dropped with the last, the default's in public.
+    if op.get_bind().scalar(sa.text("SELECT current_schema()")) == "public":
+        op.execute("DROP EXTENSION IF EXISTS vector")
