@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import numpy as np
+import sqlalchemy as sa
 import torch
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
@@ -75,19 +76,22 @@ class _Preprocessor:
 
 
 @functools.cache
-def _sessions(database_url: str):
-    """One small engine per Ray worker process, kept across the tasks it runs."""
+def _sessions(database_url: str, schema: str):
+    """One small engine per Ray worker process and collection schema, kept across the tasks it runs."""
     from sqlalchemy.orm import sessionmaker
 
     from backend.database import create_engine_checked
 
-    return sessionmaker(create_engine_checked(database_url), expire_on_commit=False)
+    return sessionmaker(create_engine_checked(database_url, schema=None if schema == "public" else schema),
+                        expire_on_commit=False)
 
 
-def _prepare_rows(batch: dict, database_url: str, model_name: str, preprocess: Callable, shape: tuple) -> dict:
-    """Ray stage 1: prepare_batch on a batch of pickled items; one row per image to embed, failure or skip."""
+def _prepare_rows(batch: dict, database_url: str, schema: str, model_name: str, preprocess: Callable,
+                  shape: tuple) -> dict:
+    """Ray stage 1: prepare_batch on a batch of pickled items (against the collection of `schema`: what it holds
+    already is skipped); one row per image to embed, failure or skip."""
     items = [cloudpickle.loads(blob) for blob in batch["item"]]
-    ready = prepare_batch(_sessions(database_url), items, _Preprocessor(model_name, preprocess))
+    ready = prepare_batch(_sessions(database_url, schema), items, _Preprocessor(model_name, preprocess))
     return _rows(ready, shape)
 
 
@@ -144,6 +148,8 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     settings = {"device": "cuda" if gpus else "cpu", "batch_size": batch_size, "weights_path": embedder.weights_path,
                 "precision": "auto" if gpus else embedder.precision, "runtime": "auto" if gpus else embedder.runtime_in_use}
     preprocess = embedder.preprocessor()
+    with session_factory() as s:  # the collection stored into: the workers look up what it holds, not another's
+        schema = s.scalar(sa.text("SELECT current_schema()"))
     shape = tuple(embedder.prepare([PILImage.new("RGB", (8, 8))]).shape[1:])  # the model's input, per image
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the first of identical files wins, as in a single process
@@ -151,7 +157,7 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     records = [{"item": cloudpickle.dumps(item)} for item in items]
     dataset = (ray.data.from_items(records, override_num_blocks=max(1, min(len(items) // (batch_size * 4), 1000)))
                .map_batches(_prepare_rows, batch_size=batch_size, batch_format="numpy", num_cpus=PREPARE_CPUS,
-                            fn_kwargs={"database_url": database_url, "model_name": embedder.name,
+                            fn_kwargs={"database_url": database_url, "schema": schema, "model_name": embedder.name,
                                        "preprocess": preprocess, "shape": shape})
                .map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -317,7 +317,11 @@ async function loadStatus() {
   try {
     const s = await api.status();
     const where = api.collection ? `${s.collection}: ` : "";
-    $("status").textContent = `${where}${s.index_size} images indexed · ${s.categories} categories · model ${s.model}`;
+    // Another model's vectors: a re-embed under way (or done, waiting for the switch), or an old model kept.
+    const others = Object.entries(s.embeddings).filter(([model]) => model !== s.model)
+      .map(([model, n]) => ` · ${model}: ${n} of ${s.images} vectors${n >= s.images ? " (ready to switch to)" : ""}`);
+    $("status").textContent = `${where}${s.index_size} images indexed · ${s.categories} categories · model ${s.model}` +
+      others.join("");
   } catch (err) {
     $("status").textContent = err.message;
   }

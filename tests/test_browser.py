@@ -3,6 +3,7 @@ a real PostgreSQL and a small collection of real Fashion-MNIST images embedded b
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,7 +349,7 @@ def test_history_lists_searches_runs_one_again_and_charts_them(server, page, tmp
     assert [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()] == first
 
 
-def test_collection_switcher_searches_the_chosen_collection(server, page, tmp_path, output_dir):
+def test_collection_switcher_searches_the_chosen_collection(server, page, cli_env, tmp_path, output_dir):
     """A second collection, made and filled through the API while the server runs: the switcher shows it, and the
     page's status, categories, searches and images are then that collection's; switching back restores the first."""
     import io
@@ -387,7 +388,26 @@ def test_collection_switcher_searches_the_chosen_collection(server, page, tmp_pa
     page.screenshot(path=str(output_dir / "collections.png"), full_page=True)
     page.reload()  # the choice is kept in the address
     page.wait_for_selector("#status:has-text('photos: 4 images indexed')")
+    # A re-embed with another model while the server serves: the page shows its progress, then the switch.
+    done = subprocess.run([sys.executable, "-m", "backend", "--collection", "photos", "reembed", "--model",
+                           "efficientnet_lite2"], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    page.reload()
+    page.wait_for_selector("#status:has-text('efficientnet_lite2: 4 of 4 vectors (ready to switch to)')")
+    switched = httpx.post(base + "/collections/photos/model", json={"model": "efficientnet_lite2"})
+    assert switched.status_code == 200 and switched.json()["previous"] == "efficientnet_lite0"
+    for _ in range(100):  # the server opens the collection with the new model, then swaps it in
+        if httpx.get(base + "/status?collection=photos").json()["model"] == "efficientnet_lite2":
+            break
+        time.sleep(0.2)
+    page.reload()
+    page.wait_for_selector("#status:has-text('model efficientnet_lite2 · efficientnet_lite0: 4 of 4 vectors')")
+    _drop(page, cat)
+    page.wait_for_selector("#results li")
+    assert "animals" in page.locator("#results li").first.inner_text()  # the new model finds the cat too
+    page.screenshot(path=str(output_dir / "reembed.png"))
     page.select_option("#collection", "default")
     page.wait_for_selector("#status:has-text('default: 60 images indexed')")
+    assert "efficientnet_lite2" not in page.locator("#status").inner_text()  # the default collection kept its model
     assert page.locator("#results li").count() == 0  # the other collection's results are cleared
     page.wait_for_selector("#categories button:has-text('Sneaker')")

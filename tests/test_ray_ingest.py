@@ -13,6 +13,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
+from backend import collections, store
+from backend.collections import CollectionSessions
 from backend.database import create_engine_checked
 from backend.datasets import load_dataset
 from backend.embedders import create_embedder
@@ -102,6 +104,16 @@ def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, 
     again = ingest_on_ray(_sessions(other_db_url), items, embedder, other_db_url, batch_size=4, progress=False)
     assert (again.added, again.duplicates) == (0, 22)  # a re-run adds nothing twice
     _assert_same(_contents(db_url), _contents(other_db_url))
+    # Into another collection of that database: its workers look up that collection, where nothing is stored yet.
+    engine = create_engine_checked(other_db_url)
+    collections.create_collection(engine, "again")
+    registry = CollectionSessions(engine)
+    elsewhere = ingest_on_ray(registry.sessions("again"), items, embedder, other_db_url, batch_size=4, progress=False)
+    assert (elsewhere.added, elsewhere.duplicates) == (21, 1)
+    with registry.sessions("again")() as s:
+        assert store.counts(s)["embeddings"] == {"efficientnet_lite0": 21}
+    registry.close()
+    engine.dispose()
 
 
 def test_a_failing_ray_job_is_one_error_that_keeps_what_was_stored(ray_address, db_url, tmp_path):
