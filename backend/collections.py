@@ -8,6 +8,7 @@ and one collection's queries cannot see another's rows. Shared by all, in `publi
 import logging
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -82,7 +83,7 @@ def create_collection(engine: sa.Engine, name: str, model_name: str | None = Non
                       description: str | None = None) -> CollectionInfo:
     """Register a collection and create its schema, migrated to head; `model_name` is the model it will use
     (None: chosen as backend.model_choice says when it is first populated)."""
-    from backend.database import migrate_schema
+    from backend.database import migrate_in
     from backend.embedders import MODELS
 
     schema = schema_of(name)
@@ -90,19 +91,16 @@ def create_collection(engine: sa.Engine, name: str, model_name: str | None = Non
         raise InvalidQuery(f"unknown model {model_name[:64]!r}: one of {', '.join(MODELS)}")
     if description is not None and len(description) > 500:
         raise InvalidQuery("a collection's description is at most 500 characters")
+    # One transaction: nobody sees the collection before its tables (its search path would fall through to public's).
     with engine.begin() as conn:
         # Under a lock, so that two creations of one name cannot both pass the check.
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('imsrc-collections'))"))
         if conn.scalar(sa.select(Collection.name).where(Collection.name == name)) is not None:
             raise CollectionExists(f"collection {name!r} exists already")
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        migrate_in(conn, schema)
         conn.execute(sa.insert(Collection).values(name=name, schema=schema, model_name=model_name,
                                                   description=description))
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        migrate_schema(engine, schema)
-    except Exception:  # an unusable half-made collection is worse than none
-        _drop(engine, name, schema)
-        raise
     log.info("created collection %s (schema %s)", name, schema)
     return get_collection(engine, name)
 
@@ -129,8 +127,12 @@ def _drop(engine: sa.Engine, name: str, schema: str) -> None:
         s.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         s.execute(sa.delete(Collection).where(Collection.name == name))
         announce(s, None, what="dropped", schema=schema)
-    with Session(engine) as s, s.begin():
-        remove_unreferenced_blobs(s)
+    try:
+        with Session(engine) as s, s.begin():
+            remove_unreferenced_blobs(s)
+    except sa.exc.SQLAlchemyError as exc:  # the collection is gone either way; the bytes go at a later deletion
+        log.warning("collection %s deleted; its images' bytes are left for a later deletion: %s", name,
+                    str(exc).splitlines()[0])
 
 
 def set_model(session: Session, model_name: str | None) -> None:
@@ -155,20 +157,23 @@ class CollectionSessions:
         self._owned = None if in_public else _engine_for(engine, "public")
         self.engine = self._owned or engine
         self._made: dict[str, sessionmaker] = {}
+        self._lock = threading.Lock()  # one engine per collection, however many requests ask at once
 
     def sessions(self, name: str) -> sessionmaker:
         """Sessions of a registered collection; NotFound (404) for another name."""
         if name == DEFAULT:
             return self._made.setdefault(DEFAULT, sessionmaker(self.engine, expire_on_commit=False))
-        made = self._made.get(name)
-        if made is None:
-            engine = _engine_for(self.engine, get_collection(self.engine, name).schema)
-            made = self._made[name] = sessionmaker(engine, expire_on_commit=False)
-        return made
+        with self._lock:
+            made = self._made.get(name)
+            if made is None:
+                engine = _engine_for(self.engine, get_collection(self.engine, name).schema)
+                made = self._made[name] = sessionmaker(engine, expire_on_commit=False)
+            return made
 
     def forget(self, name: str) -> None:
         """Close the connections of a collection (deleted, or not to be served any more)."""
-        made = self._made.pop(name, None)
+        with self._lock:
+            made = self._made.pop(name, None)
         if made is not None and name != DEFAULT:
             made.kw["bind"].dispose()
 

@@ -77,6 +77,8 @@ def create_engine_checked(url: str, schema: str | None = None) -> sa.Engine:
         connect_args["connect_timeout"] = max(1, round(settings.db_timeout))  # libpq takes whole seconds
     engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                               pool_timeout=settings.db_timeout + 1, connect_args=connect_args)
+    if schema:
+        _require_schema_on_checkout(engine, schema)
     where = parsed.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
@@ -94,6 +96,21 @@ def create_engine_checked(url: str, schema: str | None = None) -> sa.Engine:
             "or unset DATABASE_URL/DB_HOST to use imsrc's embedded PostgreSQL, which ships with it."
         )
     return engine
+
+
+def _require_schema_on_checkout(engine: sa.Engine, schema: str) -> None:
+    """Every connection handed out must find `schema` first: once a collection's schema is dropped, its search path
+    would fall through to `public` (the default collection's tables), so its connections refuse to serve instead."""
+    from backend.errors import NotFound
+
+    @sa.event.listens_for(engine, "checkout")
+    def schema_still_there(dbapi_connection, record, proxy):
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT current_schema()")
+            found = cursor.fetchone()[0]
+        dbapi_connection.rollback()  # end the transaction the query began: the connection is handed out idle
+        if found != schema:
+            raise NotFound(f"collection schema {schema} is gone (the collection was deleted)")
 
 
 def migrated_engine(server_url: str, name: str) -> sa.Engine:
@@ -158,12 +175,17 @@ def _collection_schemas(engine: sa.Engine) -> list[str]:
 
 def migrate_schema(engine: sa.Engine, schema: str, revision: str = "head", down: bool = False) -> None:
     """Upgrade (or downgrade) one collection's schema to `revision`, in one transaction."""
+    with engine.begin() as conn:
+        migrate_in(conn, schema, revision, down)
+
+
+def migrate_in(conn, schema: str, revision: str = "head", down: bool = False) -> None:
+    """migrate_schema within a transaction of the caller's (a collection is created and migrated in one)."""
     from alembic import command
 
-    with engine.begin() as conn:
-        if schema != "public":  # its own tables first, then the shared ones (pgvector's type, the blobs)
-            conn.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public'))
-        (command.downgrade if down else command.upgrade)(_alembic_config(conn, schema), revision)
+    if schema != "public":  # its own tables first, then the shared ones (pgvector's type, the blobs)
+        conn.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public'))
+    (command.downgrade if down else command.upgrade)(_alembic_config(conn, schema), revision)
 
 
 def migrate(engine: sa.Engine, revision: str = "head") -> None:

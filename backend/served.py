@@ -4,7 +4,8 @@ import logging
 import threading
 from typing import Callable
 
-from backend.collections import CollectionSessions, check_name
+from backend.collections import CollectionSessions, check_name, recorded_model
+from backend.errors import NotFound
 from backend.service import ImageSearch
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,20 @@ class ServedCollections:
         self._open: dict[str, ImageSearch] = {}
         self._retiring: list[tuple[threading.Timer, ImageSearch]] = []
         self._lock = threading.Lock()  # one opening at a time: an index build is heavy, and done once
+        self._closed = False
         self._prepare(default, history=False)  # the server starts its history after its warm-up search
 
     @property
     def snapshot_base(self):
         """The SNAPSHOT_DIR the collections' snapshots are kept under (backend.collections.snapshot_dir_of)."""
-        return self.default.manager.snapshot_path.parent
+        return self.default.snapshot_base
 
     def get(self, name: str | None) -> ImageSearch:
         """The ImageSearch of collection `name` (None: the server's own), opened now if it was not; NotFound (404)
         for a collection that does not exist (any more)."""
         if name is None or name == self.default.collection:
+            if self.default.dropped:
+                raise NotFound(f"collection {self.default.collection!r} was deleted: serve another (COLLECTION)")
             return self.default
         check_name(name)
         search = self._open.get(name)
@@ -50,6 +54,8 @@ class ServedCollections:
             if search is not None and search.dropped:
                 self._close(name)
                 search = None
+            if self._closed:
+                raise NotFound("the server is shutting down")
             if search is None:
                 search = self._open[name] = self._prepare(self.opener(name, self.sessions.sessions(name)))
                 log.info("serving collection %s: %d images indexed with %s", name, len(search.index),
@@ -73,7 +79,7 @@ class ServedCollections:
         one served; `old` is closed RETIRE_SECONDS later."""
         with self._lock:
             current = self.default if old is self.default else self._open.get(old.collection)
-            if current is not old or old.dropped:
+            if current is not old or old.dropped or self._closed:
                 return
             try:
                 new = self.opener(old.collection, old.sessions)
@@ -92,9 +98,15 @@ class ServedCollections:
             timer.start()
         log.info("collection %s: switched from %s to %s (%d images indexed)", old.collection, old.embedder.name,
                  new.embedder.name, len(new.index))
+        with new.sessions() as s:  # switched again while the new one was opened (it was not listening yet)?
+            recorded = recorded_model(s)
+        if recorded is not None and recorded != new.embedder.name:
+            self._switch_soon(new)
 
     def _retire(self, old: ImageSearch) -> None:
         with self._lock:
+            if self._closed:  # close() closed it
+                return
             self._retiring = [(t, s) for t, s in self._retiring if s is not old]
         old.close()  # snapshots its index: switching back opens it from there
 
@@ -118,6 +130,7 @@ class ServedCollections:
     def close(self) -> None:
         """Close every collection, the server's own included."""
         with self._lock:
+            self._closed = True
             for timer, old in self._retiring:
                 timer.cancel()
                 old.close()

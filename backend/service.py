@@ -96,7 +96,8 @@ class ImageSearch:
         with sessions() as s:  # the collection is the one the sessions' search path leads to (backend.collections)
             self.schema = s.scalar(sa.text("SELECT current_schema()"))
             self.collection = s.scalar(sa.select(Collection.name).where(Collection.schema == self.schema)) or DEFAULT
-        snapshot_dir = snapshot_dir_of(snapshot_dir or settings.snapshot_dir, self.collection)
+        self.snapshot_base = Path(snapshot_dir or settings.snapshot_dir)  # every collection's snapshots are under it
+        snapshot_dir = snapshot_dir_of(self.snapshot_base, self.collection)
         self.dropped = False  # set when the collection is deleted (by any process): serve it no more
         self.on_switch = None  # called with this ImageSearch when the collection switches models (backend.reembed)
         self._lock = threading.RLock()  # searches hold it; the index changes in memory only under it

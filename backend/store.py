@@ -71,6 +71,9 @@ def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
     blobs = {im.sha256: im.data for im in images}
     session.execute(insert(ImageBlob).values([dict(sha256=sha, data=data) for sha, data in sorted(blobs.items())])
                     .on_conflict_do_nothing())
+    # Held to commit: bytes another collection's deletion finds unreferenced meanwhile are not deleted under us.
+    session.execute(sa.select(ImageBlob.sha256).where(ImageBlob.sha256.in_(sorted(blobs)))
+                    .with_for_update(key_share=True))
     rows = [dict(sha256=im.sha256, width=im.width, height=im.height, format=im.format,
                  original_name=im.original_name, source_dataset=im.source_dataset, source_split=im.source_split,
                  label=im.label, category_id=ids.get(im.category), metadata_=im.metadata or {})
@@ -170,6 +173,8 @@ def remove_unreferenced_blobs(session: Session, shas: list[str] | None = None) -
     """Delete the bytes (of `shas`, or all) that no collection's images refer to any more; returns how many. An
     image of the same bytes being added meanwhile keeps them: its foreign key refuses the delete, which is then
     skipped (the bytes go at a later deletion)."""
+    # Shared with creations and deletions of collections (which take it exclusively): every schema listed has images.
+    session.execute(sa.text("SELECT pg_advisory_xact_lock_shared(hashtext('imsrc-collections'))"))
     schemas = session.scalars(sa.select(Collection.schema).order_by(Collection.schema)).all()
     unreferenced = " AND ".join(f'NOT EXISTS (SELECT 1 FROM "{schema}".images i WHERE i.sha256 = b.sha256)'
                                 for schema in schemas) or "TRUE"

@@ -409,5 +409,7 @@ def test_collection_switcher_searches_the_chosen_collection(server, page, cli_en
     page.select_option("#collection", "default")
     page.wait_for_selector("#status:has-text('default: 60 images indexed')")
     assert "efficientnet_lite2" not in page.locator("#status").inner_text()  # the default collection kept its model
-    assert page.locator("#results li").count() == 0  # the other collection's results are cleared
+    # The same query runs again in the collection switched to: its results, not the other collection's.
+    page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#results li img')];"
+                           " return imgs.length === 10 && imgs.every((i) => i.src.includes('collection=default')); }")
     page.wait_for_selector("#categories button:has-text('Sneaker')")

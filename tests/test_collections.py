@@ -65,6 +65,7 @@ def test_collections_keep_their_own_images_models_and_indexes_and_share_bytes(en
         assert store.get_image(s, in_default, with_data=True)[0].data == red
     # A collection's snapshots are its own: two collections may use one model and index type.
     assert products.manager.snapshot_path.parent == tmp_path / "snap" / "collections" / "products"
+    assert products.snapshot_base == default.snapshot_base == tmp_path / "snap"  # where deletion looks for them
     # Deleting an image another collection also holds keeps its bytes; the last holder's deletion drops them.
     products.delete_image(in_products)
     assert _blob_count(engine) == 2
@@ -96,7 +97,14 @@ def test_create_list_describe_delete_and_refusals(engine, registry, tmp_path):
     default.add_image(_colour((1, 2, 3)), "a")
     assert (tmp_path / "snap" / "collections" / "fashion").is_dir()
     registry.forget("fashion")
+    elsewhere = CollectionSessions(engine).sessions("fashion")  # another process's connections to it
+    with elsewhere() as s:
+        assert s.scalar(sa.text("SELECT count(*) FROM images")) == 2
     collections.delete_collection(engine, "fashion", tmp_path / "snap")
+    with pytest.raises(NotFound, match="c_fashion is gone"):  # not the default collection's images instead
+        with elsewhere() as s:
+            s.scalar(sa.text("SELECT count(*) FROM images"))
+    elsewhere.kw["bind"].dispose()
     assert _blob_count(engine) == 1 and not (tmp_path / "snap" / "collections" / "fashion").exists()
     assert [c.name for c in collections.list_collections(engine)] == ["default"]
     with engine.connect() as conn:
@@ -128,8 +136,11 @@ def test_existing_data_migrates_into_the_default_collection_and_new_migrations_r
         assert conn.scalar(sa.text("SELECT to_regclass('c_later.embeddings')")) is not None
     from backend.database import downgrade
 
-    downgrade(engine)  # down and up again, collections included
+    downgrade(engine)  # down and up again: the collections go with the registry, and their names are free again
     migrate(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM pg_namespace WHERE nspname = 'c_later'")) == 0
+    collections.create_collection(engine, "later")
     registry.close()
     engine.dispose()
 
@@ -155,6 +166,7 @@ def test_api_creates_serves_and_deletes_collections(client):
     listed = client.get("/collections").json()
     assert [(c["name"], c["served"]) for c in listed] == [("default", True)]
     assert client.post("/collections", json={"name": "Bad Name"}).status_code == 422
+    assert client.post("/collections", json={"name": "ok", "description": "a\x00b"}).status_code == 422
     made = client.post("/collections", json={"name": "products", "description": "shop"})
     assert made.status_code == 201 and made.json()["served"] is False
     assert client.post("/collections", json={"name": "products"}).status_code == 409

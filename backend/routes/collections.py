@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from backend import collections, reembed, store
-from backend.deps import COLLECTION_PATTERN, ServedDep, require_write_access
+from backend.deps import CATEGORY_PATTERN, COLLECTION_PATTERN, ServedDep, require_write_access
 from backend.errors import InvalidQuery
 from backend.routes.images import WRITE_ERRORS
 from backend.schemas import Problem
@@ -20,9 +20,9 @@ NOT_FOUND = {404: {"model": Problem, "description": "no such collection"}}
 class CollectionIn(BaseModel):
     name: str = Field(pattern=COLLECTION_PATTERN, max_length=40,
                       description="1 to 40 lowercase letters, digits and underscores, starting with a letter")
-    model: str | None = Field(None, max_length=64, description="its embedding model (resnet50, resnet18, "
+    model: str | None = Field(None, max_length=64, pattern=CATEGORY_PATTERN, description="its embedding model (resnet50, resnet18, "
                               "efficientnet_lite0, efficientnet_lite2); unset: chosen when it is first populated")
-    description: str | None = Field(None, max_length=500)
+    description: str | None = Field(None, max_length=500, pattern=CATEGORY_PATTERN)
 
 
 class CollectionOut(BaseModel):
@@ -92,7 +92,7 @@ async def delete_collection(name: Name, served: ServedDep, confirm: Annotated[st
 
 
 class SwitchIn(BaseModel):
-    model: str = Field(max_length=64, description="a model whose vectors cover the collection (python -m backend "
+    model: str = Field(max_length=64, pattern=CATEGORY_PATTERN, description="a model whose vectors cover the collection (python -m backend "
                        "reembed --model NAME computes them while searches go on)")
     force: bool = Field(False, description="switch even though some images have no vector of the model yet (they "
                         "are not found until they do)")

@@ -46,6 +46,8 @@ def downgrade() -> None:
     op.add_column("images", sa.Column("data", sa.LargeBinary()))
     op.execute("UPDATE images SET data = b.data FROM public.image_blobs b WHERE b.sha256 = images.sha256")
     op.alter_column("images", "data", nullable=False)
-    if _in_public():
+    if _in_public():  # the other collections cannot outlive the registry: they go with it
+        for (schema,) in op.get_bind().execute(sa.text("SELECT schema FROM public.collections WHERE schema <> 'public'")):
+            op.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         op.drop_table("image_blobs", schema="public")
         op.drop_table("collections", schema="public")
