@@ -49,7 +49,11 @@ def update_gauges(app_state) -> None:
     """Set this process's index sizes (per collection loaded) and image requests under way (cheap: after every
     request, and at start-up)."""
     served = getattr(app_state, "collections", None)
-    for search in served.served() if served is not None else []:
+    searches = served.served() if served is not None else []
+    # Only what is served now: a deleted collection's series, or those of a model switched away from, go.
+    INDEX_VECTORS.clear()
+    INDEX_BYTES.clear()
+    for search in searches:
         INDEX_VECTORS.labels(search.collection, search.embedder.name, search.manager.index_type).set(len(search.index))
         INDEX_BYTES.labels(search.collection).set(search.memory_bytes())
     QUEUE_DEPTH.set(app_state.image_jobs.under_way)

@@ -413,3 +413,11 @@ def test_collection_switcher_searches_the_chosen_collection(server, page, cli_en
     page.wait_for_function("() => { const imgs = [...document.querySelectorAll('#results li img')];"
                            " return imgs.length === 10 && imgs.every((i) => i.src.includes('collection=default')); }")
     page.wait_for_selector("#categories button:has-text('Sneaker')")
+    # The operator's view: index size and memory per collection this server has loaded.
+    page.goto(base + "/metrics")
+    metrics = page.locator("body").inner_text()
+    assert 'imsrc_index_vectors{collection="photos",index_type="flatip",model="efficientnet_lite2"} 4.0' in metrics
+    assert 'imsrc_index_bytes{collection="default"}' in metrics
+    assert 'model="efficientnet_lite0"} 4.0' not in metrics  # the model photos was switched away from
+    page.evaluate("() => window.find('imsrc_index_vectors{collection')")  # scrolls to (and marks) the series
+    page.screenshot(path=str(output_dir / "metrics.png"))
