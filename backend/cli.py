@@ -588,12 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _collection_name(text: str) -> str:
-    from backend.collections import NAME
+    from backend.collections import check_name
+    from backend.errors import InvalidQuery
 
-    if not NAME.match(text):
-        raise argparse.ArgumentTypeError(f"a collection's name is 1 to 40 lowercase letters, digits and underscores, "
-                                         f"starting with a letter, not {text[:50]!r}")
-    return text
+    try:
+        return check_name(text)
+    except InvalidQuery as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _categories(text: str) -> str:

@@ -93,20 +93,20 @@ def main() -> None:
             time.sleep(20)
             searcher.phase = "re-embed"
             report["reembed_s"] = round(cli("reembed", "--model", args.target), 1)
-            searcher.phase = "switch"
-            started = time.perf_counter()
-            cli("switch-model", args.target)
-            wait_model(client, args.target)
-            report["switch_s"] = round(time.perf_counter() - started, 2)
-            searcher.phase = "new model"
-            time.sleep(10)
-            searcher.phase = "switch back"
-            started = time.perf_counter()
-            cli("switch-model", args.source)
-            wait_model(client, args.source)
-            report["switch_back_s"] = round(time.perf_counter() - started, 2)
-            searcher.phase = "old model again"
-            time.sleep(5)
+
+            def switch(model: str, during: str, after: str, settle: float) -> float:
+                """Switch to `model` and return the seconds until the server searches with it; then search on."""
+                searcher.phase = during
+                started = time.perf_counter()
+                cli("switch-model", model)
+                wait_model(client, model)
+                took = round(time.perf_counter() - started, 2)
+                searcher.phase = after
+                time.sleep(settle)
+                return took
+
+            report["switch_s"] = switch(args.target, "switch", "new model", 10)
+            report["switch_back_s"] = switch(args.source, "switch back", "old model again", 5)
         finally:
             searcher.stop.set()
             searcher.join(60)
