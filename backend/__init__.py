@@ -3,8 +3,12 @@
 
 def __getattr__(name):
     # Lazy, so that `python -m backend --help` and the embedder do not pay for torch/FAISS imports they skip.
-    if name in ("ImageSearch", "SearchResponse", "SearchResult", "AddResult"):
-        from backend import service
+    if name == "ImageSearch":
+        from backend.service.image_search import ImageSearch
 
-        return getattr(service, name)
+        return ImageSearch
+    if name in ("SearchResponse", "SearchResult", "AddResult"):
+        from backend.service import results
+
+        return getattr(results, name)
     raise AttributeError(name)

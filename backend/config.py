@@ -25,10 +25,10 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / "data"
     embedded_pg_dir: Path | None = None
     embedded_pg_port: int | None = Field(None, ge=1, le=65535)
-    # The collection commands and the Python API use when none is named (backend.collections)
+    # The collection commands and the Python API use when none is named (backend.storage.collections)
     collection: str = Field("default", pattern=r"^[a-z][a-z0-9_]{0,39}$")
 
-    # Embedding model: None lets backend.model_choice pick (the database's model, else a default that works here)
+    # Embedding model: None lets backend.service.model_choice pick (the database's model, else a default that works here)
     model_name: str | None = None
     model_weights_path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     prototype_limit: int = Field(3, ge=1, le=10)
     prototypes_per_category: int = Field(8, ge=1, le=16)  # at most; fewer in small categories (store.slots_for)
     default_search_limit: int = Field(10, ge=1, le=50)
-    history_enabled: bool = True  # record every search the API answers (backend.history)
+    history_enabled: bool = True  # record every search the API answers (backend.storage.history)
     history_retention_days: int = Field(30, ge=1, le=3650)
 
     # API
@@ -93,3 +93,15 @@ class Settings(BaseSettings):
 
 
 settings = Settings()
+
+
+def writes_mode(short: bool = False) -> str:
+    """How writes are guarded, in words: for the start-up log, or short for the set-up menu's state line."""
+    if settings.api_key:
+        return "writes need X-API-Key (API_KEY is set)" if short else \
+            "writes need the X-API-Key header (API_KEY is set)"
+    if settings.open_writes:
+        return "writes open on localhost (OPEN_WRITES, no API_KEY)" if short else \
+            "writes are OPEN without a key to requests addressed to localhost (OPEN_WRITES=true, no API_KEY)"
+    return "writes closed (no API_KEY)" if short else \
+        "writes are closed (no API_KEY; set API_KEY, or OPEN_WRITES=true for a local demo)"

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.precision import cpu_flags  # noqa: E402
+from backend.embedding.precision import cpu_flags  # noqa: E402
 
 
 def machine() -> dict:
@@ -62,7 +62,7 @@ def drop_database(name: str) -> None:
     """Drop the bench database `name` on the configured PostgreSQL, if it is there."""
     import sqlalchemy as sa
 
-    from backend.database import database_url
+    from backend.storage.engine import database_url
 
     admin = sa.create_engine(database_url(), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -75,7 +75,8 @@ def fresh_database(name: str):
     it behind)."""
     from sqlalchemy.orm import sessionmaker
 
-    from backend.database import database_url, migrated_engine
+    from backend.storage.engine import database_url
+    from backend.storage.migrations import migrated_engine
 
     drop_database(name)
     return sessionmaker(migrated_engine(database_url(), name), expire_on_commit=False)

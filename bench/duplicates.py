@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
-
 from common import machine, write_json
+from PIL import Image, ImageEnhance
 
 ORIGINALS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text", "clock", "grass",
              "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina")
@@ -70,9 +69,9 @@ def main() -> None:
     os.environ.setdefault("MODEL_NAME", "efficientnet_lite0")
     os.environ["IMSRC_ENV_FILE"] = os.devnull
 
-    from backend.datasets import load_dataset, select_balanced  # noqa: E402 - after the environment is set
-    from backend.duplicates import groups, similar_pairs
-    from backend.service import ImageSearch
+    from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402 - after the environment is set
+    from backend.search.duplicates import groups, similar_pairs
+    from backend.service.image_search import ImageSearch
 
     search = ImageSearch.open()
     truth: dict[int, str] = {}  # image id -> the photo it is a copy of

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from backend.embedders import TorchvisionResNet, create_embedder, l2_normalize  # noqa: E402
+from backend.embedding.models import TorchvisionResNet, create_embedder
+from backend.embedding.vectors import l2_normalize  # noqa: E402
+from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
 from bench.common import machine, write_json  # noqa: E402
 
 NAIVE_BATCH = 16
@@ -104,9 +105,9 @@ def populate_speed(embedder, items) -> float:
     """Images/s of ingest() end to end into a fresh embedded PostgreSQL."""
     from sqlalchemy.orm import sessionmaker
 
-    from backend.database import migrated_engine
-    from backend.ingest import ingest
-    from backend.pg_server import EmbeddedPostgres
+    from backend.pipeline.ingest import ingest
+    from backend.storage.embedded_server import EmbeddedPostgres
+    from backend.storage.migrations import migrated_engine
 
     with tempfile.TemporaryDirectory(prefix="imsrc-bench-") as tmp:
         server = EmbeddedPostgres(Path(tmp) / "pg")
@@ -121,7 +122,7 @@ def populate_speed(embedder, items) -> float:
 
 
 def run(name: str, items) -> dict:
-    from backend.images import decode
+    from backend.embedding.decode import decode
 
     torch.manual_seed(0)  # random ResNet weights, where used, are the same in both
     naive_backbone = embedder_for(name, "fp32")._loaded[0].to(memory_format=torch.contiguous_format)

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-
 from common import machine, write_json
 
-from backend.examples import NEGATIVE_WEIGHT  # noqa: E402 - bench/common.py puts the project on the path
-from backend.models import Embedding, Image  # noqa: E402
-from backend.service import ImageSearch  # noqa: E402
+from backend.search.examples import NEGATIVE_WEIGHT  # noqa: E402 - bench/common.py puts the project on the path
+from backend.service.image_search import ImageSearch  # noqa: E402
+from backend.storage.tables import Embedding, Image  # noqa: E402
 
 
 def labelled(search: ImageSearch) -> dict[int, int]:

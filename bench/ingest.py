@@ -25,11 +25,11 @@ from sqlalchemy.orm import sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.config import settings  # noqa: E402
-from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from backend.embedders import get_embedder  # noqa: E402
-from backend.images import decode, sha256  # noqa: E402
-from backend.ingest import IngestReport, Prepared, ingest, store_batch  # noqa: E402
-from backend.store import NewImage  # noqa: E402
+from backend.embedding.decode import decode, sha256  # noqa: E402
+from backend.embedding.models import get_embedder  # noqa: E402
+from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
+from backend.pipeline.ingest import IngestReport, Prepared, ingest, store_batch  # noqa: E402
+from backend.storage.images import NewImage  # noqa: E402
 from bench.common import fresh_database, machine, write_json  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def run_engine(name: str, items, embedder, batch_size: int) -> dict:
     with StoredCounter(sessions) as counter:
         started = time.perf_counter()
         if name == "ray":
-            from backend.ray_ingest import ingest_on_ray
+            from backend.pipeline.ray_ingest import ingest_on_ray
 
             report = ingest_on_ray(sessions, items, embedder, url, batch_size=batch_size, progress=False)
         else:
@@ -115,7 +115,7 @@ def main() -> None:
 
     items = select_balanced(load_dataset("fashion-mnist", "train", settings.fashion_mnist_dir), args.images)
     embedder = get_embedder(args.model).load()
-    from backend.ray_ingest import connect
+    from backend.pipeline.ray_ingest import connect
 
     connect(None)  # a local cluster of this machine's cores, started before any clock runs
     import ray

@@ -21,7 +21,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.datasets import load_dataset, select_balanced  # noqa: E402
+from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
 from bench.common import free_port, machine, percentile, rss_mib, wait_ready, write_json  # noqa: E402
 
 
@@ -51,8 +51,8 @@ def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: in
 def model_only_one_image_ms(model: str, query: bytes) -> float:
     """Median ms of the model alone on one preprocessed query image, as the server runs it (imported here: the rest
     of the benchmark is a client and needs no model)."""
-    from backend.embedders import get_embedder
-    from backend.images import decode
+    from backend.embedding.decode import decode
+    from backend.embedding.models import get_embedder
 
     embedder = get_embedder(model).load()
     batch = embedder.prepare([decode(query).image])

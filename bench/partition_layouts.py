@@ -15,8 +15,8 @@ from faiss.contrib.ivf_tools import add_preassigned, search_preassigned
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.embedders import l2_normalize  # noqa: E402
-from backend.search import CategoryIndex  # noqa: E402
+from backend.embedding.vectors import l2_normalize  # noqa: E402
+from backend.search.category_index import CategoryIndex  # noqa: E402
 
 
 def main() -> None:

@@ -23,8 +23,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import drop_database, fresh_database, free_port, machine, percentile, wait_ready, write_json  # noqa: E402,E501
+from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
+from bench.common import (  # noqa: E402,E501
+    drop_database,
+    free_port,
+    fresh_database,
+    machine,
+    percentile,
+    wait_ready,
+    write_json,
+)
 
 DATABASE = "imsrc_bench_reembed"
 

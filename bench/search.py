@@ -41,13 +41,16 @@ from sqlalchemy.orm import sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend import store  # noqa: E402
-from backend.bulk import fetch_members  # noqa: E402
-from backend.database import database_url, migrated_engine, session_factory  # noqa: E402
-from backend.embedders import l2_normalize, model_dim  # noqa: E402
-from backend.index_manager import IndexManager  # noqa: E402
-from backend.model_choice import choose_model  # noqa: E402
-from backend.search import CategoryIndex  # noqa: E402
+from backend.embedding.models import model_dim  # noqa: E402
+from backend.embedding.vectors import l2_normalize
+from backend.search.category_index import CategoryIndex  # noqa: E402
+from backend.service.index_manager import IndexManager  # noqa: E402
+from backend.service.model_choice import choose_model  # noqa: E402
+from backend.storage import images as image_store  # noqa: E402
+from backend.storage.engine import database_url
+from backend.storage.members import fetch_members  # noqa: E402
+from backend.storage.migrations import migrated_engine
+from backend.storage.sessions import session_factory  # noqa: E402
 from bench.common import drop_database, machine, percentile, rss_mib, write_json  # noqa: E402
 
 MODEL = "bench"
@@ -116,8 +119,8 @@ def load_dataset(engine: sa.Engine, chunks, dim: int, categories: int, total: in
     """Write categories, images (one byte each) and vectors through COPY, then mark the database complete."""
     sessions = sessionmaker(engine)
     with sessions() as s, s.begin():
-        store.ensure_model(s, MODEL, dim)
-        store.category_ids(s, {f"c{c:03d}" for c in range(categories)})
+        image_store.ensure_model(s, MODEL, dim)
+        image_store.category_ids(s, {f"c{c:03d}" for c in range(categories)})
         category_id = dict(s.execute(sa.text("SELECT name, id FROM categories")).all())
     raw = engine.raw_connection()
     started, done = time.perf_counter(), 0

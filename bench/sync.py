@@ -27,12 +27,19 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend import store  # noqa: E402
-from backend.embedders import model_dim  # noqa: E402
-from backend.images import sha256  # noqa: E402
-from backend.ingest import IngestReport, Prepared, store_batch  # noqa: E402
-from backend.store import NewImage  # noqa: E402
-from bench.common import fresh_database, free_port, machine, percentile, wait_ready, write_json  # noqa: E402
+from backend.embedding.decode import sha256  # noqa: E402
+from backend.embedding.models import model_dim  # noqa: E402
+from backend.pipeline.ingest import IngestReport, Prepared, store_batch  # noqa: E402
+from backend.storage import images as image_store  # noqa: E402
+from backend.storage.images import NewImage  # noqa: E402
+from bench.common import (  # noqa: E402
+    free_port,
+    fresh_database,
+    machine,
+    percentile,
+    wait_ready,
+    write_json,
+)
 
 MODEL = "efficientnet_lite0"
 KINDS = {"add 1": 1, "add 16": 16, "add 256": 256, "delete 1": -1}
@@ -91,7 +98,7 @@ def main() -> None:
                         else:
                             with sessions() as s, s.begin():
                                 victim = s.scalar(sa.text("SELECT min(image_id) FROM embeddings"))
-                                store.delete_images(s, [victim])
+                                image_store.delete_images(s, [victim])
                         committed = time.perf_counter()
                         status = wait_for(client, size + (n if n > 0 else -1), applied)
                         seen.append((time.perf_counter() - committed) * 1000)

@@ -10,8 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
-from backend.database import create_engine_checked, migrate
-from backend.pg_server import EmbeddedPostgres
+from backend.storage.embedded_server import EmbeddedPostgres
+from backend.storage.engine import create_engine_checked
+from backend.storage.migrations import migrate
 
 TEMPLATE = "imsrc_template"
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from backend.embedders import Embedder
+from backend.embedding.models import Embedder
 
 CLASSES = ["red", "green", "blue"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def running_server(env: dict, log_path: Path, *args: str, timeout: float = 180):
 
 def folder_opener(sessions, tmp_path: Path, n_per_class: int = 3, embedder: Embedder | None = None):
     """An `open_search` for create_app: an ImageSearch over a fresh red/green/blue folder collection."""
-    from backend.service import ImageSearch
+    from backend.service.image_search import ImageSearch
 
     write_folder_dataset(tmp_path / "f", n_per_class=n_per_class)
 

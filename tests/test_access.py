@@ -10,9 +10,15 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from backend.api.app import create_app
 from backend.config import settings
-from backend.main import create_app
-from tests.helpers import PixelEmbedder, folder_opener, free_port, png_bytes, wait_healthy
+from tests.helpers import (
+    PixelEmbedder,
+    folder_opener,
+    free_port,
+    png_bytes,
+    wait_healthy,
+)
 
 KEY = "k3y-for-tests"
 
@@ -57,7 +63,7 @@ def test_writes_are_closed_by_default_and_say_how_to_open_them(closed, method, p
 def test_open_writes_is_an_explicit_choice_and_the_log_says_so(open_search, monkeypatch, caplog):
     monkeypatch.setattr(settings, "api_key", None)
     monkeypatch.setattr(settings, "open_writes", True)
-    with caplog.at_level("INFO", logger="backend.main"), \
+    with caplog.at_level("INFO", logger="backend.api.app"), \
             TestClient(create_app(open_search), base_url="http://localhost:8000") as c:
         assert c.post("/upload", files=_file((3, 3, 3)), data={"category": "x"}).status_code == 200
         # A page that rebound its own name to this machine sends its own Host and a matching Origin.

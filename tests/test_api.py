@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from backend.api.app import create_app
 from backend.config import settings
-from backend.main import create_app
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 

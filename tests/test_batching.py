@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.batching import QueryBatcher
+from backend.embedding.batching import QueryBatcher
 from tests.helpers import PixelEmbedder
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from backend.datasets import load_dataset, select_balanced
+from backend.pipeline.datasets import load_dataset, select_balanced
 from tests.helpers import ROOT, running_server, write_fashion_mnist
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -84,7 +84,9 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
     assert page.locator("#no-match").is_hidden()  # a garment among garments: a close match
     page.screenshot(path=str(output_dir / "results.png"), full_page=True)
 
-    from skimage import data as photos  # a real photo of a cat, dropped on a collection of clothes
+    from skimage import (
+        data as photos,  # a real photo of a cat, dropped on a collection of clothes
+    )
 
     cat = tmp_path / "cat.png"
     PILImage.fromarray(photos.chelsea()).save(cat)

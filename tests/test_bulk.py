@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from backend import store
-from backend.bulk import copy_members, fetch_members
-from backend.models import Embedding, Image
+from backend.storage import images as image_store
+from backend.storage.members import copy_members, fetch_members
+from backend.storage.tables import Embedding, Image
 
 DIM = 7
 
@@ -17,12 +17,12 @@ def stored(sessions):
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(25, DIM)).astype(np.float32)
     with sessions() as s, s.begin():
-        new = [store.NewImage(sha256=f"{i:064x}", data=b"x", width=1, height=1, format="PNG",
+        new = [image_store.NewImage(sha256=f"{i:064x}", data=b"x", width=1, height=1, format="PNG",
                               category=None if i == 24 else f"c{i % 3}") for i in range(25)]
-        ids = store.insert_images(s, new)
+        ids = image_store.insert_images(s, new)
         image_ids = [ids[im.sha256] for im in new]
-        store.insert_embeddings(s, "m", image_ids[:23] + image_ids[24:], np.concatenate([vectors[:23], vectors[24:]]))
-        store.insert_embeddings(s, "other", image_ids[23:24], vectors[23:24])
+        image_store.insert_embeddings(s, "m", image_ids[:23] + image_ids[24:], np.concatenate([vectors[:23], vectors[24:]]))
+        image_store.insert_embeddings(s, "other", image_ids[23:24], vectors[23:24])
     return image_ids
 
 
@@ -38,7 +38,7 @@ def _orm(sessions, image_ids=None):
 
 @pytest.mark.parametrize("batch_rows", [1, 4, 4096])
 def test_copy_gives_what_the_orm_reads(sessions, stored, monkeypatch, batch_rows):
-    monkeypatch.setattr("backend.bulk.BATCH_ROWS", batch_rows)
+    monkeypatch.setattr("backend.storage.members.BATCH_ROWS", batch_rows)
     rows = _orm(sessions)
     assert len(rows) == 23  # neither the uncategorised image nor the other model's vector
     with sessions() as s:
@@ -67,7 +67,7 @@ def test_a_dimension_that_does_not_match_is_refused(sessions, stored):
 
 
 def test_an_error_while_consuming_stops_the_copy_and_is_raised(sessions, stored, monkeypatch):
-    monkeypatch.setattr("backend.bulk.BATCH_ROWS", 2)
+    monkeypatch.setattr("backend.storage.members.BATCH_ROWS", 2)
     seen = []
 
     def consume(ids, cats, vectors):

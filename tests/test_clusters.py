@@ -8,13 +8,18 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from backend.clusters import default_k, recluster
 from backend.errors import ImsrcError
-from backend.evaluate import evaluate
-from backend.datasets import load_dataset
-from backend.models import Category
-from backend.service import ImageSearch
-from tests.helpers import CLASSES, ROOT, PixelEmbedder, class_images, png_bytes, write_fashion_mnist
+from backend.pipeline.recluster import default_k, recluster
+from backend.service.image_search import ImageSearch
+from backend.storage.tables import Category
+from tests.helpers import (
+    CLASSES,
+    ROOT,
+    PixelEmbedder,
+    class_images,
+    png_bytes,
+    write_fashion_mnist,
+)
 
 
 @pytest.fixture

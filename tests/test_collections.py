@@ -9,14 +9,15 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend import collections, store
-from backend.collections import CollectionExists, CollectionSessions
+from backend.api.app import create_app
 from backend.config import settings
-from backend.database import create_engine_checked, migrate, migrate_schema
 from backend.errors import InvalidQuery, NotFound
-from backend.images import sha256
-from backend.main import create_app
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.storage import collections
+from backend.storage import images as image_store
+from backend.storage.collections import CollectionExists, CollectionSessions
+from backend.storage.engine import create_engine_checked
+from backend.storage.migrations import migrate, migrate_schema
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 
@@ -58,11 +59,11 @@ def test_collections_keep_their_own_images_models_and_indexes_and_share_bytes(en
     assert {h.category for h in hits} == {"warm", "cool"} and hits[0].image_id == in_products
     assert [h.category for h in default.search_similar(red, k=10).results] == ["reds"]
     with registry.sessions("products")() as s:
-        counts = store.counts(s)
+        counts = image_store.counts(s)
     assert counts["images"] == 2 and counts["embeddings"] == {"test-pixels-b": 2}
     with registry.sessions("default")() as s:
-        assert store.counts(s)["embeddings"] == {"test-pixels": 1}
-        assert store.get_image(s, in_default, with_data=True)[0].data == red
+        assert image_store.counts(s)["embeddings"] == {"test-pixels": 1}
+        assert image_store.get_image(s, in_default, with_data=True)[0].data == red
     # A collection's snapshots are its own: two collections may use one model and index type.
     assert products.manager.snapshot_path.parent == tmp_path / "snap" / "collections" / "products"
     assert products.snapshot_base == default.snapshot_base == tmp_path / "snap"  # where deletion looks for them
@@ -129,12 +130,12 @@ def test_existing_data_migrates_into_the_default_collection_and_new_migrations_r
     registry = CollectionSessions(engine)
     with registry.sessions("default")() as s:
         image_id = s.scalar(sa.text("SELECT id FROM images"))
-        assert store.get_image(s, image_id, with_data=True)[0].data == b"old bytes"
+        assert image_store.get_image(s, image_id, with_data=True)[0].data == b"old bytes"
     collections.create_collection(engine, "later")
     with engine.connect() as conn:  # a collection's schema has every table and its own version, at head
         assert conn.scalar(sa.text("SELECT version_num FROM c_later.alembic_version")) == "0009"
         assert conn.scalar(sa.text("SELECT to_regclass('c_later.embeddings')")) is not None
-    from backend.database import downgrade
+    from backend.storage.migrations import downgrade
 
     downgrade(engine)  # down and up again: the collections go with the registry, and their names are free again
     migrate(engine)

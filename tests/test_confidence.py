@@ -3,9 +3,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend.confidence import QUANTILE, Calibration, assess, calibrate
-from backend.main import create_app
-from backend.search import CategoryIndex
+from backend.api.app import create_app
+from backend.search.category_index import CategoryIndex
+from backend.search.confidence import QUANTILE, Calibration, assess, calibrate
 from tests.helpers import class_images, folder_opener, png_bytes
 
 

@@ -11,9 +11,15 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from backend.service import ImageSearch
-from backend.snapshot import read_footer
-from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_fashion_mnist, write_folder_dataset
+from backend.search.snapshot import read_footer
+from backend.service.image_search import ImageSearch
+from tests.helpers import (
+    CLASSES,
+    PixelEmbedder,
+    png_bytes,
+    write_fashion_mnist,
+    write_folder_dataset,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = PixelEmbedder.name

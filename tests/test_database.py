@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from backend import store
-from backend.database import create_engine_checked, current_revision, downgrade, migrate
 from backend.errors import DatabaseError
-from backend.pg_server import EmbeddedPostgres, _pg_install
+from backend.storage import images as image_store
+from backend.storage.embedded_server import EmbeddedPostgres, _pg_install
+from backend.storage.engine import create_engine_checked
+from backend.storage.migrations import current_revision, downgrade, migrate
 from tests.helpers import schema_head
 
 TABLES = {"categories", "images", "embedding_models", "embeddings", "prototypes", "projection_heads"}
@@ -43,12 +44,12 @@ def test_migrations_from_empty_to_head_and_back(empty_db_url):
 
 def test_database_refuses_a_vector_of_the_wrong_dimension(sessions):
     with sessions() as s, s.begin():
-        ids = store.insert_images(s, [store.NewImage("a" * 64, b"x", 1, 1, "PNG", "c")])
-        store.insert_embeddings(s, "m", list(ids.values()), np.ones((1, 4), np.float32) / 2)
+        ids = image_store.insert_images(s, [image_store.NewImage("a" * 64, b"x", 1, 1, "PNG", "c")])
+        image_store.insert_embeddings(s, "m", list(ids.values()), np.ones((1, 4), np.float32) / 2)
     with pytest.raises(ValueError, match="dimension 4, not 3"):
         with sessions() as s, s.begin():
-            ids = store.insert_images(s, [store.NewImage("b" * 64, b"y", 1, 1, "PNG", "c")])
-            store.insert_embeddings(s, "m", list(ids.values()), np.ones((1, 3), np.float32))
+            ids = image_store.insert_images(s, [image_store.NewImage("b" * 64, b"y", 1, 1, "PNG", "c")])
+            image_store.insert_embeddings(s, "m", list(ids.values()), np.ones((1, 3), np.float32))
     with pytest.raises(sa.exc.IntegrityError, match="embedding_dim_matches"):
         with sessions() as s, s.begin():
             s.execute(sa.text("INSERT INTO embeddings (image_id, model_name, dim, vector) "
@@ -90,7 +91,7 @@ def test_unreachable_server_fails_clearly(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from backend.pg_server import EmbeddedPostgres
+    from backend.storage.embedded_server import EmbeddedPostgres
     server = EmbeddedPostgres(sys.argv[1])
     print(server.acquire(), flush=True)
     sys.stdin.readline()  # hold the server until told to go

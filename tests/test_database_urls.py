@@ -9,12 +9,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
+from backend.api.app import create_app
 from backend.config import settings
-from backend.database import create_engine_checked, normalise_url
 from backend.errors import DatabaseError
-from backend.main import create_app
-from backend.pg_server import EmbeddedPostgres
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.storage.embedded_server import EmbeddedPostgres
+from backend.storage.engine import create_engine_checked, normalise_url
 from tests.helpers import PixelEmbedder, free_port, schema_head
 from tests.test_cli import run
 

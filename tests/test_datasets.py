@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import datasets
-from backend.datasets import load_dataset, read_idx, select_balanced
+from backend.embedding.decode import decode
 from backend.errors import DatasetUnavailable
-from backend.images import decode
-from tests.helpers import CLASSES, write_cifar10_batches, write_fashion_mnist, write_folder_dataset, write_idx
+from backend.pipeline import datasets
+from backend.pipeline.datasets import load_dataset, read_idx, select_balanced
+from tests.helpers import (
+    CLASSES,
+    write_cifar10_batches,
+    write_fashion_mnist,
+    write_folder_dataset,
+    write_idx,
+)
 
 
 def test_idx_round_trip(tmp_path):
@@ -40,6 +46,7 @@ def test_cifar10_from_python_batches(tmp_path):
 def test_cifar10_from_hub_parquet_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from tests.helpers import png_bytes
 
     rows = [{"img": {"bytes": png_bytes(Image.new("RGB", (32, 32), (i, 0, 0))), "path": None}, "label": i % 10}

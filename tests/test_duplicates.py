@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from backend.api.app import create_app
 from backend.config import settings
 from backend.errors import InvalidQuery
-from backend.main import create_app
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
 from tests.helpers import ROOT, PixelEmbedder, png_bytes
 
 THRESHOLD = 0.99  # the stand-in embedder's 4x4 colours: copies of one picture agree to 0.999
@@ -117,7 +117,7 @@ def test_duplicates_command(cli_env, tmp_path):
 
 def test_a_group_joined_through_a_third_image_scores_every_member():
     """a~b and b~c but not a~c: c's score is its similarity to b, not a missing one."""
-    from backend.duplicates import groups
+    from backend.search.duplicates import groups
 
     pairs = {(1, 2): 0.95, (2, 3): 0.93}
     assert groups(pairs, set()) == [[1, 2, 3]]

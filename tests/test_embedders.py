@@ -7,9 +7,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from backend.embedders import MODELS, create_embedder, l2_normalize, model_dim
+from backend.embedding.decode import decode
+from backend.embedding.models import MODELS, create_embedder, model_dim
+from backend.embedding.vectors import l2_normalize
 from backend.errors import ModelUnavailable
-from backend.images import decode
 from tests.helpers import messy_image_bytes
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

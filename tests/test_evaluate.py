@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.evaluate import average_precision_at_k, configurations, evaluate, format_table, overlap, query_metrics
-from backend.datasets import load_dataset
-from backend.service import ImageSearch
+from backend.pipeline.datasets import load_dataset
+from backend.pipeline.evaluate import (
+    average_precision_at_k,
+    configurations,
+    evaluate,
+    format_table,
+    overlap,
+    query_metrics,
+)
+from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, write_fashion_mnist, write_folder_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +64,7 @@ def test_evaluate_two_stage_against_exhaustive(sessions, tmp_path):
 def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
     from PIL import Image
 
-    from backend.report import PLOTS, write_report
+    from backend.pipeline.report import PLOTS, write_report
 
     write_folder_dataset(tmp_path / "index", n_per_class=10)
     search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
@@ -71,9 +78,9 @@ def test_the_report_page_shows_samples_and_plots(sessions, tmp_path):
     report["samples"][0]["category"] = "<script>alert(1)</script>"  # names are a person's: the page escapes them
     assert all(len(s["hits"]) == 5 and all(h["relevant"] for h in s["hits"]) for s in report["samples"])
     with search.sessions() as s:  # one result deleted since: the page shows a blank for it, not an error
-        from backend import store
+        from backend.storage import images as image_store
 
-        store.delete_images(s, [report["samples"][0]["hits"][0]["image_id"]])
+        image_store.delete_images(s, [report["samples"][0]["hits"][0]["image_id"]])
         s.commit()
     page = write_report(report, {s["query"]: queries[s["query"]].read() for s in report["samples"]},
                         search.sessions, tmp_path / "report")

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.embedders import create_embedder
-from backend.errors import InvalidQuery
-from backend.examples import MAX_EXAMPLES
-from backend.regions import QueryEdit
-from backend.service import ImageSearch, NotFound
+from backend.embedding.models import create_embedder
+from backend.embedding.query_edits import QueryEdit
+from backend.errors import InvalidQuery, NotFound
+from backend.search.examples import MAX_EXAMPLES
+from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 from tests.test_filters import DIM, random_collection  # noqa: F401 - a fixture
 
@@ -87,7 +87,7 @@ def test_region_parsing():
 
 
 def test_region_crops_rotates_and_flips_in_original_coordinates():
-    from backend.images import decode
+    from backend.embedding.decode import decode
 
     quadrants = Image.new("RGB", (2400, 1600))
     for n, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):

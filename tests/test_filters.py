@@ -1,11 +1,12 @@
 """Metadata filters: parsing, and filtered searches against brute force on the filtered set (real PostgreSQL)."""
 import numpy as np
-import sqlalchemy as sa
 import pytest
+import sqlalchemy as sa
 
-from backend import filters, store
-from backend.filters import Condition, InvalidFilter, from_json, from_query
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.storage import filters
+from backend.storage import images as image_store
+from backend.storage.filters import Condition, InvalidFilter, from_json, from_query
 from tests.helpers import PixelEmbedder
 
 N_IMAGES, N_CATEGORIES, DIM = 3000, 6, PixelEmbedder.dim
@@ -29,12 +30,12 @@ def random_collection(sessions, tmp_path):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     cats = rng.integers(0, N_CATEGORIES, N_IMAGES)
     with sessions() as s, s.begin():
-        store.ensure_model(s, PixelEmbedder.name, DIM)
-        new = [store.NewImage(sha256=f"{i:064x}", data=b"-", width=1, height=1, format="PNG", category=f"c{cats[i]}",
+        image_store.ensure_model(s, PixelEmbedder.name, DIM)
+        new = [image_store.NewImage(sha256=f"{i:064x}", data=b"-", width=1, height=1, format="PNG", category=f"c{cats[i]}",
                               metadata=_metadata(i)) for i in range(N_IMAGES)]
-        by_sha = store.insert_images(s, new)
+        by_sha = image_store.insert_images(s, new)
         ids = np.array([by_sha[im.sha256] for im in new], np.int64)
-        store.insert_embeddings(s, PixelEmbedder.name, ids.tolist(), vectors)
+        image_store.insert_embeddings(s, PixelEmbedder.name, ids.tolist(), vectors)
 
     def open_search(index_type="flatip"):
         return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=tmp_path / index_type)
@@ -116,7 +117,7 @@ def test_filter_combines_with_category_and_stage_one_ranks_only_matching_categor
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivfflat"])
 def test_a_selective_filter_is_exact_on_the_approximate_index_types(random_collection, index_type, monkeypatch):
-    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 100)  # categories of ~500 get an inverted file
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 100)  # categories of ~500 get an inverted file
     open_search, ids, vectors, cats, metas = random_collection
     search = open_search(index_type)
     keep = np.array([m["shard"] == 42 for m in metas])
@@ -199,7 +200,7 @@ def test_post_filter_searches_among_every_match_past_its_fetch_limit(random_coll
     query = vectors[5]
     near = _mark_far(sessions, ids, vectors, query)
     monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 1000)
-    monkeypatch.setattr("backend.service.POST_FILTER_MAX_FETCH", 200)
+    monkeypatch.setattr("backend.service.image_search.POST_FILTER_MAX_FETCH", 200)
     fallbacks = []
     real = filters.all_matching_ids
     monkeypatch.setattr(filters, "all_matching_ids", lambda s, where: fallbacks.append(1) or real(s, where))

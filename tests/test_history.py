@@ -7,11 +7,11 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend import history
+from backend.api.app import create_app
 from backend.config import settings
-from backend.main import create_app
-from backend.models import SearchRecord
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.storage import history
+from backend.storage.tables import SearchRecord
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.datasets import IMAGE_SUFFIXES
+from backend.pipeline.datasets import IMAGE_SUFFIXES
 from tests.helpers import free_port, wait_healthy, write_fashion_mnist
 from tests.hostile_files import corpus
 

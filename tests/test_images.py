@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.embedding.decode import (
+    MAX_ASPECT,
+    WORKING_SIDE,
+    decode,
+    jpeg_scans,
+    to_rgb,
+)
 from backend.errors import InvalidImage
-from backend.images import MAX_ASPECT, WORKING_SIDE, decode, jpeg_scans, to_rgb
 from tests.helpers import png_bytes
 
 
@@ -63,7 +69,7 @@ def test_large_images_of_every_mode_shrink(mode):
 
 def test_the_centre_crop_does_not_change_what_the_model_sees():
     """The models centre-crop a square, so cutting a wide image to MAX_ASPECT:1 first leaves the embedding as is."""
-    from backend.embedders import create_embedder
+    from backend.embedding.models import create_embedder
 
     rng = np.random.default_rng(0)
     wide = Image.fromarray(rng.integers(0, 256, (60, 60 * (MAX_ASPECT + 3), 3), dtype=np.uint8))

@@ -5,11 +5,18 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from backend import store
-from backend.datasets import Item, load_dataset
-from backend.ingest import ingest
-from backend.models import Category, Embedding, Image, Prototype
-from tests.helpers import CLASSES, PixelEmbedder, write_cifar10_batches, write_fashion_mnist, write_folder_dataset
+from backend.pipeline.datasets import Item, load_dataset
+from backend.pipeline.ingest import ingest
+from backend.storage import images as image_store
+from backend.storage import prototypes as prototype_store
+from backend.storage.tables import Category, Embedding, Image, Prototype
+from tests.helpers import (
+    CLASSES,
+    PixelEmbedder,
+    write_cifar10_batches,
+    write_fashion_mnist,
+    write_folder_dataset,
+)
 
 MODEL = PixelEmbedder.name
 
@@ -32,7 +39,7 @@ def _prototype_check(sessions):
     with sessions() as s:
         members = s.execute(sa.select(Image.category_id, Embedding.vector).join(Embedding)
                             .where(Embedding.model_name == MODEL)).all()
-        ids, protos, counts = store.load_prototypes(s, MODEL)
+        ids, protos, counts = prototype_store.load_prototypes(s, MODEL)
     by_cat = collections.defaultdict(list)
     for cat, vec in members:
         by_cat[cat].append(np.asarray(vec, dtype=np.float64))
@@ -64,7 +71,7 @@ def test_ingest_each_dataset_kind(kind, sessions, tmp_path):
     expected_failures = 1 if kind == "csv" else 0
     assert report.added == len(items) - expected_failures and len(report.failed) == expected_failures
     with sessions() as s:
-        c = store.counts(s)
+        c = image_store.counts(s)
         stored = s.execute(sa.select(Image.original_name, Category.name, Image.label, Image.source_dataset)
                            .join(Category)).all()
     assert c["images"] == report.added and c["embeddings"] == {MODEL: report.added}
@@ -97,20 +104,21 @@ def test_undecodable_files_are_reported_not_stored(sessions):
     report = ingest(sessions, items, PixelEmbedder(), progress=False)
     assert report.added == 0 and [name for name, _ in report.failed] == ["junk.png", "empty.png"]
     with sessions() as s:
-        assert store.counts(s)["images"] == 0
+        assert image_store.counts(s)["images"] == 0
 
 
 def test_interrupted_run_resumed_equals_uninterrupted_run(pg_server, tmp_path, engine):
     from sqlalchemy.orm import sessionmaker
+
+    from backend.storage.engine import create_engine_checked
     from tests.conftest import TEMPLATE, _new_database
-    from backend.database import create_engine_checked
 
     items = _folder_items(tmp_path)
     interrupted = sessionmaker(engine)
     with pytest.raises(KeyboardInterrupt):
         ingest(interrupted, items, PixelEmbedder(fail_after_batches=2), batch_size=4, progress=False)
     with interrupted() as s:
-        assert store.counts(s)["images"] == 8  # two whole batches, nothing of the third
+        assert image_store.counts(s)["images"] == 8  # two whole batches, nothing of the third
     _prototype_check(interrupted)
     resumed = ingest(interrupted, items, PixelEmbedder(), batch_size=4, progress=False)
     assert (resumed.added, resumed.duplicates) == (len(items) - 8, 8)
@@ -131,17 +139,17 @@ def test_prototypes_follow_deletes_and_rebuild_matches(sessions, tmp_path):
     report = ingest(sessions, items, PixelEmbedder(), batch_size=4, progress=False)
     with sessions() as s, s.begin():
         red = s.scalars(sa.select(Image.id).join(Category).where(Category.name == "red")).all()
-        assert store.delete_images(s, red[:2] + [report.image_ids[-1]]) == 3
+        assert image_store.delete_images(s, red[:2] + [report.image_ids[-1]]) == 3
     assert _prototype_check(sessions) == 3
     with sessions() as s, s.begin():
-        store.delete_images(s, red)  # the last red ones: its prototype goes
+        image_store.delete_images(s, red)  # the last red ones: its prototype goes
     assert _prototype_check(sessions) == 2
     with sessions() as s:
-        incremental = store.load_prototypes(s, MODEL)
+        incremental = prototype_store.load_prototypes(s, MODEL)
     with sessions() as s, s.begin():
-        assert store.rebuild_prototypes(s, MODEL) == 2
+        assert prototype_store.rebuild_prototypes(s, MODEL) == 2
     with sessions() as s:
-        rebuilt = store.load_prototypes(s, MODEL)
+        rebuilt = prototype_store.load_prototypes(s, MODEL)
     assert incremental[0] == rebuilt[0] and incremental[2] == rebuilt[2]
     np.testing.assert_allclose(incremental[1], rebuilt[1], atol=1e-6)
 
@@ -156,7 +164,7 @@ def test_an_image_stored_for_one_model_is_embedded_for_another(sessions, tmp_pat
     report = ingest(sessions, items, OtherModel(), progress=False)
     assert (report.added, report.embedded_existing) == (0, len(items))
     with sessions() as s:
-        c = store.counts(s)
+        c = image_store.counts(s)
     assert c["images"] == len(items) and c["embeddings"] == {MODEL: len(items), "test-pixels-2": len(items)}
     assert c["prototypes"] == {MODEL: 3, "test-pixels-2": 3}
 
@@ -182,7 +190,7 @@ def test_reading_embedding_and_storing_overlap(sessions, monkeypatch):
             return png_bytes(PILImage.new("RGB", (20, 20), (n * 9 % 256, n * 31 % 256, n * 57 % 256)))
         return read
 
-    real_insert = store.insert_embeddings
+    real_insert = image_store.insert_embeddings
 
     def insert_embeddings(session, model, ids, vectors):
         stored = real_insert(session, model, ids, vectors)
@@ -191,7 +199,7 @@ def test_reading_embedding_and_storing_overlap(sessions, monkeypatch):
             changed.notify_all()
         return stored
 
-    monkeypatch.setattr(store, "insert_embeddings", insert_embeddings)
+    monkeypatch.setattr(image_store, "insert_embeddings", insert_embeddings)
 
     class Waiting(PixelEmbedder):
         def embed_prepared(self, batch):

@@ -12,9 +12,16 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from backend.index_manager import IndexManager
-from backend.live_sync import APPLICATION_NAME, CHANNEL, MAX_PAYLOAD, ChangeListener, announce, parse
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.service.index_manager import IndexManager
+from backend.storage.notify import (
+    APPLICATION_NAME,
+    CHANNEL,
+    MAX_PAYLOAD,
+    ChangeListener,
+    announce,
+    parse,
+)
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 WITHIN = 2.0  # seconds the issue allows from a commit to being found elsewhere
@@ -142,26 +149,26 @@ def test_a_full_resync_reloads_prototypes_that_changed_alone(sessions, tmp_path,
 
 
 def _stored_prototypes(sessions) -> np.ndarray:
-    from backend import store
+    from backend.storage import prototypes as prototype_store
 
     with sessions() as s:
-        return store.load_prototypes(s, "test-pixels")[1]
+        return prototype_store.load_prototypes(s, "test-pixels")[1]
 
 
 def test_two_prototype_rebuilds_at_once_both_succeed(sessions, tmp_path, collection):
     """Workers starting together each recompute the prototypes; the second must wait for the first, not collide."""
-    from backend import store
+    from backend.storage import prototypes as prototype_store
 
     _open(sessions, tmp_path).build_database("folder", collection, progress=False)
     first = sessions()
     first.begin()
-    store.rebuild_prototypes(first, "test-pixels")  # not committed yet
+    prototype_store.rebuild_prototypes(first, "test-pixels")  # not committed yet
     errors = []
 
     def second():
         try:
             with sessions() as s, s.begin():
-                store.rebuild_prototypes(s, "test-pixels")
+                prototype_store.rebuild_prototypes(s, "test-pixels")
         except Exception as exc:  # noqa: BLE001 - the test reports whatever it was
             errors.append(exc)
 
@@ -230,7 +237,7 @@ def test_only_one_process_writes_a_snapshot_folder(sessions, tmp_path):
     manager = IndexManager(sessions, "test-pixels", 48, "flatip", tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from backend.index_manager import WriterLock
+        from backend.service.index_manager import WriterLock
         assert WriterLock({str(manager.writer.path)!r}).acquire()
         print("held", flush=True)
         sys.stdin.read()

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from backend import embedders, store
+from backend.api.app import create_app
 from backend.config import settings
-from backend.database import normalise_url
+from backend.embedding import models
+from backend.embedding.decode import sha256
 from backend.errors import DatabaseError, ModelUnavailable
-from backend.images import sha256
-from backend.main import create_app
-from backend.model_choice import ModelChoice, choose_model, load_embedder, unserved_notice
-from backend.service import ImageSearch
+from backend.service.image_search import ImageSearch
+from backend.service.model_choice import (
+    ModelChoice,
+    choose_model,
+    load_embedder,
+    unserved_notice,
+)
+from backend.storage import images as image_store
+from backend.storage.engine import normalise_url
 from tests.helpers import PixelEmbedder, write_folder_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _store_vectors(sessions, model: str, n: int, chosen: bool, offset: int = 0) -> None:
     rng = np.random.default_rng(offset)
     with sessions() as s, s.begin():
-        store.ensure_model(s, model, 4, chosen=chosen)
-        ids = store.insert_images(s, [store.NewImage(sha256=sha256(f"{model}{offset + k}".encode()), data=b"x", width=1,
+        image_store.ensure_model(s, model, 4, chosen=chosen)
+        ids = image_store.insert_images(s, [image_store.NewImage(sha256=sha256(f"{model}{offset + k}".encode()), data=b"x", width=1,
                                                      height=1, format="PNG", category="c") for k in range(n)])
-        store.insert_embeddings(s, model, list(ids.values()), rng.random((n, 4), dtype=np.float32))
+        image_store.insert_embeddings(s, model, list(ids.values()), rng.random((n, 4), dtype=np.float32))
 
 
 @pytest.fixture
@@ -53,32 +59,32 @@ def test_unset_uses_the_model_a_populate_chose_last_else_the_one_with_most_vecto
 
 def test_empty_database_uses_the_default_when_its_weights_can_be_had_else_an_offline_model(sessions, unset_model,
                                                                                           monkeypatch, caplog):
-    resnet = embedders.get_embedder(embedders.DEFAULT_MODEL)
+    resnet = models.get_embedder(models.DEFAULT_MODEL)
     monkeypatch.setattr(resnet, "weights_problem", lambda: None)
     assert choose_model(sessions).source == "default"
     monkeypatch.setattr(resnet, "weights_problem", lambda: "no weights here")
-    with caplog.at_level(logging.INFO, logger="backend.model_choice"):
+    with caplog.at_level(logging.INFO, logger="backend.service.model_choice"):
         choice = choose_model(sessions)
     assert choice.name == "efficientnet_lite0" and choice.source == "offline fallback"
     assert "resnet50 cannot be used here (no weights here)" in caplog.text
 
 
 def test_resnet_weights_problem_names_a_missing_weights_file(tmp_path):
-    model = embedders.create_embedder("resnet18", weights_path=tmp_path / "missing.pth")
+    model = models.create_embedder("resnet18", weights_path=tmp_path / "missing.pth")
     assert "does not exist" in model.weights_problem()
-    assert embedders.create_embedder("efficientnet_lite0").weights_problem() is None
+    assert models.create_embedder("efficientnet_lite0").weights_problem() is None
 
 
 def test_a_model_that_cannot_load_says_which_models_the_database_has(sessions, monkeypatch):
     _store_vectors(sessions, "efficientnet_lite0", 3, chosen=True)
     monkeypatch.setattr(settings, "model_name", "resnet18")
     monkeypatch.setattr(settings, "model_weights_path", Path("/nonexistent/resnet18.pth"))
-    embedders.get_embedder.cache_clear()
+    models.get_embedder.cache_clear()
     try:
         with pytest.raises(ModelUnavailable) as err:
             load_embedder(choose_model(sessions), sessions)
     finally:
-        embedders.get_embedder.cache_clear()
+        models.get_embedder.cache_clear()
     message = str(err.value)
     assert "MODEL_WEIGHTS_PATH=/nonexistent/resnet18.pth does not exist" in message
     assert "efficientnet_lite0 (3 vectors; works offline)" in message
@@ -102,7 +108,7 @@ def test_server_with_a_model_that_has_no_vectors_does_not_claim_ready_and_says_w
     write_folder_dataset(tmp_path / "f", n_per_class=2)
     ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap").build_database(
         "folder", tmp_path / "f", progress=False)
-    with caplog.at_level(logging.INFO, logger="backend.main"), \
+    with caplog.at_level(logging.INFO, logger="backend.api.app"), \
             TestClient(create_app(lambda: ImageSearch(sessions, OtherPixels(), snapshot_dir=tmp_path / "snap"))) as c:
         status = c.get("/status").json()
     assert status["index_size"] == 0 and "test-pixels (6 vectors)" in status["notice"]

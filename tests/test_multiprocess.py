@@ -12,8 +12,14 @@ import httpx
 import numpy as np
 import pytest
 
-from backend.datasets import load_dataset, select_balanced
-from tests.helpers import PINNED_ENGINE, ROOT, png_bytes, running_server, write_fashion_mnist
+from backend.pipeline.datasets import load_dataset, select_balanced
+from tests.helpers import (
+    PINNED_ENGINE,
+    ROOT,
+    png_bytes,
+    running_server,
+    write_fashion_mnist,
+)
 
 pytestmark = pytest.mark.slow
 

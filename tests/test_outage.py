@@ -7,10 +7,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import sessionmaker
 
+from backend.api.app import create_app
 from backend.config import settings
-from backend.database import migrated_engine
-from backend.main import create_app
-from backend.pg_server import EmbeddedPostgres
+from backend.storage.embedded_server import EmbeddedPostgres
+from backend.storage.migrations import migrated_engine
 from tests.helpers import folder_opener, png_bytes
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from backend.pg_server import SYSTEM_USER, EmbeddedPostgres, _pg_install
+from backend.storage.embedded_server import SYSTEM_USER, EmbeddedPostgres, _pg_install
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def _assert_upgraded(server: EmbeddedPostgres, url: str) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys
-    from backend.pg_server import EmbeddedPostgres
+    from backend.storage.embedded_server import EmbeddedPostgres
     print(EmbeddedPostgres(sys.argv[1]).acquire(), flush=True)
     sys.stdin.readline()  # hold the server until told to go
 """)

@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from backend import precision
-from backend.embedders import create_embedder
+from backend.embedding import precision
+from backend.embedding.models import create_embedder
 from tests.helpers import PixelEmbedder
 
 

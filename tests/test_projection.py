@@ -1,14 +1,21 @@
-"""A projection learnt from the categories (backend.projection, backend.train_projection): it lifts precision where
+"""A projection learnt from the categories (backend.embedding.projection, backend.pipeline.train_projection): it lifts precision where
 the categories differ along some directions only, its output is unit-norm and deterministic, a stored head
 round-trips through PostgreSQL, and its derived model stays complete as the collection changes."""
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from backend import projection, store
-from backend.models import Embedding, Prototype
-from backend.service import ImageSearch
-from backend.train_projection import precision_at_k, train_head, train_projection
+from backend.embedding import projection
+from backend.pipeline.train_projection import (
+    precision_at_k,
+    train_head,
+    train_projection,
+)
+from backend.service.image_search import ImageSearch
+from backend.storage import heads as head_store
+from backend.storage import images as image_store
+from backend.storage import prototypes as prototype_store
+from backend.storage.tables import Embedding, Prototype
 from tests.helpers import PixelEmbedder, class_images, png_bytes, write_folder_dataset
 
 DERIVED = projection.derived_name(PixelEmbedder.name)
@@ -75,9 +82,9 @@ def _vectors(sessions, model):
 def test_a_published_head_round_trips_through_postgresql_and_projects_every_vector(collection):
     head = train_projection(collection, PixelEmbedder.name, dim=8, epochs=3, progress=False)
     with collection() as s:
-        stored = projection.current_head(s, DERIVED)
-        projection._PARSED.clear()  # parse the stored bytes again, not the cached copy
-        parsed = projection.current_head(s, DERIVED)
+        stored = head_store.current_head(s, DERIVED)
+        head_store.forget_parsed()  # parse the stored bytes again, not the cached copy
+        parsed = head_store.current_head(s, DERIVED)
         prototypes = s.scalar(sa.select(sa.func.count()).select_from(Prototype).where(Prototype.model_name == DERIVED))
     assert stored.version == parsed.version == head.version and parsed.kind == "mlp"
     assert parsed.weights.keys() == head.weights.keys()
@@ -92,7 +99,7 @@ def test_a_published_head_round_trips_through_postgresql_and_projects_every_vect
 def test_the_derived_model_follows_additions_deletions_and_a_new_version(collection, tmp_path):
     train_projection(collection, PixelEmbedder.name, dim=8, epochs=3, progress=False)
     with collection() as s:
-        embedder = projection.ProjectedEmbedder(PixelEmbedder(), projection.require_head(s, DERIVED))
+        embedder = projection.ProjectedEmbedder(PixelEmbedder(), head_store.require_head(s, DERIVED))
     search = ImageSearch(collection, embedder, snapshot_dir=tmp_path / "snap", batch_size=8)
     assert (search.index.dim, len(search.index)) == (8, 30)
     rng = np.random.default_rng(5)
@@ -121,7 +128,7 @@ def test_the_derived_model_follows_additions_deletions_and_a_new_version(collect
 
 def test_a_derived_model_without_a_head_says_how_to_train_one(sessions):
     from backend.errors import ModelUnavailable
-    from backend.model_choice import ModelChoice, load_embedder
+    from backend.service.model_choice import ModelChoice, load_embedder
 
     with pytest.raises(ModelUnavailable, match="train-projection"):
         load_embedder(ModelChoice(DERIVED, "MODEL_NAME", "set"), sessions, load=False)
@@ -131,7 +138,7 @@ def test_training_without_vectors_in_categories_is_a_clear_error(sessions):
     from backend.errors import ImsrcError
 
     with sessions() as s, s.begin():
-        store.ensure_model(s, PixelEmbedder.name, PixelEmbedder.dim)
+        image_store.ensure_model(s, PixelEmbedder.name, PixelEmbedder.dim)
     with pytest.raises(ImsrcError, match="no test-pixels vectors are in a category|no test-pixels vectors"):
         train_projection(sessions, PixelEmbedder.name, epochs=1, progress=False)
 
@@ -148,7 +155,7 @@ def test_a_derived_model_judges_no_close_match_in_its_base_space(collection, tmp
     assert unlike["threshold"] == like["threshold"] == head.report["base_no_match_threshold"]
     base = PixelEmbedder().embed([Image.open(__import__("io").BytesIO(gray))])[0]
     with collection() as s:
-        _, base_prototypes, _ = store.load_prototypes(s, PixelEmbedder.name)
+        _, base_prototypes, _ = prototype_store.load_prototypes(s, PixelEmbedder.name)
     assert unlike["best_similarity"] == pytest.approx(float((base_prototypes @ base).max()), abs=1e-4)
     assert not unlike["close_match"] and like["close_match"], (unlike, like)
     search.close()

@@ -5,11 +5,12 @@ import hashlib
 import numpy as np
 import sqlalchemy as sa
 
-from backend import store
-from backend.consistency import check
-from backend.index_manager import IndexManager
-from backend.models import Embedding, Prototype
-from backend.search import CategoryIndex
+from backend.pipeline.consistency import check
+from backend.search.category_index import CategoryIndex
+from backend.service.index_manager import IndexManager
+from backend.storage import images as image_store
+from backend.storage import prototypes as prototype_store
+from backend.storage.tables import Embedding, Prototype
 
 MODEL, DIM = "test-slots", 8
 
@@ -32,11 +33,11 @@ def _two_lobed(n: int, seed: int = 0):
 
 def _store(sessions, vectors: np.ndarray, category: str, salt: str) -> list[int]:
     with sessions() as s, s.begin():
-        images = [store.NewImage(hashlib.sha256(f"{salt}{n}".encode()).hexdigest(), b"x", 1, 1, "PNG", category)
+        images = [image_store.NewImage(hashlib.sha256(f"{salt}{n}".encode()).hexdigest(), b"x", 1, 1, "PNG", category)
                   for n in range(len(vectors))]
-        ids = store.insert_images(s, images)
+        ids = image_store.insert_images(s, images)
         ordered = [ids[im.sha256] for im in images]
-        store.insert_embeddings(s, MODEL, ordered, vectors)
+        image_store.insert_embeddings(s, MODEL, ordered, vectors)
     return ordered
 
 
@@ -56,7 +57,7 @@ def test_a_category_in_two_lobes_is_found_by_its_closest_prototype(sessions, tmp
     _store(sessions, y, "y", "y")
     query = np.eye(DIM, dtype=np.float32)[:1]  # in x's first lobe
     with sessions() as s, s.begin():
-        assert store.rebuild_prototypes(s, MODEL, per_category=1) == 2  # one mean per category
+        assert prototype_store.rebuild_prototypes(s, MODEL, per_category=1) == 2  # one mean per category
     manager = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
     manager.rebuild(save=False, prototypes=False)
     with sessions() as s:
@@ -64,7 +65,7 @@ def test_a_category_in_two_lobes_is_found_by_its_closest_prototype(sessions, tmp
     assert manager.index.rank_prototypes(query)[0][0, 0] == y_id
 
     with sessions() as s, s.begin():
-        assert store.rebuild_prototypes(s, MODEL, per_category=4) == 2 + 2  # 120 members: 2 slots of >= 50 each
+        assert prototype_store.rebuild_prototypes(s, MODEL, per_category=4) == 2 + 2  # 120 members: 2 slots of >= 50 each
     manager.sync([])
     assert manager.index.rank_prototypes(query)[0][0, 0] == x_id
     assert sorted(_slots(sessions).values()) == [60, 60]  # k-means found the two lobes
@@ -80,7 +81,7 @@ def test_additions_and_deletions_keep_each_slot_exact(sessions, tmp_path):
     x_ids = _store(sessions, x, "x", "x")
     _store(sessions, y, "y", "y")
     with sessions() as s, s.begin():
-        store.rebuild_prototypes(s, MODEL, per_category=2)
+        prototype_store.rebuild_prototypes(s, MODEL, per_category=2)
     before = _slots(sessions)
     new = _store(sessions, _unit(np.eye(DIM)[1] + np.random.default_rng(1).normal(scale=0.05, size=(5, DIM))),
                  "x", "new")  # all in the second lobe
@@ -95,14 +96,14 @@ def test_additions_and_deletions_keep_each_slot_exact(sessions, tmp_path):
     assert check(sessions, MODEL, manager.index).ok  # the sums were added to the right slot
 
     with sessions() as s, s.begin():  # the whole first lobe goes: its prototype goes with it
-        store.delete_images(s, x_ids[0::2])
+        image_store.delete_images(s, x_ids[0::2])
     assert list(_slots(sessions).values()) == [65]
     manager.sync()
     assert check(sessions, MODEL, manager.index).ok
 
 
 def test_the_index_holds_several_prototypes_per_category_through_a_snapshot(tmp_path):
-    from backend import snapshot
+    from backend.search import snapshot
 
     index = CategoryIndex(DIM, "flatip")
     vectors = _unit(np.eye(DIM)[:4])
@@ -124,11 +125,11 @@ def test_a_snapshot_takes_its_prototypes_from_postgresql(sessions, tmp_path):
     _store(sessions, x, "x", "x")
     _store(sessions, y, "y", "y")
     with sessions() as s, s.begin():
-        store.rebuild_prototypes(s, MODEL, per_category=1)
+        prototype_store.rebuild_prototypes(s, MODEL, per_category=1)
     manager = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
     manager.rebuild(save=True, prototypes=False)  # a snapshot with one prototype per category
     with sessions() as s, s.begin():  # then the prototypes alone are rebuilt, by another process
-        assert store.rebuild_prototypes(s, MODEL, per_category=2) == 4
+        assert prototype_store.rebuild_prototypes(s, MODEL, per_category=2) == 4
     reopened = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
     assert reopened.load_or_build() == "snapshot" and len(reopened.index.prototypes()[0]) == 4
     assert check(sessions, MODEL, reopened.index).ok

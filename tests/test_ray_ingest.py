@@ -13,13 +13,20 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
-from backend import collections, store
-from backend.collections import CollectionSessions
-from backend.database import create_engine_checked
-from backend.datasets import load_dataset
-from backend.embedders import create_embedder
-from backend.ingest import ingest
-from tests.helpers import PINNED_ENGINE, ROOT, free_port, write_fashion_mnist, write_folder_dataset
+from backend.embedding.models import create_embedder
+from backend.pipeline.datasets import load_dataset
+from backend.pipeline.ingest import ingest
+from backend.storage import collections
+from backend.storage import images as image_store
+from backend.storage.collections import CollectionSessions
+from backend.storage.engine import create_engine_checked
+from tests.helpers import (
+    PINNED_ENGINE,
+    ROOT,
+    free_port,
+    write_fashion_mnist,
+    write_folder_dataset,
+)
 
 # Not imported here: Ray reads its authentication settings when first imported, after the fixture sets them.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -87,7 +94,7 @@ def _assert_same(a: dict, b: dict, atol=1e-4) -> None:
 
 
 def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, db_url, other_db_url, tmp_path):
-    from backend.ray_ingest import connect, ingest_on_ray
+    from backend.pipeline.ray_ingest import connect, ingest_on_ray
 
     write_folder_dataset(tmp_path / "f", n_per_class=7)
     (tmp_path / "f" / "red" / "copy.png").write_bytes((tmp_path / "f" / "red" / "img000.png").read_bytes())
@@ -111,7 +118,7 @@ def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, 
     elsewhere = ingest_on_ray(registry.sessions("again"), items, embedder, other_db_url, batch_size=4, progress=False)
     assert (elsewhere.added, elsewhere.duplicates) == (21, 1)
     with registry.sessions("again")() as s:
-        assert store.counts(s)["embeddings"] == {"efficientnet_lite0": 21}
+        assert image_store.counts(s)["embeddings"] == {"efficientnet_lite0": 21}
     registry.close()
     engine.dispose()
 
@@ -119,7 +126,7 @@ def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, 
 def test_a_failing_ray_job_is_one_error_that_keeps_what_was_stored(ray_address, db_url, tmp_path):
     from sqlalchemy.engine import make_url
 
-    from backend.ray_ingest import RayUnavailable, connect, ingest_on_ray
+    from backend.pipeline.ray_ingest import RayUnavailable, connect, ingest_on_ray
 
     write_folder_dataset(tmp_path / "f", n_per_class=2)
     items = load_dataset("folder", "train", tmp_path / "f")

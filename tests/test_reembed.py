@@ -11,12 +11,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from backend.collections import recorded_model
+from backend.api.app import create_app
 from backend.config import settings
 from backend.errors import ImsrcError
-from backend.main import create_app
-from backend.reembed import ModelNotReady, coverage, drop_model, reembed, switch_model
-from backend.service import ImageSearch
+from backend.pipeline.reembed import (
+    ModelNotReady,
+    coverage,
+    drop_model,
+    reembed,
+    switch_model,
+)
+from backend.service.image_search import ImageSearch
+from backend.storage.collections import recorded_model
 from tests.helpers import ROOT, PixelEmbedder, png_bytes, write_folder_dataset
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from backend import runtimes
-from backend.embedders import create_embedder, l2_normalize
-from backend.precision import calibration_images
+from backend.embedding import runtimes
+from backend.embedding.models import create_embedder
+from backend.embedding.precision import calibration_images
+from backend.embedding.vectors import l2_normalize
 from tests.helpers import PixelEmbedder
 
 

@@ -2,10 +2,12 @@
 import faiss
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from backend.embedders import l2_normalize
-from backend.search import INDEX_TYPES, CategoryIndex
+from backend.embedding.vectors import l2_normalize
+from backend.search.category_index import CategoryIndex
+from backend.search.partition import INDEX_TYPES
 
 
 def _collection(n=300, d=16, categories=5, seed=0):
@@ -73,7 +75,7 @@ def test_flat_l2_scores_are_one_over_one_plus_distance_and_rank_like_cosine():
 
 @pytest.mark.parametrize("index_type", ["fp16", "hnsw", "ivfflat", "ivffp16"])
 def test_approximate_indexes_find_the_exact_neighbours(index_type, monkeypatch):
-    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
     ids, vectors, cats = _collection(n=600)
     exact = _index(ids, vectors, cats).search(vectors[:20], 10, use_prototypes=False)
     approx = _index(ids, vectors, cats, index_type).search(vectors[:20], 10, use_prototypes=False)
@@ -120,7 +122,7 @@ def test_bad_shapes_are_rejected():
 
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
 def test_stored_round_trip_reads_in_place_until_changed(index_type, monkeypatch):
-    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
     ids, vectors, cats = _collection()
     index = _index(ids, vectors, cats, index_type)
     blobs = {c: faiss.serialize_index(stored) for c, stored in index.stored_partitions()}
@@ -137,7 +139,7 @@ def test_stored_round_trip_reads_in_place_until_changed(index_type, monkeypatch)
 
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
 def test_vectors_read_back_from_each_index_type(index_type, monkeypatch):
-    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)
     ids, vectors, cats = _collection()
     index = _index(ids, vectors, cats, index_type)
     position = {i: p for p, i in enumerate(ids.tolist())}
@@ -154,7 +156,7 @@ def test_vectors_read_back_from_each_index_type(index_type, monkeypatch):
 
 
 def test_ivf_categories_are_reclustered_as_they_grow_and_shrink(monkeypatch):
-    monkeypatch.setattr("backend.search.IVF_MIN_VECTORS", 50)
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)
     ids, vectors, cats = _collection(n=1200, categories=1)
     index = CategoryIndex(vectors.shape[1], "ivfflat")
     index.add(ids[:40], vectors[:40], cats[:40])

@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend import export, service
+from backend.api.app import create_app
 from backend.config import settings
-from backend.main import create_app
-from backend.service import ImageSearch
+from backend.service import export, image_search
+from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -91,13 +91,13 @@ def test_metadata_keys_and_bad_upload_metadata(client, monkeypatch):
                                files={"file": ("y.png", _png((1, 2, 3)), "image/png")})
         assert response.status_code == 422 and "metadata" in response.text.lower(), bad
     summaries = []
-    real = service.filters.summarise_keys
-    monkeypatch.setattr(service.filters, "summarise_keys", lambda s: summaries.append(1) or real(s))
+    real = image_search.filters.summarise_keys
+    monkeypatch.setattr(image_search.filters, "summarise_keys", lambda s: summaries.append(1) or real(s))
     added = client.post("/upload", data={"category": "red", "metadata": json.dumps({"studio": "north"})},
                         files={"file": ("y.png", _png((1, 2, 3)), "image/png")})
     assert added.status_code == 200
     assert "studio" not in {k["key"] for k in client.get("/metadata/keys").json()} and not summaries  # too soon
-    monkeypatch.setattr(service, "KEYS_MIN_AGE", 0.0)
+    monkeypatch.setattr(image_search, "KEYS_MIN_AGE", 0.0)
     assert "studio" in {k["key"] for k in client.get("/metadata/keys").json()}  # a write made the summary stale
     client.get("/metadata/keys")
     assert len(summaries) == 1  # ... and nothing since

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.errors import InvalidImage
-from backend.service import ImageSearch, NotFound
+from backend.errors import InvalidImage, NotFound
+from backend.service.image_search import ImageSearch
 from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_folder_dataset
 
 
@@ -103,7 +103,7 @@ def test_snapshot_is_used_when_it_matches_and_rebuilt_when_stale(sessions, tmp_p
     first = _open(sessions, tmp_path)
     first.build_database("folder", collection, progress=False)
     first.save_snapshot()
-    caplog.set_level(logging.INFO, logger="backend.index_manager")
+    caplog.set_level(logging.INFO, logger="backend.service.index_manager")
     second = _open(sessions, tmp_path)
     assert second.index_source == "snapshot" and "from snapshot" in caplog.text
     assert len(second.index) == len(first.index)
@@ -132,14 +132,14 @@ def test_two_processes_see_each_others_changes_after_refresh(sessions, tmp_path,
 
 
 def test_add_image_stores_metadata_with_the_image(sessions, tmp_path):
-    from backend import store
+    from backend.storage import images as image_store
 
     search = _open(sessions, tmp_path)
     added = search.add_image(_colour((9, 99, 199)), "teal", metadata={"photographer": "ada"})
     with sessions() as s:
-        image, category = store.get_image(s, added.image_id)
+        image, category = image_store.get_image(s, added.image_id)
     assert image.metadata_ == {"photographer": "ada"} and category == "teal"
     again = search.add_image(_colour((9, 99, 199)), "teal", metadata={"photographer": "bob"})
     assert again.duplicate
     with sessions() as s:
-        assert store.get_image(s, added.image_id)[0].metadata_ == {"photographer": "ada"}  # a duplicate changes nothing
+        assert image_store.get_image(s, added.image_id)[0].metadata_ == {"photographer": "ada"}  # a duplicate changes nothing

@@ -8,10 +8,12 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image as PILImage
 
-from backend import snapshot
-from backend.index_manager import IndexManager, fingerprint, snapshot_meta
-from backend.models import Embedding, Image
-from backend.service import ImageSearch
+from backend.search import snapshot
+from backend.search.snapshot import read_meta
+from backend.service.image_search import ImageSearch
+from backend.service.index_manager import IndexManager
+from backend.storage.fingerprints import fingerprint
+from backend.storage.tables import Embedding, Image
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 MODEL, DIM = PixelEmbedder.name, PixelEmbedder.dim
@@ -121,7 +123,7 @@ def test_a_bad_snapshot_is_moved_aside_and_the_index_rebuilt(built, sessions, tm
     path = built.manager.snapshot_path
     damage_file(path, sessions)
     damaged = path.read_bytes()
-    caplog.set_level(logging.INFO, logger="backend.index_manager")
+    caplog.set_level(logging.INFO, logger="backend.service.index_manager")
 
     search = _open(sessions, tmp_path / "snap")  # must not raise
 
@@ -148,7 +150,7 @@ def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sess
     folder = tmp_path / "snap"
     files = sorted([built.manager.snapshot_path.name, built.manager.writer.path.name])  # the snapshot, who writes it
     assert sorted(p.name for p in folder.iterdir()) == files  # no other sidecar, no temp file
-    meta = snapshot_meta(built.manager.snapshot_path)  # what the set-up menu's state line reads
+    meta = read_meta(built.manager.snapshot_path)  # what the set-up menu's state line reads
     assert (meta["model"], meta["fingerprint"], meta["vectors"]) == (MODEL, built.manager.fingerprint, 24)
     before = built.manager.snapshot_path.read_bytes()
 
@@ -156,7 +158,7 @@ def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sess
         file.write(b"half a snapshot")
         raise OSError("disk full")
 
-    monkeypatch.setattr("backend.index_manager.snapshot.write", crash)
+    monkeypatch.setattr("backend.service.index_manager.snapshot.write", crash)
     with pytest.raises(OSError, match="disk full"):
         built.save_snapshot()
     assert built.manager.snapshot_path.read_bytes() == before  # the old snapshot, whole
@@ -165,7 +167,7 @@ def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sess
 
 def test_a_snapshot_that_cannot_be_written_does_not_stop_start_up(built, sessions, tmp_path, monkeypatch, caplog):
     built.manager.snapshot_path.write_bytes(b"garbage")
-    monkeypatch.setattr("backend.index_manager.os.fsync", lambda fd: (_ for _ in ()).throw(OSError("read-only")))
+    monkeypatch.setattr("backend.service.index_manager.os.fsync", lambda fd: (_ for _ in ()).throw(OSError("read-only")))
     search = _open(sessions, tmp_path / "snap")
     assert search.index_source.startswith("rebuilt: snapshot was unreadable") and len(search.index) == 24
     assert "could not write the snapshot" in caplog.text
@@ -174,7 +176,7 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_start_up(built, session
 def test_a_refresh_after_another_process_wrote_is_snapshotted_at_shutdown(built, sessions, tmp_path):
     """The server's refresh picks up another process's upload; closing must write the snapshot, so that it matches
     PostgreSQL afterwards (a check of it passes, and the next start loads it)."""
-    from backend.consistency import check_snapshot
+    from backend.pipeline.consistency import check_snapshot
 
     server = _open(sessions, tmp_path / "snap")
     other = _open(sessions, tmp_path / "other")

@@ -12,10 +12,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.main import create_app
-from backend.telemetry import RequestIdFilter, request_id
-from backend.service import ImageSearch
-from tests.helpers import ROOT, PixelEmbedder, png_bytes, running_server, write_folder_dataset
+from backend.api.app import create_app
+from backend.api.telemetry import RequestIdFilter, request_id
+from backend.service.image_search import ImageSearch
+from tests.helpers import (
+    ROOT,
+    PixelEmbedder,
+    png_bytes,
+    running_server,
+    write_folder_dataset,
+)
 
 
 def _samples(text: str) -> dict[tuple, float]:

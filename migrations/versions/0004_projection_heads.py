@@ -1,4 +1,4 @@
-"""Projection heads learnt from the collection's categories (backend.projection), one row per trained version.
+"""Projection heads learnt from the collection's categories (backend.embedding.projection), one row per trained version.
 
 Revision ID: 0004
 Revises: 0003

@@ -1,5 +1,5 @@
 """Several prototypes per category: a prototype is (category, model, slot), and each vector counts towards one slot
-of its category (backend.store). Existing rows become slot 0, the one prototype they were.
+of its category (backend.storage.images). Existing rows become slot 0, the one prototype they were.
 
 Revision ID: 0005
 Revises: 0004

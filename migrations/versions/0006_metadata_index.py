@@ -1,4 +1,4 @@
-"""A GIN index on images.metadata: metadata filters (backend.filters) test equality by containment and presence by
+"""A GIN index on images.metadata: metadata filters (backend.storage.filters) test equality by containment and presence by
 the key operator, both of which it serves, so a selective filter does not read every image.
 
 Revision ID: 0006

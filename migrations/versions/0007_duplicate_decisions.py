@@ -1,4 +1,4 @@
-"""What a person decided about near-duplicate pairs (backend.duplicates): a pair decided once is not offered again.
+"""What a person decided about near-duplicate pairs (backend.search.duplicates): a pair decided once is not offered again.
 
 Revision ID: 0007
 Revises: 0006

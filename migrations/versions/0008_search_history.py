@@ -1,4 +1,4 @@
-"""Search history (backend.history): one row per search the API answered, kept for HISTORY_RETENTION_DAYS.
+"""Search history (backend.storage.history): one row per search the API answered, kept for HISTORY_RETENTION_DAYS.
 
 Revision ID: 0008
 Revises: 0007

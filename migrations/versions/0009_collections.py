@@ -1,7 +1,7 @@
 """Collections: a registry of named collections, each in a PostgreSQL schema of its own (the existing data becomes
 the `default` collection, in `public`), and image bytes moved to one table shared by every collection.
 
-This migration runs once per collection schema (backend.database.migrate): the shared parts only in `public`.
+This migration runs once per collection schema (backend.storage.migrations.migrate): the shared parts only in `public`.
 
 Revision ID: 0009
 Revises: 0008

@@ -1,0 +1,91 @@
+"""FastAPI dependencies: the ready ImageSearch, write access, image-job slots and upload reading with limits."""
+import re
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import Depends, Header, HTTPException, Path, Query, Request, UploadFile
+
+from backend.api.guard import ImageJobs, body_too_large, write_refusal
+from backend.config import settings
+from backend.service.image_search import ImageSearch
+from backend.service.served import ServedCollections
+from backend.storage.collections import NAME
+
+RETRY_AFTER_STARTING = "5"  # seconds: the model and index take a few seconds to load
+_CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part of a name imsrc stores
+CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
+MAX_INTEGER, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # PostgreSQL's integer and bigint
+MAX_FILE_NAME = 255
+COLLECTION_PATTERN = NAME.pattern
+
+
+def get_served(request: Request) -> ServedCollections:
+    """The collections served (the default's opened at start-up); 503 until the server is ready."""
+    if getattr(request.app.state, "collections", None) is None:
+        error = getattr(request.app.state, "startup_error", None)
+        raise HTTPException(503, f"not ready: {error}" if error else "not ready: the model and index are loading",
+                            headers={"Retry-After": RETRY_AFTER_STARTING})
+    return request.app.state.collections
+
+
+ServedDep = Annotated[ServedCollections, Depends(get_served)]
+
+
+def get_search(served: ServedDep, collection: Annotated[str | None, Query(
+        description="the collection to use (default: the server's, COLLECTION, which is `default` unless set); "
+                    "see GET /collections",
+        pattern=COLLECTION_PATTERN, max_length=40)] = None) -> ImageSearch:
+    """The collection's ImageSearch (opened on its first request); 404 for a collection that does not exist."""
+    return served.get(collection)
+
+
+SearchDep = Annotated[ImageSearch, Depends(get_search)]
+
+
+def in_collection(request: Request, path: str) -> str:
+    """`path` in the collection the request named (ids are the collection's own), e.g. /images/7?collection=x."""
+    collection = request.query_params.get("collection")
+    return f"{path}?{urlencode({'collection': collection})}" if collection else path
+
+
+def require_write_access(request: Request, x_api_key: Annotated[
+        str | None, Header(description="required when the server has API_KEY set")] = None) -> None:
+    """Writes need X-API-Key to match API_KEY (or OPEN_WRITES without a key), and no foreign Origin.
+
+    backend.api.guard.RequestGuard checks the same before the body is read; this keeps routes safe on their own
+    and puts the header in the API docs."""
+    refusal = write_refusal(request.url.scheme, request.headers)
+    if refusal is not None:
+        raise HTTPException(*refusal)
+
+
+def image_jobs(request: Request) -> ImageJobs:
+    """The app's bounded queue for image decoding and embedding."""
+    return request.app.state.image_jobs
+
+
+ImageJobsDep = Annotated[ImageJobs, Depends(image_jobs)]
+
+
+async def read_upload(file: UploadFile) -> bytes:
+    """The uploaded bytes, refusing (413) more than MAX_UPLOAD_SIZE without reading it all."""
+    data = await file.read(settings.max_upload_size + 1)
+    if len(data) > settings.max_upload_size:
+        raise body_too_large()
+    if not data:
+        raise HTTPException(400, "the uploaded file is empty")
+    return data
+
+
+def clean_file_name(name: str | None) -> str | None:
+    """An uploaded file's name as it is stored: control characters dropped, at most 255 characters."""
+    if name is None:
+        return None
+    return CONTROL_CHARACTERS.sub("", name)[-MAX_FILE_NAME:] or None
+
+
+# Ids and offsets are bounded by what PostgreSQL stores (bigint, integer), so an absurd one is a 422, not a 500.
+ImageId = Annotated[int, Path(ge=1, le=MAX_BIGINT, description="an image's id")]
+CategoryId = Annotated[int, Path(ge=1, le=MAX_INTEGER, description="a category's id")]
+# A category name as stored: printable text (no NUL or other control characters).
+CATEGORY_PATTERN = f"^[^{_CONTROL}]*$"

@@ -1,0 +1,249 @@
+"""Search endpoints: by uploaded images, by stored images, prototypes only; and the same searches as downloads."""
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Literal
+
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from backend.api import telemetry
+from backend.api.deps import (
+    CATEGORY_PATTERN,
+    MAX_BIGINT,
+    ImageId,
+    ImageJobsDep,
+    SearchDep,
+    in_collection,
+    read_upload,
+)
+from backend.api.schemas import ExamplesIn, ExportExamplesIn, Problem, SearchOut
+from backend.config import settings
+from backend.embedding.query_edits import CROP_PATTERN, QueryEdit
+from backend.search.duplicates import DEFAULT_THRESHOLD
+from backend.search.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
+from backend.service import export
+from backend.service.results import MAX_DEPTH, SearchResponse
+from backend.storage import filters
+
+router = APIRouter(tags=["search"])
+
+ERRORS = {400: {"model": Problem, "description": "not a decodable image"},
+          404: {"model": Problem, "description": "unknown category or image"},
+          413: {"model": Problem, "description": "file larger than MAX_UPLOAD_SIZE"},
+          415: {"model": Problem, "description": "unsupported image format"},
+          422: {"model": Problem, "description": "a parameter out of range, or a filter, example or region that "
+                                                 "cannot be used"},
+          503: {"model": Problem, "description": "model, index or database not ready, or too busy (see Retry-After)"}}
+EXPORTED = {200: {"description": "the results as a file (Content-Disposition: attachment)",
+                  "content": {media.split(";")[0]: {} for media in export.FORMATS.values()}}, **ERRORS}
+
+Limit = Annotated[int, Query(ge=1, le=50, description="number of results (one page)")]
+# With at most 50 per page, offset + limit stays within the MAX_DEPTH results a search can page through.
+Offset = Annotated[int, Query(ge=0, le=MAX_DEPTH - 50, description="results to skip (a page's first rank is offset "
+                              "+ 1); the pages of one query share one ranking")]
+ExportLimit = Annotated[int, Query(ge=1, le=export.MAX_ROWS, description="number of results in the file")]
+Format = Annotated[Literal["csv", "json", "zip"], Query(description="csv or json: one row per result; zip: the "
+                                                        f"images (at most {export.ZIP_MAX_IMAGES}, "
+                                                        f"{export.ZIP_MAX_BYTES // 2**20} MiB) and manifest.json")]
+StoredIds = Annotated[list[Annotated[int, Query(ge=1, le=MAX_BIGINT)]], Query(max_length=MAX_EXAMPLES)]
+Crop = Annotated[str | None, Query(max_length=100, pattern=CROP_PATTERN,
+                                   description="search only this region of each uploaded image: x,y,w,h in pixels "
+                                   "of the upright image, or as fractions of its width and height when written with "
+                                   "a decimal point (0.5,0,0.5,0.5 is the top-right quarter)")]
+
+
+@dataclass
+class Options:
+    """What shapes a search besides its examples."""
+
+    use_prototypes: bool
+    prototype_limit: int
+    category: str | None
+    min_score: float | None
+    where: list
+    strategy: str
+    negative_weight: float
+    collapse_duplicates: bool = False
+
+    def kwargs(self) -> dict:
+        """As keyword arguments of ImageSearch.search_examples."""
+        return {"use_prototypes": self.use_prototypes, "top_categories": self.prototype_limit,
+                "category": self.category, "min_score": self.min_score, "where": self.where,
+                "strategy": self.strategy, "negative_weight": self.negative_weight,
+                "collapse": DEFAULT_THRESHOLD if self.collapse_duplicates else None}
+
+
+def search_options(
+        use_prototypes: Annotated[bool, Query(description="two-stage search; false searches every category")] =
+        settings.use_prototype_filtering,
+        prototype_limit: Annotated[int, Query(ge=1, le=10, description="categories searched after the prototype "
+                                              "stage")] = settings.prototype_limit,
+        category: Annotated[str | None, Query(max_length=200, pattern=CATEGORY_PATTERN,
+                                              description="only this category (name)")] = None,
+        min_score: Annotated[float | None, Query(ge=-1, le=1, description="leave out results scoring less")] = None,
+        terms: Annotated[list[Annotated[str, Query(max_length=700)]] | None,
+                         Query(alias="filter", max_length=filters.MAX_CONDITIONS, description=filters.QUERY_SYNTAX)] =
+        None,
+        strategy: Annotated[Literal["mean", "max"], Query(description="how several examples combine (see the "
+                                                          "README): mean, or max")] = DEFAULT_STRATEGY,
+        negative_weight: Annotated[float, Query(ge=0, le=2, description="how much the negative examples count "
+                                                "against a result")] = NEGATIVE_WEIGHT,
+        collapse_duplicates: Annotated[bool, Query(description="leave out results that are near-duplicates of a "
+                                                   "result ranked before them")] = False) -> Options:
+    """The search options of the query string."""
+    return Options(use_prototypes, prototype_limit, category, min_score, filters.from_query(terms), strategy,
+                   negative_weight, collapse_duplicates)
+
+
+OptionsDep = Annotated[Options, Depends(search_options)]
+
+
+def to_out(request: Request, response: SearchResponse) -> SearchOut:
+    """Add image URLs to a service response (and count its stage times in the metrics)."""
+    telemetry.observe_stages(response.timings_ms)
+    return SearchOut(**_with_urls(request, response))
+
+
+def _with_urls(request: Request, response: SearchResponse) -> dict:
+    body = response.to_dict()
+    for hit in body["results"]:
+        hit["image_url"] = in_collection(request, str(request.url_for("get_image", image_id=hit["image_id"]).path))
+    return body
+
+
+async def _download(request: Request, jobs, search, response: SearchResponse, fmt: str, query: dict) -> Response:
+    """The results as a file; a ZIP is built in an image-job slot (it reads the images) and streamed."""
+    results = _with_urls(request, response)["results"]
+    headers = {"Content-Disposition": f'attachment; filename="imsrc-results.{fmt}"'}
+    if fmt == "csv":
+        return Response(export.to_csv(results), media_type=export.FORMATS[fmt], headers=headers)
+    if fmt == "json":
+        return Response(export.to_json(results, query), media_type=export.FORMATS[fmt], headers=headers)
+    async with jobs.slot():
+        spool = await run_in_threadpool(export.to_zip, results, query, search.sessions)
+    return StreamingResponse(iterate_in_threadpool(_chunks(spool)), media_type=export.FORMATS[fmt], headers=headers)
+
+
+def _chunks(spool, size: int = 1 << 20):
+    with spool:
+        while chunk := spool.read(size):
+            yield chunk
+
+
+def _filters_form(text: str | None) -> list:
+    return filters.from_json(filters.load_json(text, "filters")) if text is not None else []
+
+
+FiltersForm = Annotated[str | None, Form(alias="filters", max_length=20_000, description="a metadata filter as a "
+                                         "JSON object: "
+                                         '{"colour": "red", "year": {"gte": 2000}, "tags": {"in": ["a", "b"]}, '
+                                         '"signed": {"exists": true}} (all must hold, with the `filter` terms)')]
+Files = Annotated[list[UploadFile], File(description="the query image; several files are several positive examples")]
+NegativeFiles = Annotated[list[UploadFile] | None, File(description="images the results should not look like")]
+Rotate = Annotated[int, Query(ge=0, le=270, multiple_of=90, description="degrees to rotate each uploaded image "
+                              "clockwise (0, 90, 180 or 270), after the crop")]
+Flip = Annotated[Literal["horizontal", "vertical"] | None, Query(description="mirror each uploaded image, last")]
+
+
+async def _upload_search(search, jobs, file, negative_file, positive_id, negative_id, filters_form, crop, rotate, flip,
+                         options: Options, limit: int, offset: int) -> SearchResponse:
+    """A search by uploaded (and stored) examples, in an image-job slot: what POST /search and its export share."""
+    negatives = negative_file or []
+    if len(file) + len(negatives) + len(positive_id) + len(negative_id) > MAX_EXAMPLES:
+        raise HTTPException(422, f"at most {MAX_EXAMPLES} examples (files and ids) per search")
+    where = options.where + _filters_form(filters_form)
+    edit = QueryEdit.parse(crop, rotate, flip)
+    async with jobs.slot():
+        uploads = [await read_upload(f) for f in file]
+        unwanted = [await read_upload(f) for f in negatives]
+        kwargs = {**options.kwargs(), "where": where, "offset": offset, "edit": edit}
+        return await run_in_threadpool(partial(search.search_examples, k=limit, **kwargs),
+                                       uploads + list(positive_id), unwanted + list(negative_id))
+
+
+@router.post("/search", response_model=SearchOut, responses=ERRORS)
+async def search(request: Request, search: SearchDep, jobs: ImageJobsDep, options: OptionsDep, file: Files,
+                 negative_file: NegativeFiles = None, filters_json: FiltersForm = None,
+                 positive_id: StoredIds = [], negative_id: StoredIds = [],  # noqa: B006 - FastAPI copies defaults
+                 crop: Crop = None, rotate: Rotate = 0, flip: Flip = None,
+                 limit: Limit = settings.default_search_limit, offset: Offset = 0):
+    """Find the stored images most similar to the uploaded one (cropped, rotated or flipped first if asked); with
+    several files, or stored images' ids, more like all of them, and less like the negative ones."""
+    response = await _upload_search(search, jobs, file, negative_file, positive_id, negative_id, filters_json, crop,
+                                    rotate, flip, options, limit, offset)
+    return to_out(request, response)
+
+
+@router.post("/search/export", response_class=Response, responses=EXPORTED)
+async def search_export(request: Request, search: SearchDep, jobs: ImageJobsDep, options: OptionsDep, file: Files,
+                        format: Format, negative_file: NegativeFiles = None, filters_json: FiltersForm = None,
+                        positive_id: StoredIds = [], negative_id: StoredIds = [],  # noqa: B006
+                        crop: Crop = None, rotate: Rotate = 0, flip: Flip = None, limit: ExportLimit = 100):
+    """The same search as POST /search, as a file: its first `limit` results."""
+    response = await _upload_search(search, jobs, file, negative_file, positive_id, negative_id, filters_json, crop,
+                                    rotate, flip, options, limit, 0)
+    query = {"uploaded_images": len(file), "positive_ids": positive_id, "negative_ids": negative_id, "crop": crop,
+             "rotate": rotate, "flip": flip, "filter": request.query_params.getlist("filter"), "filters": filters_json}
+    return await _download(request, jobs, search, response, format, query)
+
+
+def _examples_search(search, body: ExamplesIn, offset: int) -> SearchResponse:
+    options = Options(body.use_prototypes, body.prototype_limit, body.category, body.min_score,
+                      filters.from_json(body.filter), body.strategy, body.negative_weight, body.collapse_duplicates)
+    return search.search_examples(body.positive_ids, body.negative_ids, body.limit, offset=offset, **options.kwargs())
+
+
+@router.post("/search/examples", response_model=SearchOut, responses=ERRORS)
+async def search_examples(request: Request, search: SearchDep, body: ExamplesIn):
+    """More like these stored images, less like those: the JSON form of a search, filter included."""
+    response = await run_in_threadpool(_examples_search, search, body, body.offset)
+    return to_out(request, response)
+
+
+@router.post("/search/examples/export", response_class=Response, responses=EXPORTED)
+async def search_examples_export(request: Request, search: SearchDep, jobs: ImageJobsDep, body: ExportExamplesIn,
+                                 format: Format):
+    """The same search as POST /search/examples, as a file."""
+    response = await run_in_threadpool(_examples_search, search, body, 0)
+    return await _download(request, jobs, search, response, format, body.model_dump())
+
+
+@router.post("/search/prototypes", response_model=SearchOut, responses=ERRORS)
+async def search_prototypes(request: Request, search: SearchDep, jobs: ImageJobsDep,
+                            file: Annotated[UploadFile, File(description="query image")],
+                            prototype_limit: Annotated[int, Query(ge=1, le=10, description="categories to list")] =
+                            settings.prototype_limit):
+    """Rank the category prototypes against the uploaded image (stage 1 only)."""
+    async with jobs.slot():
+        data = await read_upload(file)
+        response = await run_in_threadpool(search.rank_prototypes, data, prototype_limit)
+    return to_out(request, response)
+
+
+@router.get("/images/{image_id}/similar", response_model=SearchOut, responses=ERRORS)
+async def similar_to_stored(request: Request, search: SearchDep, image_id: ImageId, options: OptionsDep,
+                            limit: Limit = settings.default_search_limit, offset: Offset = 0):
+    """More like this: search with a stored image (the image itself is left out)."""
+    response = await run_in_threadpool(partial(search.search_examples, k=limit, offset=offset, **options.kwargs()),
+                                       [image_id])
+    return to_out(request, response)
+
+
+@router.get("/images/{image_id}/similar/export", response_class=Response, responses=EXPORTED)
+async def similar_to_stored_export(request: Request, search: SearchDep, jobs: ImageJobsDep, image_id: ImageId,
+                                   options: OptionsDep, format: Format, limit: ExportLimit = 100):
+    """The same search as GET /images/{image_id}/similar, as a file."""
+    response = await run_in_threadpool(partial(search.search_examples, k=limit, **options.kwargs()), [image_id])
+    query = {"image_id": image_id, "filter": request.query_params.getlist("filter")}
+    return await _download(request, jobs, search, response, format, query)

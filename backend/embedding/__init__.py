@@ -1,0 +1,1 @@
+"""Images to vectors: models, runtimes, precision, batching, decoding, query edits."""

@@ -1,0 +1,80 @@
+"""Dynamic batching of query embeddings: concurrent queries share one forward pass of the model.
+
+Request threads preprocess their own image (in parallel: PIL and torch release the GIL) and hand the tensor to
+one model thread. That thread never waits for company: it takes whatever has queued up, up to `max_batch`, runs
+it as one batch and takes the next lot. Alone, a query runs at once, as a batch of one; under load, the queries
+that arrive during one pass form the next batch, so throughput grows with concurrency towards the model's batched
+speed while no query waits longer than the pass before it.
+"""
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.embedding.models import Embedder
+
+
+class QueryBatcher:
+    """Embeds single images from many threads, batching those that arrive together (see the module docstring)."""
+
+    def __init__(self, embedder: Embedder, max_batch: int, preparing: int):
+        self.embedder, self.max_batch = embedder, max_batch
+        # Decoding and preprocessing hold the most memory per query: at most `preparing` at once.
+        self.preparing = threading.BoundedSemaphore(preparing)
+        self._queue: queue.SimpleQueue[tuple[torch.Tensor, Future] | None] = queue.SimpleQueue()
+        self.batches = self.queries = 0  # passes run and queries embedded, for /status and the tests
+        self._closed = False
+        self._closing = threading.Lock()  # close() and a query's put never interleave
+        self._thread = threading.Thread(target=self._run, name="query-batcher", daemon=True)
+        self._thread.start()
+
+    def embed(self, picture: Callable[[], Image.Image]) -> np.ndarray:
+        """The unit vector (d,) of the image picture() decodes (called under the `preparing` bound), computed in a
+        batch with whatever other queries are waiting."""
+        with self.preparing:
+            tensor = self.embedder.prepare([picture()])
+        done: Future = Future()
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the query batcher is closed")
+            self._queue.put((tensor, done))
+        return done.result()
+
+    def close(self) -> None:
+        """Stop the model thread once the queries already queued are answered; later ones are refused."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # after every query already put: they are all answered first
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                vectors = self.embedder.embed_prepared(torch.cat([tensor for tensor, _ in batch]))
+            except BaseException as exc:  # every waiting query gets the error, and the thread carries on
+                for _, done in batch:
+                    done.set_exception(exc)
+            else:
+                for (_, done), vector in zip(batch, vectors):
+                    done.set_result(vector)
+            self.batches += 1
+            self.queries += len(batch)
+            if stop:
+                return

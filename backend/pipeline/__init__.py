@@ -1,0 +1,1 @@
+"""Batch stages: datasets, ingestion, re-embedding, clustering, training heads, evaluation, checks."""

@@ -1,0 +1,172 @@
+"""Ingestion: read, hash, de-duplicate, decode, embed in batches and store each batch in one transaction."""
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from backend.embedding.decode import decode, sha256
+from backend.embedding.models import Embedder
+from backend.errors import InvalidImage
+from backend.pipeline.datasets import Item
+from backend.storage import images as image_store
+
+PREPARE_THREADS = 2  # reading and decoding are a fraction of the model's time: two keep ahead of it
+LOOKAHEAD = 2  # batches prepared ahead of the model: bounds the memory held by decoded images
+
+
+@dataclass
+class IngestReport:
+    """What an ingestion run did."""
+
+    added: int = 0  # new images stored with their vectors
+    embedded_existing: int = 0  # images already stored that got a vector for this model
+    duplicates: int = 0  # already stored with a vector for this model (or repeated within the run)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    seconds: float = 0.0
+    image_ids: list[int] = field(default_factory=list)  # ids of images added or embedded
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.added + self.embedded_existing
+        return done / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        """A few lines for a person."""
+        lines = [f"added {self.added}, embedded {self.embedded_existing} already stored, "
+                 f"skipped {self.duplicates} duplicates, failed {len(self.failed)} "
+                 f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"]
+        lines += [f"  failed: {name}: {reason}" for name, reason in self.failed[:20]]
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more failures")
+        return "\n".join(lines)
+
+
+def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedder: Embedder,
+           batch_size: int = 64, progress: bool = True, total: int | None = None) -> IngestReport:
+    """Store and embed items batch by batch; re-running adds nothing twice, and a stopped run resumes cleanly.
+
+    A pipeline, so that the model never waits: PREPARE_THREADS threads read, hash, look up and decode the next
+    LOOKAHEAD batches while this thread runs the model on the current one, and one writer thread stores the
+    previous one (its own transaction, as before). A derived model's images are stored with its base model's
+    vectors, from which the store derives its own (backend.embedding.projection)."""
+    embedder = embedder.source
+    report = IngestReport()
+    started = time.perf_counter()
+    items = list(items)
+    seen: set[str] = set()  # digests taken by earlier batches
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar, \
+            ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ingest-prepare") as preparing, \
+            ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as writing:
+        prepared = deque(preparing.submit(prepare_batch, session_factory, b, embedder) for b in batches[:LOOKAHEAD])
+        written = None
+        for n, batch in enumerate(batches):
+            ready = _claim(prepared.popleft().result(), seen)
+            if n + LOOKAHEAD < len(batches):
+                prepared.append(preparing.submit(prepare_batch, session_factory, batches[n + LOOKAHEAD], embedder))
+            vectors = embedder.embed_prepared(ready.tensors) if ready.to_embed else None
+            if written is not None:
+                written.result()  # one batch in the writer at a time, stored in order
+            written = writing.submit(store_batch, session_factory, ready, vectors, embedder.name, report)
+            report.seconds = time.perf_counter() - started
+            bar.set_postfix(added=report.added, dup=report.duplicates, failed=len(report.failed), refresh=False)
+            bar.update(len(batch))
+        if written is not None:
+            written.result()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class Prepared:
+    """One batch, read, de-duplicated and decoded: what is left to embed and store."""
+
+    to_embed: list[str] = field(default_factory=list)  # sha256 of each image to embed, in tensor order
+    tensors: object = None  # the model's input for them
+    new_images: list[image_store.NewImage] = field(default_factory=list)
+    existing_ids: dict[str, int] = field(default_factory=dict)  # stored images that lack this model's vector
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def prepare_batch(session_factory, batch: list[Item], embedder: Embedder) -> Prepared:
+    """Read, hash and decode a batch, leaving out what it repeats and what is already stored with a vector of the
+    embedder's model; the images left become the model's input (embedder.prepare). Thread- and process-safe."""
+    out = Prepared()
+    seen: set[str] = set()  # within this batch; across batches, _claim decides in batch order
+    read: list[tuple[Item, bytes, str]] = []
+    for item in batch:
+        try:
+            data = item.read()
+        except OSError as exc:
+            out.failed.append((item.original_name, f"cannot read: {exc.strerror or exc}"))
+            continue
+        digest = sha256(data)
+        if digest in seen:
+            out.duplicates += 1
+            continue
+        seen.add(digest)
+        read.append((item, data, digest))
+
+    with session_factory() as session:
+        existing = image_store.existing_images(session, [d for _, _, d in read], embedder.name)
+    pictures = []
+    for item, data, digest in read:
+        if digest in existing and existing[digest][1]:
+            out.duplicates += 1
+            continue
+        try:
+            decoded = decode(data)
+        except InvalidImage as exc:
+            out.failed.append((item.original_name, str(exc)))
+            continue
+        out.to_embed.append(digest)
+        pictures.append(decoded.image)
+        if digest in existing:
+            out.existing_ids[digest] = existing[digest][0]
+        else:
+            out.new_images.append(image_store.NewImage(
+                sha256=digest, data=data, width=decoded.width, height=decoded.height, format=decoded.format,
+                category=item.category, label=item.label, original_name=item.original_name,
+                source_dataset=item.source, source_split=item.split, metadata=item.metadata))
+    if pictures:
+        out.tensors = embedder.prepare(pictures)
+    return out
+
+
+def _claim(ready: Prepared, seen: set[str]) -> Prepared:
+    """Leave out what an earlier batch already took, deciding in batch order (batches are prepared side by side):
+    of identical files, the first in the input wins, as in a one-batch-at-a-time run."""
+    keep = [k for k, digest in enumerate(ready.to_embed) if digest not in seen]
+    if len(keep) < len(ready.to_embed):
+        ready.duplicates += len(ready.to_embed) - len(keep)
+        ready.to_embed = [ready.to_embed[k] for k in keep]
+        ready.tensors = ready.tensors[keep] if keep else None
+        kept = set(ready.to_embed)
+        ready.new_images = [image for image in ready.new_images if image.sha256 in kept]
+        ready.existing_ids = {d: i for d, i in ready.existing_ids.items() if d in kept}
+    seen.update(ready.to_embed)
+    return ready
+
+
+def store_batch(session_factory, ready: Prepared, vectors, model_name: str, report: IngestReport) -> None:
+    """Store a prepared batch's new images and its vectors (n, d) in one transaction, counting in `report`."""
+    report.duplicates += ready.duplicates
+    report.failed += ready.failed
+    if not ready.to_embed:
+        return
+    # Embedded outside the transaction so that it stays short; conflicts are settled by ON CONFLICT below.
+    with session_factory() as session, session.begin():
+        inserted = image_store.insert_images(session, ready.new_images)
+        ids = {**ready.existing_ids, **inserted}
+        # An image another process inserted meanwhile is not in `ids`: it is that process's to embed.
+        keep = [k for k, digest in enumerate(ready.to_embed) if digest in ids]
+        stored = image_store.insert_embeddings(session, model_name, [ids[ready.to_embed[k]] for k in keep], vectors[keep])
+    report.added += len(set(inserted.values()) & set(stored))
+    report.embedded_existing += len(set(ready.existing_ids.values()) & set(stored))
+    report.duplicates += len(ready.to_embed) - len(stored)
+    report.image_ids.extend(stored)

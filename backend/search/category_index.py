@@ -1,0 +1,279 @@
+"""Two-stage vector search, numpy in and numpy out (no SQL, no HTTP).
+
+The collection is partitioned by category: one FAISS sub-index per category, and one prototype
+vector per category. Stage 1 ranks the prototypes against the query; stage 2 searches the sub-indexes
+of the top categories and merges their hits. Searching every category is the exhaustive baseline, and
+with an exact index it returns exactly the brute-force result.
+
+Each category's vectors live once, inside its FAISS index, under their image ids (no numpy copy beside it):
+adding appends to that index, deleting removes from it (FAISS remove_ids; HNSW, which cannot remove, hides
+deleted ids behind a selector until a quarter of the category is dead and then rebuilds that category).
+
+Index types (FAISS_INDEX_TYPE), per category:
+  flatip   exact inner product over float32 (the default)
+  flatl2   exact L2 over float32, scored 1 / (1 + distance) as in the seed project
+  fp16     exact scan over float16 codes: half the memory, and faster (less to read)
+  hnsw     an HNSW graph over float32
+  ivfflat  an inverted file over float32 in categories of IVF_MIN_VECTORS or more, exact below
+  ivffp16  the same over float16 codes
+Scores are comparable across index types, and higher is always more similar: cosine similarity for the
+inner-product types (the vectors are L2-normalised), 1 / (1 + Euclidean distance) for flatl2.
+"""
+import time
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+
+from backend.search.partition import (
+    INDEX_KINDS,
+    INDEX_TYPES,
+    Hits,
+    Partition,
+    check_matrix,
+)
+
+
+class CategoryIndex:
+    """Category prototypes plus one FAISS sub-index per category; see the module docstring."""
+
+    def __init__(self, dim: int, index_type: str = "flatip"):
+        if index_type not in INDEX_KINDS:
+            raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        self.dim, self.index_type, self.kind = dim, index_type, INDEX_KINDS[index_type]
+        self._partitions: dict[int, Partition] = {}
+        self._prototypes: dict[int, np.ndarray] = {}  # category -> its prototypes (p, d), p >= 1
+        self._stacked = None  # every prototype in one matrix, for stage 1; made again after a change
+        self._category_of: dict[int, int] = {}
+
+    # -- contents ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._category_of)
+
+    @property
+    def categories(self) -> list[int]:
+        """Category ids that have a prototype, sorted."""
+        return sorted(self._prototypes)
+
+    def category_sizes(self) -> dict[int, int]:
+        """Vectors per category."""
+        return {c: len(p) for c, p in self._partitions.items() if len(p)}
+
+    def ids(self) -> np.ndarray:
+        """All image ids in the index, sorted."""
+        return np.array(sorted(self._category_of), dtype=np.int64)
+
+    def assignments(self) -> dict[int, int]:
+        """image id -> category id of every image held (a copy)."""
+        return dict(self._category_of)
+
+    def __contains__(self, image_id: int) -> bool:
+        return int(image_id) in self._category_of
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, categories: np.ndarray, optimise: bool = True) -> None:
+        """Add images (n,) with vectors (n, d) and category ids (n,); an id already present is replaced.
+        optimise=False leaves re-clustering the IVF types to optimise(), for loading in many batches."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        vectors = check_matrix(vectors, self.dim, "vectors")
+        categories = np.asarray(categories, dtype=np.int64).ravel()
+        if not len(ids) == len(vectors) == len(categories):
+            raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(categories)} categories")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add")
+        self.remove([i for i in ids.tolist() if i in self._category_of])
+        for cat in np.unique(categories).tolist():
+            mask = categories == cat
+            if (part := self._partitions.get(cat)) is None:
+                part = self._partitions[cat] = Partition(self.dim, self.kind)
+            part.add(ids[mask], vectors[mask])
+            if optimise:
+                part.optimise()
+        self._category_of.update(zip(ids.tolist(), categories.tolist()))
+
+    def optimise(self) -> None:
+        """Give every category the structure its size calls for (after add(..., optimise=False))."""
+        for part in self._partitions.values():
+            part.optimise()
+
+    def remove(self, ids) -> int:
+        """Remove images by id; returns how many were present."""
+        by_cat: dict[int, list[int]] = {}
+        for i in np.asarray(ids, dtype=np.int64).ravel().tolist():
+            if i in self._category_of:
+                by_cat.setdefault(self._category_of.pop(i), []).append(i)
+        for c, members in by_cat.items():
+            part = self._partitions[c]
+            part.remove(np.array(members, dtype=np.int64))
+            if not len(part):
+                del self._partitions[c]
+            else:
+                part.optimise()
+        return sum(map(len, by_cat.values()))
+
+    def set_prototypes(self, categories, vectors: np.ndarray) -> None:
+        """Set (or replace) the prototypes (p, d) of the given categories; a category with several prototypes is
+        given once per prototype, and all of them replace what it had."""
+        vectors = check_matrix(vectors, self.dim, "prototypes")
+        categories = np.asarray(categories, dtype=np.int64)
+        if len(categories) != len(vectors):
+            raise ValueError(f"{len(categories)} prototype categories for {len(vectors)} prototypes")
+        for cat in np.unique(categories).tolist():
+            self._prototypes[cat] = vectors[categories == cat]
+        self._stacked = None
+
+    def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(category ids (p,), prototype vectors (p, d)), by category id; a category once per prototype."""
+        cats = self.categories
+        if not cats:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return (np.repeat(np.array(cats, dtype=np.int64), [len(self._prototypes[c]) for c in cats]),
+                np.concatenate([self._prototypes[c] for c in cats]))
+
+    def category_similarities(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(category ids (c,), each vector's similarity to each category (n, c)): to its closest prototype."""
+        if self._stacked is None:
+            cats, rows = self.prototypes()
+            starts = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1]]) if len(cats) else cats
+            self._stacked = (cats[starts], np.ascontiguousarray(rows.T), starts)
+        cats, columns, starts = self._stacked
+        if not len(cats):
+            return cats, np.zeros((len(vectors), 0), np.float32)
+        sims = vectors @ columns
+        return cats, sims if len(starts) == sims.shape[1] else np.maximum.reduceat(sims, starts, axis=1)
+
+    def members(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(category, image ids (n,)) of each non-empty category, by category id."""
+        for c in sorted(self._partitions):
+            yield c, self._partitions[c].ids()
+
+    def partitions(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(category, ids (n,), vectors (n, d)) of each non-empty category, by category id: copies, decoded from the
+        index's codes, one category at a time."""
+        for c in sorted(self._partitions):
+            yield c, *self._partitions[c].contents()
+
+    def sample(self, per_category: int, seed: int = 0) -> Iterator[tuple[int, np.ndarray, int]]:
+        """(category, up to `per_category` of its vectors at random (m, d), its size) of each category: a cheap look
+        at what the collection holds (the whole category when it is that small)."""
+        rng = np.random.default_rng(seed)
+        for c in sorted(self._partitions):
+            part = self._partitions[c]
+            yield c, part.sample(per_category, rng), len(part)
+
+    def stored_partitions(self) -> list[tuple[int, faiss.Index | np.ndarray]]:
+        """(category, its FAISS index or the snapshot bytes it still reads) of each category, by id: what a snapshot
+        writes."""
+        return [(c, self._partitions[c].stored()) for c in sorted(self._partitions)]
+
+    def drop_prototypes(self, categories) -> None:
+        """Forget the prototypes of categories that no longer have members."""
+        for cat in categories:
+            self._prototypes.pop(int(cat), None)
+        self._stacked = None
+
+    def nbytes(self) -> int:
+        """Memory held by codes, ids and FAISS structures, in bytes."""
+        return sum(p.nbytes() for p in self._partitions.values()) + sum(p.nbytes for p in self._prototypes.values())
+
+    @classmethod
+    def from_stored(cls, dim: int, index_type: str, partitions: dict[int, np.ndarray], prototype_categories,
+                    prototypes: np.ndarray) -> "CategoryIndex":
+        """The inverse of stored_partitions: each category's FAISS bytes (read in place, without a copy, until the
+        category changes; the caller keeps them valid). Raises ValueError on parts that do not fit together."""
+        index = cls(dim, index_type)
+        for c, blob in partitions.items():
+            try:
+                faiss_index = faiss.read_index(faiss.ZeroCopyIOReader(faiss.swig_ptr(blob), blob.size))
+            except RuntimeError as exc:
+                raise ValueError(f"category {c}: FAISS cannot read it ({str(exc).splitlines()[0][:200]})") from None
+            if faiss_index.d != dim or not isinstance(faiss_index, (faiss.IndexIDMap, faiss.IndexIVF)):
+                raise ValueError(f"category {c}: a {faiss_index.d}-d {type(faiss_index).__name__}, expected a "
+                                 f"{dim}-d {index_type} index")
+            part = Partition(dim, index.kind, faiss_index, blob)
+            ids = part.ids()
+            known = len(index._category_of)
+            index._category_of.update(dict.fromkeys(ids.tolist(), c))
+            if len(index._category_of) != known + len(ids):
+                raise ValueError(f"category {c} repeats an image id")
+            if len(ids):
+                index._partitions[c] = part
+        index.set_prototypes(prototype_categories, prototypes)
+        return index
+
+    # -- search -----------------------------------------------------------------------------------
+    def rank_prototypes(self, queries: np.ndarray, categories=None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: (category ids (nq, c), cosine similarities (nq, c)), best first, among `categories`; a category
+        with several prototypes counts by its closest."""
+        queries = check_matrix(queries, self.dim, "queries")
+        cats, sims = self.category_similarities(queries)
+        if categories is not None:
+            keep = np.isin(cats, np.asarray(list(categories), dtype=np.int64))
+            cats, sims = cats[keep], sims[:, keep]
+        if not len(cats):
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        order = np.lexsort((np.broadcast_to(cats, sims.shape), -sims), axis=1)  # ties: lower id first
+        return cats[order], np.take_along_axis(sims, order, axis=1)
+
+    def neighbours(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n, k), scores (n, k)) of each vector's k nearest stored images across every category, best first (-1
+        ids where fewer exist): one batched FAISS search per category."""
+        vectors = check_matrix(vectors, self.dim, "vectors")
+        found = [part.search(vectors, k) for part in self._partitions.values()]
+        if not found:
+            return np.full((len(vectors), 0), -1, np.int64), np.zeros((len(vectors), 0), np.float32)
+        ids, scores = np.concatenate([f[0] for f in found], axis=1), np.concatenate([f[1] for f in found], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
+
+    def categories_of(self, ids: np.ndarray) -> set[int]:
+        """The categories holding any of these image ids."""
+        category_of = self._category_of
+        return {category_of[i] for i in np.asarray(ids, np.int64).tolist() if i in category_of}
+
+    def search(self, queries: np.ndarray, k: int, top_categories: int | None = 3, use_prototypes: bool = True,
+               categories=None, among: np.ndarray | None = None) -> list[Hits]:
+        """Top-k per query. use_prototypes: only the `top_categories` best-matching categories (None: all);
+        else every category (the exhaustive baseline). `categories` restricts either to those ids, and `among` to
+        those image ids (a pre-filter: stage 1 ranks only the categories holding some, and stage 2 is exact among
+        them)."""
+        queries = check_matrix(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        if top_categories is not None and top_categories < 1:
+            raise ValueError("top_categories must be at least 1")
+        allowed = list(self._partitions) if categories is None else \
+            [int(c) for c in categories if int(c) in self._partitions]
+        selector = None
+        if among is not None:
+            holding = self.categories_of(among)
+            allowed = [c for c in allowed if c in holding]
+            selector = faiss.IDSelectorBatch(np.asarray(among, np.int64))
+        started = time.perf_counter()
+        if use_prototypes:
+            ranked_cats, ranked_sims = self.rank_prototypes(queries, allowed)
+        prototype_ms = (time.perf_counter() - started) * 1000 / len(queries)
+        results = []
+        for q in range(len(queries)):
+            ranking = list(zip(ranked_cats[q].tolist(), ranked_sims[q].tolist())) if use_prototypes else []
+            chosen = [c for c, _ in ranking[:top_categories]] if use_prototypes else sorted(allowed)
+            started = time.perf_counter()
+            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selector)
+            hits.prototype_ms, hits.search_ms = prototype_ms, (time.perf_counter() - started) * 1000
+            results.append(hits)
+        return results
+
+    def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking, selector=None) -> Hits:
+        ids, scores, cats = [], [], []
+        for c in chosen:
+            part_ids, part_scores = self._partitions[c].search(query, k, selector)
+            ids.append(part_ids[0])
+            scores.append(part_scores[0])
+            cats.append(np.full(len(part_ids[0]), c, dtype=np.int64))
+        if not ids:
+            empty = np.zeros(0, np.int64)
+            return Hits(empty, np.zeros(0, np.float32), empty, ranking, chosen)
+        ids, scores, cats = np.concatenate(ids), np.concatenate(scores), np.concatenate(cats)
+        valid = ids >= 0
+        ids, scores, cats = ids[valid], scores[valid], cats[valid]
+        best = np.lexsort((ids, -scores))[:k]  # score descending, ties by id: independent of build order
+        return Hits(ids[best], scores[best], cats[best], ranking, chosen)

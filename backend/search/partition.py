@@ -1,0 +1,255 @@
+"""One category's vectors in a FAISS index of the configured kind, and the hits a search returns."""
+import math
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+from faiss.contrib.inspect_tools import get_invlist
+
+FP16_TOLERANCE = 1e-3  # float16 keeps 11 significant bits: a unit vector's components come back within 2**-11
+
+HNSW_M = 32  # graph degree: FAISS's usual default for high-dimensional float vectors
+HNSW_EF_SEARCH = 128
+HIDDEN_LIMIT = 0.25  # an HNSW category is rebuilt once this share of it is deleted-but-hidden
+IVF_MIN_VECTORS = 1000  # smaller categories gain nothing from IVF: they are scanned exactly
+IVF_PROBE_SHARE = 1 / 8  # lists probed per query; on Fashion-MNIST vectors 1/8 of the lists gives recall@10 0.99
+IVF_MIN_PROBES = 8  # ... and never fewer than this: a small category's few lists each hold much of it
+IVF_POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training points per centroid
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """How one FAISS_INDEX_TYPE stores and searches a category."""
+
+    codes: str  # FAISS factory string of a category's storage
+    metric: int = faiss.METRIC_INNER_PRODUCT
+    ivf: bool = False  # categories of IVF_MIN_VECTORS or more get an inverted file over these codes
+    removable: bool = True  # FAISS removes ids from it; else deletions stay hidden until the category is rebuilt
+    tolerance: float = 1e-6  # how far a vector read back from the index may be from the one added
+
+
+INDEX_KINDS = {
+    "flatip": IndexKind("Flat"),
+    "flatl2": IndexKind("Flat", metric=faiss.METRIC_L2),
+    "fp16": IndexKind("SQfp16", tolerance=FP16_TOLERANCE),
+    "hnsw": IndexKind(f"HNSW{HNSW_M},Flat", removable=False),
+    "ivfflat": IndexKind("Flat", ivf=True),
+    "ivffp16": IndexKind("SQfp16", ivf=True, tolerance=FP16_TOLERANCE),
+}
+INDEX_TYPES = tuple(INDEX_KINDS)
+
+
+def check_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim):
+        raise ValueError(f"{what} must have shape (n, {dim}), got {vectors.shape}")
+    return np.ascontiguousarray(vectors)
+
+
+def ivf_lists(n: int, current: int) -> int:
+    """Inverted lists for a category of n vectors that has `current` (0: none, scanned exactly): about sqrt(n) from
+    IVF_MIN_VECTORS on (fewer where k-means would have too few points per list), kept until n has moved 4-fold so that a growing category is re-clustered only now and then."""
+    if n < IVF_MIN_VECTORS:
+        return current if current and n >= IVF_MIN_VECTORS // 2 else 0
+    target = max(1, min(round(math.sqrt(n)), n // IVF_POINTS_PER_LIST))
+    return current if current and target / 2 <= current <= target * 2 else target
+
+
+@dataclass
+class Hits:
+    """One query's answer: image ids, scores and categories, best first, and the prototype ranking used."""
+
+    ids: np.ndarray  # int64 (m,)
+    scores: np.ndarray  # float32 (m,)
+    categories: np.ndarray  # int64 (m,)
+    prototype_ranking: list[tuple[int, float]] = field(default_factory=list)  # (category, similarity), best first
+    searched_categories: list[int] = field(default_factory=list)
+    prototype_ms: float = 0.0  # stage 1 time, per query
+    search_ms: float = 0.0  # stage 2 (FAISS) time, this query
+
+
+class Partition:
+    """The images of one category: their vectors, held by one FAISS index under their image ids."""
+
+    def __init__(self, dim: int, kind: IndexKind, index: faiss.Index | None = None, source: np.ndarray | None = None):
+        self.dim, self.kind = dim, kind
+        self.index = index if index is not None else self._build(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+        # The snapshot bytes a loaded index still reads its codes from; it gets its own copy before any change.
+        self._source = source
+        self.hidden: set[int] = set()  # deleted from an index that cannot remove ids; filtered out of every search
+        self._params = None
+
+    def __len__(self) -> int:
+        return self.index.ntotal - len(self.hidden)
+
+    # -- changes ----------------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._own()
+        if self.hidden and not self.hidden.isdisjoint(ids.tolist()):
+            self._rebuild()  # else a hidden copy of a re-added id would hide the new one too
+        self.index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        if self.kind.removable:
+            self._own()
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+            return
+        self.hidden.update(ids.tolist())
+        self._params = None
+        if len(self.hidden) > HIDDEN_LIMIT * self.index.ntotal:
+            self._rebuild()
+
+    def optimise(self) -> None:
+        """Give a category of the IVF types the inverted file its size calls for (see ivf_lists)."""
+        if self.kind.ivf and ivf_lists(len(self), self.lists()) != self.lists():
+            self._rebuild()
+
+    def _own(self) -> None:
+        if self._source is not None:
+            self.index, self._source = faiss.deserialize_index(self._source), None
+
+    def _rebuild(self) -> None:
+        ids, vectors = self.contents()
+        self.index, self._source, self.hidden, self._params = self._build(ids, vectors), None, set(), None
+
+    def _build(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+        lists = ivf_lists(len(ids), 0) if self.kind.ivf else 0
+        if lists:
+            index = faiss.index_factory(self.dim, f"IVF{lists},{self.kind.codes}", self.kind.metric)
+            index.by_residual = False  # codes of the vectors themselves: exact float16, and decodable on their own
+            index.train(vectors)
+            index.nprobe = min(lists, max(IVF_MIN_PROBES, math.ceil(lists * IVF_PROBE_SHARE)))
+        else:
+            index = faiss.index_factory(self.dim, f"IDMap,{self.kind.codes}", self.kind.metric)
+        index.add_with_ids(vectors, ids)
+        return index
+
+    # -- contents ---------------------------------------------------------------------------------
+    def _ivf(self):
+        return self.index if isinstance(self.index, faiss.IndexIVF) else None  # FAISS hands back the subclass
+
+    def lists(self) -> int:
+        """Inverted lists in use; 0 when the category is scanned or walked without them."""
+        ivf = self._ivf()
+        return ivf.nlist if ivf is not None else 0
+
+    def ids(self) -> np.ndarray:
+        """Image ids held (hidden ones left out)."""
+        ivf = self._ivf()
+        if ivf is None:
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        else:
+            ids = np.concatenate([np.zeros(0, np.int64)] + [get_invlist(ivf.invlists, i)[0].astype(np.int64)
+                                                            for i in range(ivf.nlist)])
+        return ids[~np.isin(ids, list(self.hidden))] if self.hidden else ids
+
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,), vectors (n, d)) held, decoded from the index's codes: copies (hidden ones left out)."""
+        ivf = self._ivf()
+        if ivf is None:
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            vectors = faiss.downcast_index(self.index.index).reconstruct_n(0, len(ids)) if len(ids) else \
+                np.zeros((0, self.dim), np.float32)
+        else:
+            ids, vectors = self._lists(range(ivf.nlist))
+        return self._visible(ids, vectors)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """About n of the vectors held (n, d), chosen at random, without decoding the whole category."""
+        ivf = self._ivf()
+        if ivf is None:
+            positions = np.sort(rng.choice(self.index.ntotal, min(n, self.index.ntotal), replace=False))
+            inner = faiss.downcast_index(self.index.index)
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)[positions]
+            vectors = np.stack([inner.reconstruct(int(p)) for p in positions]) if len(positions) else \
+                np.zeros((0, self.dim), np.float32)
+        else:  # rows at random across the inverted lists, decoded one by one
+            sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+            rows = np.sort(rng.choice(int(sizes.sum()), min(n, int(sizes.sum())), replace=False))
+            lists = np.searchsorted(np.cumsum(sizes), rows, side="right")
+            offsets = rows - (np.cumsum(sizes) - sizes)[lists]
+            vectors = np.zeros((len(rows), self.dim), np.float32)
+            for row, (lst, offset) in enumerate(zip(lists.tolist(), offsets.tolist())):
+                ivf.reconstruct_from_offset(lst, offset, faiss.swig_ptr(vectors[row]))
+            ids = np.array([ivf.invlists.get_single_id(lst, offset) for lst, offset in
+                            zip(lists.tolist(), offsets.tolist())], np.int64)
+        return self._visible(ids, vectors)[1][:n]
+
+    def _lists(self, lists) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of some inverted lists of an IVF category, decoded."""
+        ivf = self._ivf()
+        parts = [get_invlist(ivf.invlists, i) for i in lists]
+        ids = np.concatenate([np.zeros(0, np.int64)] + [p[0].astype(np.int64) for p in parts])
+        codes = np.concatenate([np.zeros((0, ivf.code_size), np.uint8)] + [p[1] for p in parts])
+        vectors = codes.view(np.float32) if isinstance(ivf, faiss.IndexIVFFlat) else ivf.sq.decode(codes)
+        return ids, vectors.reshape(-1, self.dim)
+
+    def _visible(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.hidden:
+            keep = ~np.isin(ids, list(self.hidden))
+            ids, vectors = ids[keep], vectors[keep]
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def stored(self) -> faiss.Index | np.ndarray:
+        """What a snapshot writes: the FAISS index with deletions applied, or the snapshot bytes it still reads."""
+        if self.hidden:
+            self._rebuild()
+        return self._source if self._source is not None else self.index
+
+    def nbytes(self) -> int:
+        """Bytes held: codes and ids, plus the coarse centroids of an inverted file or the links of a graph."""
+        ivf = self._ivf()
+        if ivf is not None:
+            return self.index.ntotal * (ivf.code_size + 8) + ivf.nlist * self.dim * 4
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            links = inner.hnsw.neighbors.size() * 4 + inner.hnsw.offsets.size() * 8 + inner.hnsw.levels.size() * 4
+            return self.index.ntotal * (faiss.downcast_index(inner.storage).code_size + 8) + links
+        return self.index.ntotal * (inner.code_size + 8)
+
+    # -- search -----------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int,
+               among: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better, -1 ids where fewer were found.
+        `among` restricts the search to the ids it selects, exactly for every index type (a pre-filter)."""
+        k = min(k, len(self))
+        if k < 1:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        if among is None:
+            raw, ids = self.index.search(queries, k, params=self._search_params())
+        else:
+            raw, ids = self._search_among(queries, k, among)
+        scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.kind.metric == faiss.METRIC_L2 else raw
+        return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+
+    def _search_among(self, queries: np.ndarray, k: int, among: faiss.IDSelector):
+        """A search of the selected ids only. A graph walk that may visit only a few of them would miss most, so an
+        HNSW category scans its stored vectors instead, and an inverted file probes every list."""
+        ivf = self._ivf()
+        if ivf is not None:
+            return self.index.search(queries, k, params=faiss.SearchParametersIVF(sel=among, nprobe=ivf.nlist))
+        inner = faiss.downcast_index(self.index.index)
+        if not isinstance(inner, faiss.IndexHNSW):
+            return self.index.search(queries, k, params=faiss.SearchParameters(sel=among))
+        if self.hidden:
+            hidden = faiss.IDSelectorBatch(np.array(sorted(self.hidden), np.int64))
+            shown = faiss.IDSelectorNot(hidden)
+            among = faiss.IDSelectorAnd(among, shown)
+        by_position = faiss.IDSelectorTranslated(self.index.id_map, among)
+        raw, positions = faiss.downcast_index(inner.storage).search(queries, k,
+                                                                    params=faiss.SearchParameters(sel=by_position))
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+    def _search_params(self):
+        if self._params is None and isinstance(self.index, faiss.IndexIDMap) and \
+                isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW):
+            batch = faiss.IDSelectorBatch(np.array(sorted(self.hidden), np.int64)) if self.hidden else None
+            hide = faiss.IDSelectorNot(batch) if batch is not None else None
+            # The selectors are kept beside the parameters: FAISS holds bare pointers to them. FAISS also points
+            # these parameters at a temporary selector during a search, so one category's searches must not run
+            # at once: ImageSearch serialises every search of an index under its lock.
+            self._params = (faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH, sel=hide), batch, hide)
+        return self._params[0] if self._params else None

@@ -1,0 +1,1 @@
+"""PostgreSQL: tables, engines and sessions, migrations, collections, images, prototypes, history."""

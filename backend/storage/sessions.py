@@ -1,0 +1,35 @@
+"""The process-wide session factories, one per collection."""
+import functools
+
+from sqlalchemy.orm import sessionmaker
+
+from backend.config import settings
+from backend.storage.engine import embedded_server, get_engine
+from backend.storage.migrations import migrate
+
+
+@functools.cache
+def collection_sessions():
+    """The process-wide backend.storage.collections.CollectionSessions (the engine migrated to head on first use)."""
+    from backend.storage.collections import CollectionSessions
+
+    engine = get_engine()
+    migrate(engine)
+    return CollectionSessions(engine)
+
+
+def session_factory(collection: str | None = None) -> sessionmaker:
+    """Sessions on the process-wide engine for a collection (default: COLLECTION's, which is `default` unless set)."""
+    return collection_sessions().sessions(collection or settings.collection)
+
+
+def close() -> None:
+    """Dispose the engines and let go of the embedded server (stopped if no other process uses it)."""
+    if collection_sessions.cache_info().currsize:
+        collection_sessions().close()
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    if embedded_server.cache_info().currsize:
+        embedded_server().release()
+    for cached in (collection_sessions, get_engine, embedded_server):
+        cached.cache_clear()
