@@ -19,6 +19,22 @@ OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """DATA_DIR for the whole run, in a temporary folder: nothing is written into the checkout's data/ (snapshots,
+    an embedded server's files), in this process or in the processes tests start."""
+    from backend.config import settings
+
+    folder = tmp_path_factory.mktemp("data")
+    saved, os.environ["DATA_DIR"] = os.environ.get("DATA_DIR"), str(folder)
+    settings.data_dir = folder
+    yield folder
+    if saved is None:
+        os.environ.pop("DATA_DIR", None)
+    else:
+        os.environ["DATA_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
     """The embedded PostgreSQL server for this test run, in its own data directory; also on TCP, as `tcp_url` uses."""

@@ -12,13 +12,7 @@ from PIL import Image
 
 from backend.api.app import create_app
 from backend.config import settings
-from tests.helpers import (
-    PixelEmbedder,
-    folder_opener,
-    free_port,
-    png_bytes,
-    wait_healthy,
-)
+from tests.helpers import PixelEmbedder, folder_opener, free_port, png_bytes, wait_healthy
 
 KEY = "k3y-for-tests"
 

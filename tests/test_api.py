@@ -52,9 +52,9 @@ def test_root_health_status_docs(client):
 def test_the_query_path_is_warmed_up_before_the_server_reports_ready(sessions, tmp_path, monkeypatch):
     embedder = PixelEmbedder()
     served = []
-    real_search = ImageSearch.search_examples
-    monkeypatch.setattr(ImageSearch, "search_examples", lambda self, *a, **k: served.append(
-        (k["k"], k["use_prototypes"], k["top_categories"], k["category"], k["where"])) or real_search(self, *a, **k))
+    real_search = ImageSearch.search
+    monkeypatch.setattr(ImageSearch, "search", lambda self, r, *a: served.append(
+        (r.k, r.use_prototypes, r.top_categories, r.category, list(r.where))) or real_search(self, r, *a))
     with TestClient(create_app(lambda: ImageSearch(sessions, embedder, snapshot_dir=tmp_path / "snap"))) as c:
         assert embedder.calls == 1  # one search ran through decode, embed, search and look-up at start-up
         assert served == [(1, True, 3, None, [])]  # ... through the API: limit=1 from its query string

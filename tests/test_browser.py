@@ -84,9 +84,7 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
     assert page.locator("#no-match").is_hidden()  # a garment among garments: a close match
     page.screenshot(path=str(output_dir / "results.png"), full_page=True)
 
-    from skimage import (
-        data as photos,  # a real photo of a cat, dropped on a collection of clothes
-    )
+    from skimage import data as photos  # a real photo of a cat, dropped on a collection of clothes
 
     cat = tmp_path / "cat.png"
     PILImage.fromarray(photos.chelsea()).save(cat)

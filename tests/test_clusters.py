@@ -10,16 +10,10 @@ from PIL import Image
 
 from backend.errors import ImsrcError
 from backend.pipeline.recluster import default_k, recluster
+from backend.service import lookups
 from backend.service.image_search import ImageSearch
 from backend.storage.tables import Category
-from tests.helpers import (
-    CLASSES,
-    ROOT,
-    PixelEmbedder,
-    class_images,
-    png_bytes,
-    write_fashion_mnist,
-)
+from tests.helpers import CLASSES, ROOT, PixelEmbedder, class_images, png_bytes, write_fashion_mnist
 
 
 @pytest.fixture
@@ -49,7 +43,8 @@ def _clusters(sessions) -> dict[str, set[str]]:
 def test_a_collection_without_labels_is_clustered_into_categories_that_search_uses(sessions, flat):
     search = _open(sessions, flat)
     search.build_database("folder", flat, progress=False)
-    assert len(search.index) == 0  # stored, but without categories nothing is indexed yet
+    # without labels, the one populate (backend.pipeline.populate) groups them into automatic categories at once
+    assert len(search.index) == 36 and len(search.index.categories) == default_k(36)
     assert search.recluster(3) == 3
     assert sorted(_clusters(sessions).values(), key=sorted) == [{"blue"}, {"green"}, {"red"}]  # pure
     assert len(search.index) == 36 and len(search.index.categories) == 3
@@ -57,9 +52,9 @@ def test_a_collection_without_labels_is_clustered_into_categories_that_search_us
     hits = search.search_similar(red, k=5, top_categories=1).results
     assert {h.file_name.split("-")[0] for h in hits} == {"red"} and hits[0].category.startswith("cluster ")
     assert search.check().ok
-    calibrated = search._calibration.threshold
+    calibrated = search.no_match_threshold()
     assert calibrated is not None and search.recluster(3) == 3
-    assert search._calibration._key is None  # the members moved: the threshold is drawn again at the next search
+    assert search.confidence.pending  # the members moved: the threshold is drawn again at the next search
 
 
 def test_reclustering_moves_images_and_a_listening_server_follows(sessions, flat, tmp_path):
@@ -81,7 +76,7 @@ def test_reclustering_moves_images_and_a_listening_server_follows(sessions, flat
         while not (server.check().ok and len(server.index.categories) == 3) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.check().ok and len(server.index.categories) == 3  # 2 clusters and "yellow"
-        assert server.index.assignments()[manual.image_id] == writer._category_id("yellow")
+        assert server.index.assignments()[manual.image_id] == lookups.category_id(writer.sessions, "yellow")
     finally:
         server.close()
 

@@ -13,13 +13,7 @@ from PIL import Image
 
 from backend.search.snapshot import read_footer
 from backend.service.image_search import ImageSearch
-from tests.helpers import (
-    CLASSES,
-    PixelEmbedder,
-    png_bytes,
-    write_fashion_mnist,
-    write_folder_dataset,
-)
+from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_fashion_mnist, write_folder_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = PixelEmbedder.name

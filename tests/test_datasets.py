@@ -11,13 +11,7 @@ from backend.embedding.decode import decode
 from backend.errors import DatasetUnavailable
 from backend.pipeline import datasets
 from backend.pipeline.datasets import load_dataset, read_idx, select_balanced
-from tests.helpers import (
-    CLASSES,
-    write_cifar10_batches,
-    write_fashion_mnist,
-    write_folder_dataset,
-    write_idx,
-)
+from tests.helpers import CLASSES, write_cifar10_batches, write_fashion_mnist, write_folder_dataset, write_idx
 
 
 def test_idx_round_trip(tmp_path):

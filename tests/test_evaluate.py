@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from backend.pipeline.datasets import load_dataset
-from backend.pipeline.evaluate import (
-    average_precision_at_k,
-    configurations,
-    evaluate,
-    format_table,
-    overlap,
-    query_metrics,
-)
+from backend.pipeline.evaluate import (average_precision_at_k, configurations, evaluate, format_table, overlap,
+                                       query_metrics)
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, write_fashion_mnist, write_folder_dataset
 

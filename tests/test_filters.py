@@ -200,7 +200,7 @@ def test_post_filter_searches_among_every_match_past_its_fetch_limit(random_coll
     query = vectors[5]
     near = _mark_far(sessions, ids, vectors, query)
     monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 1000)
-    monkeypatch.setattr("backend.service.image_search.POST_FILTER_MAX_FETCH", 200)
+    monkeypatch.setattr("backend.service.planner.POST_FILTER_MAX_FETCH", 200)
     fallbacks = []
     real = filters.all_matching_ids
     monkeypatch.setattr(filters, "all_matching_ids", lambda s, where: fallbacks.append(1) or real(s, where))

@@ -4,13 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.embedding.decode import (
-    MAX_ASPECT,
-    WORKING_SIDE,
-    decode,
-    jpeg_scans,
-    to_rgb,
-)
+from backend.embedding.decode import MAX_ASPECT, WORKING_SIDE, decode, jpeg_scans, to_rgb
 from backend.errors import InvalidImage
 from tests.helpers import png_bytes
 

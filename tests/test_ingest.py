@@ -10,13 +10,7 @@ from backend.pipeline.ingest import ingest
 from backend.storage import images as image_store
 from backend.storage import prototypes as prototype_store
 from backend.storage.tables import Category, Embedding, Image, Prototype
-from tests.helpers import (
-    CLASSES,
-    PixelEmbedder,
-    write_cifar10_batches,
-    write_fashion_mnist,
-    write_folder_dataset,
-)
+from tests.helpers import CLASSES, PixelEmbedder, write_cifar10_batches, write_fashion_mnist, write_folder_dataset
 
 MODEL = PixelEmbedder.name
 

@@ -14,14 +14,7 @@ from PIL import Image
 
 from backend.service.image_search import ImageSearch
 from backend.service.index_manager import IndexManager
-from backend.storage.notify import (
-    APPLICATION_NAME,
-    CHANNEL,
-    MAX_PAYLOAD,
-    ChangeListener,
-    announce,
-    parse,
-)
+from backend.storage.notify import APPLICATION_NAME, CHANNEL, MAX_PAYLOAD, ChangeListener, announce, parse
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 WITHIN = 2.0  # seconds the issue allows from a commit to being found elsewhere

@@ -14,12 +14,7 @@ from backend.embedding import models
 from backend.embedding.decode import sha256
 from backend.errors import DatabaseError, ModelUnavailable
 from backend.service.image_search import ImageSearch
-from backend.service.model_choice import (
-    ModelChoice,
-    choose_model,
-    load_embedder,
-    unserved_notice,
-)
+from backend.service.model_choice import ModelChoice, choose_model, load_embedder, unserved_notice
 from backend.storage import images as image_store
 from backend.storage.engine import normalise_url
 from tests.helpers import PixelEmbedder, write_folder_dataset

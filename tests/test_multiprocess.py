@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 
 from backend.pipeline.datasets import load_dataset, select_balanced
-from tests.helpers import (
-    PINNED_ENGINE,
-    ROOT,
-    png_bytes,
-    running_server,
-    write_fashion_mnist,
-)
+from tests.helpers import PINNED_ENGINE, ROOT, png_bytes, running_server, write_fashion_mnist
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from backend.embedding import projection
-from backend.pipeline.train_projection import (
-    precision_at_k,
-    train_head,
-    train_projection,
-)
+from backend.pipeline.train_projection import precision_at_k, train_head, train_projection
 from backend.service.image_search import ImageSearch
 from backend.storage import heads as head_store
 from backend.storage import images as image_store

@@ -20,13 +20,7 @@ from backend.storage import collections
 from backend.storage import images as image_store
 from backend.storage.collections import CollectionSessions
 from backend.storage.engine import create_engine_checked
-from tests.helpers import (
-    PINNED_ENGINE,
-    ROOT,
-    free_port,
-    write_fashion_mnist,
-    write_folder_dataset,
-)
+from tests.helpers import PINNED_ENGINE, ROOT, free_port, write_fashion_mnist, write_folder_dataset
 
 # Not imported here: Ray reads its authentication settings when first imported, after the fixture sets them.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("ray") is None,

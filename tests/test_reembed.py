@@ -14,13 +14,7 @@ from torch import nn
 from backend.api.app import create_app
 from backend.config import settings
 from backend.errors import ImsrcError
-from backend.pipeline.reembed import (
-    ModelNotReady,
-    coverage,
-    drop_model,
-    reembed,
-    switch_model,
-)
+from backend.pipeline.reembed import ModelNotReady, coverage, drop_model, reembed, switch_model
 from backend.service.image_search import ImageSearch
 from backend.storage.collections import recorded_model
 from tests.helpers import ROOT, PixelEmbedder, png_bytes, write_folder_dataset

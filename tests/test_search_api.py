@@ -11,7 +11,7 @@ from PIL import Image
 
 from backend.api.app import create_app
 from backend.config import settings
-from backend.service import export, image_search
+from backend.service import export, metadata_keys
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes
 
@@ -91,13 +91,13 @@ def test_metadata_keys_and_bad_upload_metadata(client, monkeypatch):
                                files={"file": ("y.png", _png((1, 2, 3)), "image/png")})
         assert response.status_code == 422 and "metadata" in response.text.lower(), bad
     summaries = []
-    real = image_search.filters.summarise_keys
-    monkeypatch.setattr(image_search.filters, "summarise_keys", lambda s: summaries.append(1) or real(s))
+    real = metadata_keys.filters.summarise_keys
+    monkeypatch.setattr(metadata_keys.filters, "summarise_keys", lambda s: summaries.append(1) or real(s))
     added = client.post("/upload", data={"category": "red", "metadata": json.dumps({"studio": "north"})},
                         files={"file": ("y.png", _png((1, 2, 3)), "image/png")})
     assert added.status_code == 200
     assert "studio" not in {k["key"] for k in client.get("/metadata/keys").json()} and not summaries  # too soon
-    monkeypatch.setattr(image_search, "KEYS_MIN_AGE", 0.0)
+    monkeypatch.setattr(metadata_keys, "KEYS_MIN_AGE", 0.0)
     assert "studio" in {k["key"] for k in client.get("/metadata/keys").json()}  # a write made the summary stale
     client.get("/metadata/keys")
     assert len(summaries) == 1  # ... and nothing since

@@ -15,13 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend.api.app import create_app
 from backend.api.telemetry import RequestIdFilter, request_id
 from backend.service.image_search import ImageSearch
-from tests.helpers import (
-    ROOT,
-    PixelEmbedder,
-    png_bytes,
-    running_server,
-    write_folder_dataset,
-)
+from tests.helpers import ROOT, PixelEmbedder, png_bytes, running_server, write_folder_dataset
 
 
 def _samples(text: str) -> dict[tuple, float]:

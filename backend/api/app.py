@@ -1,4 +1,5 @@
 """The FastAPI application factory and its lifespan (backend.main builds the app uvicorn serves)."""
+import io
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image as PILImage
 from starlette.concurrency import run_in_threadpool
 
 from backend.api import telemetry
@@ -17,15 +19,7 @@ from backend.api.deps import RETRY_AFTER_STARTING, require_write_access
 from backend.api.guard import ImageJobs, RequestGuard
 from backend.api.routes import collections, duplicates, history, images, search, system
 from backend.config import PROJECT_ROOT, settings, writes_mode
-from backend.errors import (
-    Conflict,
-    DatabaseError,
-    ImsrcError,
-    InvalidImage,
-    InvalidQuery,
-    ModelUnavailable,
-    NotFound,
-)
+from backend.errors import ImsrcError, http_status
 from backend.service.image_search import ImageSearch
 from backend.service.served import ServedCollections, open_collection
 from backend.storage.sessions import close as close_database
@@ -33,18 +27,13 @@ from backend.storage.sessions import close as close_database
 log = logging.getLogger(__name__)
 
 
-def _status_for(exc: ImsrcError) -> int:
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, InvalidImage):
-        return 415 if "unsupported image format" in str(exc) else 400
-    if isinstance(exc, (DatabaseError, ModelUnavailable)):
-        return 503
-    if isinstance(exc, InvalidQuery):
-        return 422
-    if isinstance(exc, Conflict):
-        return 409
-    return 400
+def warm_up_query() -> bytes:
+    """A PNG to search with before serving, so that the first person to search does not pay for setting up the
+    query path (kernels, the model thread, decoder plugins, the web stack)."""
+    gradient = PILImage.linear_gradient("L").resize((320, 240)).convert("RGB")
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 async def _search_once(app: FastAPI, png: bytes) -> None:
@@ -73,9 +62,8 @@ async def _search_once(app: FastAPI, png: bytes) -> None:
         log.warning("the warm-up search answered %s", status)
 
 
-def create_app(open_search=ImageSearch.open, open_collection=open_collection) -> FastAPI:
-    """The app; `open_search` builds the default collection's ImageSearch at start-up, `open_collection(name,
-    sessions)` another's on its first request (tests hand in their own)."""
+def _lifespan(open_search, open_collection):
+    """The app's lifespan: the default collection opened and warmed up before it reports ready, closed at the end."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,7 +73,7 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
             served = ServedCollections(search, open_collection, (settings.query_batch, settings.embed_workers),
                                        settings.history_retention_days if settings.history_enabled else None)
             app.state.collections = served  # ready from here: what other processes write is searchable here too
-            await _search_once(app, ImageSearch.warm_up_query())
+            await _search_once(app, warm_up_query())
             if settings.history_enabled:  # from now on: the warm-up search is not one of the history's
                 search.start_history(settings.history_retention_days)
             notice = await run_in_threadpool(search.unserved_notice)
@@ -104,17 +92,23 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
         telemetry.mark_process_dead(os.getpid())
         # Here, not atexit: uvicorn re-raises SIGTERM after shutting down, which skips atexit handlers.
         await run_in_threadpool(close_database)
+    return lifespan
+
+
+def create_app(open_search=ImageSearch.open, open_collection=open_collection) -> FastAPI:
+    """The app; `open_search` builds the default collection's ImageSearch at start-up, `open_collection(name,
+    sessions)` another's on its first request (tests hand in their own)."""
 
     app = FastAPI(title="imsrc", version="1.0",
                   description="Image similarity search backed by PostgreSQL: two-stage search (category "
                               "prototypes, then FAISS within the top categories). Writes (upload, delete, admin) "
                               "need the `X-API-Key` header when the server has API_KEY set, and are refused "
-                              "when it has none unless OPEN_WRITES is on.", lifespan=lifespan)
+                              "when it has none unless OPEN_WRITES is on.", lifespan=_lifespan(open_search, open_collection))
     app.state.image_jobs = ImageJobs(settings.embed_workers, settings.queue_size)
 
     @app.exception_handler(ImsrcError)
     async def imsrc_error(request: Request, exc: ImsrcError):
-        status = _status_for(exc)
+        status = http_status(exc)
         headers = {"Retry-After": RETRY_AFTER_STARTING} if status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 

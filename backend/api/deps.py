@@ -1,20 +1,17 @@
 """FastAPI dependencies: the ready ImageSearch, write access, image-job slots and upload reading with limits."""
-import re
 from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import Depends, Header, HTTPException, Path, Query, Request, UploadFile
 
 from backend.api.guard import ImageJobs, body_too_large, write_refusal
+from backend.api.schemas import CONTROL_CHARACTERS, MAX_BIGINT, MAX_INTEGER
 from backend.config import settings
 from backend.service.image_search import ImageSearch
 from backend.service.served import ServedCollections
 from backend.storage.collections import NAME
 
 RETRY_AFTER_STARTING = "5"  # seconds: the model and index take a few seconds to load
-_CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part of a name imsrc stores
-CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
-MAX_INTEGER, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # PostgreSQL's integer and bigint
 MAX_FILE_NAME = 255
 COLLECTION_PATTERN = NAME.pattern
 
@@ -87,5 +84,3 @@ def clean_file_name(name: str | None) -> str | None:
 # Ids and offsets are bounded by what PostgreSQL stores (bigint, integer), so an absurd one is a 422, not a 500.
 ImageId = Annotated[int, Path(ge=1, le=MAX_BIGINT, description="an image's id")]
 CategoryId = Annotated[int, Path(ge=1, le=MAX_INTEGER, description="a category's id")]
-# A category name as stored: printable text (no NUL or other control characters).
-CATEGORY_PATTERN = f"^[^{_CONTROL}]*$"

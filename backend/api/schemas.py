@@ -1,13 +1,20 @@
 """Request and response schemas of the REST API (they become the OpenAPI docs)."""
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from backend.api.deps import CATEGORY_PATTERN
 from backend.search.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
 from backend.service.export import MAX_ROWS
+from backend.service.requests import default_limit, default_top_categories, default_use_prototypes
 from backend.service.results import MAX_DEPTH
+
+_CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part of a name imsrc stores
+CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
+MAX_INTEGER, MAX_BIGINT = 2**31 - 1, 2**63 - 1  # PostgreSQL's integer and bigint
+# A category name as stored: printable text (no NUL or other control characters).
+CATEGORY_PATTERN = f"^[^{_CONTROL}]*$"
 
 
 class Problem(BaseModel):
@@ -67,11 +74,14 @@ class ExamplesIn(BaseModel):
                                 '{"exists": true}}')
     category: str | None = Field(None, max_length=200, pattern=CATEGORY_PATTERN, description="only this category "
                                  "(name)")
-    limit: int = Field(10, ge=1, le=50, description="number of results (one page)")
+    limit: int = Field(default_factory=default_limit, ge=1, le=50,
+                       description="number of results (one page; default DEFAULT_SEARCH_LIMIT)")
     offset: int = Field(0, ge=0, le=MAX_DEPTH - 50, description="results to skip")
     min_score: float | None = Field(None, ge=-1, le=1, description="leave out results scoring less")
-    use_prototypes: bool = True
-    prototype_limit: int = Field(3, ge=1, le=10)
+    use_prototypes: bool = Field(default_factory=default_use_prototypes,
+                                 description="two-stage search (default USE_PROTOTYPE_FILTERING)")
+    prototype_limit: int = Field(default_factory=default_top_categories, ge=1, le=10,
+                                 description="categories searched after the prototype stage (default PROTOTYPE_LIMIT)")
     strategy: Literal["mean", "max"] = DEFAULT_STRATEGY
     negative_weight: float = Field(NEGATIVE_WEIGHT, ge=0, le=2)
     collapse_duplicates: bool = Field(False, description="leave out near-duplicates of a result ranked before them")

@@ -64,13 +64,16 @@ def cmd_drop_model(args) -> int:
     """Delete a model's vectors and prototypes from the collection (not those of its current model)."""
     from backend.config import settings
     from backend.pipeline.reembed import drop_model
+    from backend.service.model_choice import choose_model
     from backend.storage.sessions import session_factory
 
     if not args.yes and not confirmed(f"delete the {args.model} vectors of collection {settings.collection}? "
                                        f"type the model's name to confirm: ", args.model):
         return 1
-    with session_factory()() as s, s.begin():
-        dropped = drop_model(s, args.model)
+    factory = session_factory()
+    serving = choose_model(factory, quiet=True)  # what every command and server started here uses
+    with factory() as s, s.begin():
+        dropped = drop_model(s, args.model, serving)
     print(f"dropped {dropped:,} {args.model} vectors from collection {settings.collection}")
     return 0
 

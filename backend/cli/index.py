@@ -47,6 +47,7 @@ def cmd_check(args) -> int:
     from backend.config import settings
     from backend.pipeline.consistency import check_snapshot
     from backend.service.model_choice import choose_model
+    from backend.storage.collections import snapshot_dir_of
     from backend.storage.heads import model_dim
     from backend.storage.sessions import session_factory
 
@@ -54,7 +55,8 @@ def cmd_check(args) -> int:
     model = choose_model(factory).name
     with factory() as s:
         dim = model_dim(s, model)
-    report = check_snapshot(factory, model, dim, settings.faiss_index_type, settings.snapshot_dir)
+    folder = snapshot_dir_of(settings.snapshot_dir, settings.collection)  # the collection's own snapshots
+    report = check_snapshot(factory, model, dim, settings.faiss_index_type, folder)
     for line in report.findings + [f"note: {note}" for note in report.notes]:
         print(line)
     print(report.summary())

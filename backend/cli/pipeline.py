@@ -1,7 +1,6 @@
 """Commands that load, embed, cluster, train and evaluate: populate, recluster, train-projection, evaluate, reembed."""
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from backend.cli.arguments import at_least_two, category_mode, positive_int
@@ -10,12 +9,11 @@ from backend.errors import ImsrcError
 
 
 def cmd_populate(args) -> int:
-    """Load a dataset, embed its images and store them (model: MODEL_NAME, else the collection's own)."""
+    """Load a dataset, embed its images and store them (model: the collection's current one, backend.service.model_choice)."""
     from backend.config import settings
-    from backend.pipeline.datasets import default_dataset, load_dataset, select_balanced
-    from backend.pipeline.ingest import ingest
+    from backend.pipeline.datasets import default_dataset
+    from backend.pipeline.populate import populate, select
     from backend.service.model_choice import choose_model, load_embedder
-    from backend.storage import images as image_store
     from backend.storage.sessions import session_factory
 
     if args.interactive and sys.stdin.isatty():
@@ -23,42 +21,29 @@ def cmd_populate(args) -> int:
     if args.dataset is None:
         args.dataset, why = default_dataset()
         print(why)
-    items = select_balanced(load_dataset(args.dataset, args.split, args.data_dir, args.image_dir), args.num_images)
-    automatic = args.categories != "labels" or any(item.category is None for item in items)
-    if automatic:  # the images are stored without categories, then clustered into automatic ones
-        if args.categories == "labels":
-            print("the images have no categories (no subfolders): grouping them into clusters (--categories auto)")
-        items = [replace(item, category=None) for item in items]
+    selection = select(args.dataset, args.split, args.data_dir, args.image_dir, args.num_images, args.categories)
+    if selection.because_unlabelled:
+        print("the images have no categories (no subfolders): grouping them into clusters (--categories auto)")
     factory = session_factory()
     embedder = load_embedder(choose_model(factory), factory)
-    with factory() as s, s.begin():  # later commands with MODEL_NAME unset use the model chosen here
-        image_store.ensure_model(s, embedder.name, embedder.dim, chosen=True)
-    batch_size = args.batch_size or settings.batch_size
+    run_ingest = None
     if args.engine == "ray":
-        report = _populate_on_ray(args, factory, items, embedder, batch_size)
+        run_ingest = _ray_ingest(args)
+        print(f"populating {len(selection.items)} images from {args.dataset} ({args.split}) with {embedder.name} on "
+              f"Ray ({args.ray_address or 'a local cluster'})")
     else:
-        print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on "
+        print(f"populating {len(selection.items)} images from {args.dataset} ({args.split}) with {embedder.name} on "
               f"{embedder.device}")
-        report = ingest(factory, items, embedder, batch_size=batch_size)
-    print(report.summary())
-    if automatic:
-        _recluster(factory, embedder.name, _cluster_count(args.categories))
+    report = populate(factory, embedder, selection, args.batch_size or settings.batch_size, run_ingest=run_ingest)
+    print(report.ingest.summary())
+    if report.clusters_made is not None:
+        _say_clustered(report.clusters_made, report.cluster_seconds)
     return 0
 
 
-def _cluster_count(setting: str) -> int | None:
-    """K from --categories auto:K (None: from the collection's size)."""
-    return int(setting.split(":", 1)[1]) if ":" in setting else None
-
-
-def _recluster(factory, model_name: str, k: int | None) -> None:
-    from backend.pipeline.recluster import recluster
-
-    started = time.perf_counter()
-    with factory() as s, s.begin():
-        made = recluster(s, model_name, k)
+def _say_clustered(made: int, seconds: float) -> None:
     print(f"grouped the images without a category into {made} automatic categories (\"cluster 1\".."
-          f"\"cluster {made}\") in {time.perf_counter() - started:.1f} s")
+          f"\"cluster {made}\") in {seconds:.1f} s")
 
 
 def cmd_recluster(args) -> int:
@@ -66,8 +51,14 @@ def cmd_recluster(args) -> int:
     from backend.service.model_choice import choose_model
     from backend.storage.sessions import session_factory
 
+    from backend.pipeline.recluster import recluster
+
     factory = session_factory()
-    _recluster(factory, choose_model(factory).name, args.k)
+    model_name = choose_model(factory).name
+    started = time.perf_counter()
+    with factory() as s, s.begin():
+        made = recluster(s, model_name, args.k)
+    _say_clustered(made, time.perf_counter() - started)
     return 0
 
 
@@ -92,7 +83,8 @@ def cmd_train_projection(args) -> int:
     return 0
 
 
-def _populate_on_ray(args, factory, items, embedder, batch_size):
+def _ray_ingest(args):
+    """An ingestion on the Ray cluster --ray-address names (or one started here), for populate."""
     from backend.pipeline.ray_ingest import connect, ingest_on_ray
     from backend.storage.engine import database_url, is_embedded
 
@@ -100,9 +92,8 @@ def _populate_on_ray(args, factory, items, embedder, batch_size):
         print("note: the embedded PostgreSQL listens on this machine only; Ray workers elsewhere need DATABASE_URL "
               "set to a server they can reach", file=sys.stderr)
     connect(args.ray_address)
-    print(f"populating {len(items)} images from {args.dataset} ({args.split}) with {embedder.name} on Ray "
-          f"({args.ray_address or 'a local cluster'})")
-    return ingest_on_ray(factory, items, embedder, database_url(), batch_size=batch_size, actors=args.ray_actors)
+    return lambda sessions, items, embedder, batch_size: ingest_on_ray(
+        sessions, items, embedder, database_url(), batch_size=batch_size, actors=args.ray_actors)
 
 
 def cmd_evaluate(args) -> int:

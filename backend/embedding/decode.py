@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from backend.errors import InvalidImage
+from backend.errors import InvalidImage, UnsupportedFormat
 
 MAX_PIXELS = 50_000_000  # beyond this PIL treats the file as a decompression bomb
 MAX_DECODED_BYTES = 100 * 1024 * 1024  # what one decoded image may take in memory (PIL: 1, 2 or 4 bytes a pixel)
@@ -65,7 +65,7 @@ def decode(data: bytes) -> DecodedImage:
             img = Image.open(io.BytesIO(data), formats=_OPENERS)
             fmt = img.format or "UNKNOWN"
             if fmt not in SUPPORTED_FORMATS:
-                raise InvalidImage(f"unsupported image format {fmt}; use one of {', '.join(sorted(SUPPORTED_FORMATS))}")
+                raise UnsupportedFormat(f"unsupported image format {fmt}; use one of {', '.join(sorted(SUPPORTED_FORMATS))}")
             width, height = img.size
             short = min(width, height)
             if fmt in ("JPEG", "MPO"):
@@ -85,7 +85,7 @@ def decode(data: bytes) -> DecodedImage:
     except UnidentifiedImageError:
         known = next((name for magic, name in _KNOWN_UNSUPPORTED.items() if data.startswith(magic)), None)
         if known:
-            raise InvalidImage(f"unsupported image format {known}; use one of {', '.join(sorted(SUPPORTED_FORMATS))}") \
+            raise UnsupportedFormat(f"unsupported image format {known}; use one of {', '.join(sorted(SUPPORTED_FORMATS))}") \
                 from None
         raise InvalidImage("not an image, or an image format that cannot be read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -13,12 +13,7 @@ import time
 import numpy as np
 import torch
 
-from backend.embedding.precision import (
-    FAITHFUL_MEAN,
-    FAITHFUL_MIN,
-    MIN_SPEEDUP,
-    calibration_images,
-)
+from backend.embedding.precision import FAITHFUL_MEAN, FAITHFUL_MIN, MIN_SPEEDUP, calibration_images
 
 log = logging.getLogger(__name__)
 

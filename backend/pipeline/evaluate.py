@@ -60,6 +60,8 @@ def configurations(prototype_limits, n_categories: int) -> list[Config]:
     return configs + [Config("P=all", True, None)]
 
 
+# One function: how relevance is judged (labels or categories) decides the held-out set, the ground truth and every
+# configuration's scoring below; split apart, that context would travel as a dozen arguments.
 def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True,
              samples: int = 0, sample_config: str = "P=3") -> dict:
     """Run every configuration over the queries; returns metrics (per category too), latencies and index size,

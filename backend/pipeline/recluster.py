@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from backend.errors import ImsrcError
+from backend.errors import Conflict
 from backend.search.kmeans import spherical_kmeans
 from backend.storage import images as image_store
 from backend.storage import prototypes as prototype_store
@@ -43,7 +43,7 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
         .outerjoin(Category, Category.id == Image.category_id)
         .where(Embedding.model_name == model_name, sa.or_(Image.category_id.is_(None), Category.automatic))).all()
     if len(candidates) < 2:
-        raise ImsrcError(f"only {len(candidates)} {model_name} vectors without a category: nothing to cluster")
+        raise Conflict(f"only {len(candidates)} {model_name} vectors without a category: nothing to cluster")
     dim = session.scalar(sa.select(EmbeddingModel.dim).where(EmbeddingModel.name == model_name))
     ids, _, vectors = fetch_members(session, model_name, dim, candidates, uncategorised=True)  # in bulk, by id
     assignment = (vectors @ spherical_kmeans(vectors, min(k or default_k(len(ids)), len(ids)), seed).T).argmax(axis=1)
@@ -51,7 +51,7 @@ def recluster(session: Session, model_name: str, k: int | None = None, seed: int
     names = [NAME.format(n + 1) for n in range(len(used))]
     taken = session.scalars(sa.select(Category.name).where(Category.name.in_(names), ~Category.automatic)).all()
     if taken:
-        raise ImsrcError(f"categories named {', '.join(taken)} were given by a person: rename them to recluster")
+        raise Conflict(f"categories named {', '.join(taken)} were given by a person: rename them to recluster")
     session.execute(insert(Category).values([{"name": n, "automatic": True} for n in names])
                     .on_conflict_do_nothing(index_elements=["name"]))
     category_of = dict(session.execute(sa.select(Category.name, Category.id).where(Category.name.in_(names))).all())

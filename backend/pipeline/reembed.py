@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.embedding.models import Embedder
-from backend.errors import Conflict, ImsrcError, NotFound
+from backend.errors import Conflict, NotFound
 from backend.pipeline.datasets import Item
 from backend.pipeline.ingest import IngestReport, ingest
 from backend.storage import images as image_store
@@ -99,12 +99,16 @@ def switch_model(session: Session, model_name: str, force: bool = False) -> str 
     return previous
 
 
-def drop_model(session: Session, model_name: str) -> int:
-    """Delete a model's vectors and prototypes from the collection (not its current model's); returns how many
+def drop_model(session: Session, model_name: str, serving=None) -> int:
+    """Delete a model's vectors and prototypes from the collection (not its current model's, nor `serving`'s: the
+    backend.service.model_choice.ModelChoice commands and servers of this configuration use); returns how many
     vectors went."""
     stored = image_store.models_with_vectors(session)  # without a recorded model, the last chosen is the one in use
     if model_name == (recorded_model(session) or (stored[0][0] if stored else None)):
-        raise ImsrcError(f"{model_name} is the collection's model: switch to another before dropping it")
+        raise Conflict(f"{model_name} is the collection's model: switch to another before dropping it")
+    if serving is not None and model_name == serving.name:
+        raise Conflict(f"{model_name} is the model in use here ({serving.reason}): choose another before dropping "
+                         "it")
     prototype_store.lock_prototypes(session, model_name)
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
     dropped = session.execute(sa.delete(Embedding).where(Embedding.model_name == model_name)).rowcount

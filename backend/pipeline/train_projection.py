@@ -72,6 +72,8 @@ def split_holdout(labels: np.ndarray, share: float, rng: np.random.Generator) ->
     return held
 
 
+# One function: the training loop, early stopping and the held-out measure share the module, its proxies and the
+# best weights so far; the closures inside keep that state in one place.
 def train_head(vectors: np.ndarray, labels: np.ndarray, dim: int = 256, kind: str = "mlp", epochs: int = 30,
                holdout: float = 0.1, seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Train a head on unit vectors (n, d) with integer labels; returns (weights for projection.Head, report)."""
@@ -134,7 +136,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, dim: int = 256, kind: st
               "epochs_run": len(losses), "best_epoch": best_epoch, "losses": losses,
               "train_vectors": int(len(train_x)), "held_out_vectors": int(held.sum()), "categories": int(len(classes)),
               f"held_out_precision@{k}": {"raw": raw, "projected": held_out_precision(project)},
-              # backend.service.base_space.BaseSpace: judged on base vectors, as the head maps unlike images onto categories
+              # backend.service.query_confidence.BaseSpace: judged on base vectors, as the head maps unlike images onto categories
               "base_no_match_threshold": no_match_threshold(vectors[held], y[held], train_x, train_y),
               "seconds": round(time.perf_counter() - started, 1)}
     return weights, report

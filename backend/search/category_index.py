@@ -25,13 +25,8 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-from backend.search.partition import (
-    INDEX_KINDS,
-    INDEX_TYPES,
-    Hits,
-    Partition,
-    check_matrix,
-)
+from backend.search.hits import Hits
+from backend.search.partition import INDEX_KINDS, INDEX_TYPES, Partition, check_matrix
 
 
 class CategoryIndex:

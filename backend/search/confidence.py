@@ -70,6 +70,11 @@ class Calibration:
         """Draw the threshold again at the next search."""
         self._key = None
 
+    @property
+    def pending(self) -> bool:
+        """Whether the threshold is drawn again at the next search (reset, or never drawn)."""
+        return self._key is None
+
     def current(self, index: CategoryIndex) -> float | None:
         """The threshold for `index` as it is now (computed again only when it changed enough)."""
         if moved_on(self._key, index):

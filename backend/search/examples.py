@@ -10,7 +10,7 @@ one ranking. Measured on Fashion-MNIST by bench/examples.py (see the README's "S
 import numpy as np
 
 from backend.errors import InvalidQuery
-from backend.search.partition import Hits
+from backend.search.hits import Hits
 
 STRATEGIES = ("mean", "max")
 DEFAULT_STRATEGY = "mean"

@@ -1,6 +1,6 @@
-"""One category's vectors in a FAISS index of the configured kind, and the hits a search returns."""
+"""One category's vectors in a FAISS index of the configured kind (flat, HNSW or IVF; float32 or float16)."""
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -55,19 +55,6 @@ def ivf_lists(n: int, current: int) -> int:
         return current if current and n >= IVF_MIN_VECTORS // 2 else 0
     target = max(1, min(round(math.sqrt(n)), n // IVF_POINTS_PER_LIST))
     return current if current and target / 2 <= current <= target * 2 else target
-
-
-@dataclass
-class Hits:
-    """One query's answer: image ids, scores and categories, best first, and the prototype ranking used."""
-
-    ids: np.ndarray  # int64 (m,)
-    scores: np.ndarray  # float32 (m,)
-    categories: np.ndarray  # int64 (m,)
-    prototype_ranking: list[tuple[int, float]] = field(default_factory=list)  # (category, similarity), best first
-    searched_categories: list[int] = field(default_factory=list)
-    prototype_ms: float = 0.0  # stage 1 time, per query
-    search_ms: float = 0.0  # stage 2 (FAISS) time, this query
 
 
 class Partition:

@@ -1,12 +1,8 @@
 """The Python API: `ImageSearch` ties the database, the embedder and the index together."""
-import io
-import itertools
 import logging
-import math
 import threading
 import time
-from dataclasses import asdict
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 from typing import Union
 
@@ -18,41 +14,28 @@ from sqlalchemy.orm import sessionmaker
 from backend.embedding.decode import DecodedImage, decode, sha256
 from backend.embedding.models import Embedder
 from backend.embedding.query_edits import QueryEdit
-from backend.errors import InvalidImage, InvalidQuery, NotFound
+from backend.errors import InvalidImage, NotFound
 from backend.pipeline.consistency import Report, check
-from backend.pipeline.datasets import Item, load_dataset, select_balanced
+from backend.pipeline.datasets import Item
 from backend.pipeline.ingest import IngestReport, ingest
+from backend.pipeline.populate import populate, select
 from backend.search import duplicates
-from backend.search.confidence import Calibration, assess
-from backend.search.examples import (
-    DEFAULT_STRATEGY,
-    NEGATIVE_WEIGHT,
-    STRATEGIES,
-    InvalidExamples,
-    best_of,
-    check_counts,
-    mean_query,
-    penalise,
-    unit,
-)
-from backend.search.partition import Hits
-from backend.service.base_space import BaseSpace
+from backend.search.examples import check_counts
+from backend.service import duplicate_review, lookups, planner
+from backend.service.query_confidence import QueryConfidence
 from backend.service.index_manager import IndexManager
-from backend.service.results import MAX_DEPTH, AddResult, SearchResponse, SearchResult
-from backend.storage import decisions, filters, history
+from backend.service.requests import SearchRequest, default_top_categories
+from backend.service.results import AddResult, SearchResponse, SearchResult
+from backend.service.metadata_keys import MetadataKeys
+from backend.service.search_history import SearchHistory
 from backend.storage import images as image_store
 from backend.storage import prototypes as prototype_store
 from backend.storage.collections import DEFAULT, snapshot_dir_of
-from backend.storage.filters import Condition
-from backend.storage.tables import Category, Collection, Embedding, Image, SearchRecord
+from backend.storage.tables import Collection, Image
 
 log = logging.getLogger(__name__)
 ImageInput = Union[PILImage.Image, bytes, str, Path]
 Example = Union[ImageInput, int]  # an image, or a stored image's id
-KEYS_MAX_AGE = 60.0  # seconds a summary of the metadata keys is kept (it reads every image's metadata) ...
-KEYS_MIN_AGE = 5.0  # ... and at least this long, whatever is written meanwhile
-COLLAPSE_FETCH = 3  # results fetched per result wanted when near-duplicates are collapsed
-POST_FILTER_MAX_FETCH = 50_000  # results a post-filter fetches at most before it searches among every match
 
 
 def _is_id(example: Example) -> bool:
@@ -79,15 +62,10 @@ class ImageSearch:
         self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type, snapshot_dir,
                                     guard=self._lock, on_head=self._use_head)
         self.batcher = None  # see start_batching
-        self._calibration = Calibration()  # what "no close match" means for this collection (backend.search.confidence)
-        self._base_space = BaseSpace(sessions, embedder.source.name, embedder.source.dim) \
-            if embedder.source is not embedder else None  # a derived model's (backend.embedding.projection)
+        self.confidence = QueryConfidence(sessions, embedder)  # what "no close match" means for this collection
         self.listener = None  # see start_live_sync
-        self.history_days = None  # see start_history
-        self._write_count = itertools.count(1)
-        self._writes = 0  # writes made or applied here: a cached summary of metadata keys older than the last is stale
-        self._keys = None  # (writes, monotonic time, summary) of metadata_keys
-        self._keys_lock = threading.Lock()
+        self.history = SearchHistory(sessions, embedder.name)  # off until start_history
+        self.keys = MetadataKeys(sessions)  # the metadata keys summary, stale after a write made or applied here
         self.manager.load_or_build()
 
     @classmethod
@@ -97,11 +75,7 @@ class ImageSearch:
         lead to, with `model_name`, else the model backend.service.model_choice picks, and FAISS_INDEX_TYPE; the model loads
         now unless load_model is False."""
         from backend.config import settings
-        from backend.service.model_choice import (
-            ModelChoice,
-            choose_model,
-            load_embedder,
-        )
+        from backend.service.model_choice import ModelChoice, choose_model, load_embedder
         from backend.storage.sessions import session_factory
 
         sessions = sessions or session_factory(collection)
@@ -115,6 +89,11 @@ class ImageSearch:
 
         with self.sessions() as s:
             return unserved_notice(dict(image_store.models_with_vectors(s)), self.embedder.name)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by searches: the index (and a derived model's head) change in memory only under it."""
+        return self._lock
 
     @property
     def index(self):
@@ -140,7 +119,7 @@ class ImageSearch:
         """(the query's vector (d,), its base model's vector): the same for a model that is not derived."""
         base = self._embed_base(image)
         with self._lock:
-            return self._to_index_space(base), base
+            return self.to_index_space(base), base
 
     def _embed_base(self, image: ImageInput, edit: QueryEdit | None = None) -> np.ndarray:
         """The query's base model vector, edited first (a derived model's head is applied under the lock:
@@ -155,41 +134,25 @@ class ImageSearch:
         batcher = self.batcher  # close() may set it to None meanwhile
         return batcher.embed(picture) if batcher is not None else self.embedder.source.embed([picture()])[0]
 
-    def _to_index_space(self, base: np.ndarray) -> np.ndarray:
+    def to_index_space(self, base: np.ndarray) -> np.ndarray:
         """Base vectors (d,) or (n, d) as the index holds vectors: through the head the index was built with (a
         derived model's; call with the lock held, under which index and head are swapped together)."""
-        if self._base_space is None:
+        if self.embedder.source is self.embedder:  # not a derived model
             return base
         return self.embedder.head.apply(base[None, :])[0] if base.ndim == 1 else self.embedder.head.apply(base)
 
     def _use_head(self, head) -> None:
         """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
         self.embedder.head = head
-        self._recalibrate()
-
-    def _recalibrate(self) -> None:
-        """Draw "no close match" again at the next query: the collection's members moved."""
-        self._calibration.reset()
-        if self._base_space is not None:
-            self._base_space.reset()
+        self.confidence.reset()
 
     def no_match_threshold(self) -> float | None:
-        """The best prototype similarity under which a query is "no close match" (backend.search.confidence); a derived
-        model's is in its base model's space (BaseSpace), measured when its head was trained."""
-        if self._base_space is not None:
-            return self.embedder.head.report.get("base_no_match_threshold")
-        return self._calibration.current(self.index)
+        """The best prototype similarity under which a query is "no close match" (backend.service.query_confidence)."""
+        return self.confidence.threshold(self.index)
 
     def confidence_of(self, vector: np.ndarray, base: np.ndarray | None = None, ranking=None):
-        """The Confidence of a query (backend.search.confidence), or None without prototypes (or, for a derived model,
-        without the base vector); `ranking` is stage 1's (category, similarity) list over every category, when a
-        search made one. Call with the lock held."""
-        if self._base_space is not None:
-            sims = self._base_space.similarities(base, self.index) if base is not None else np.zeros(0)
-        else:
-            sims = np.array([sim for _, sim in ranking]) if ranking is not None else \
-                self.index.rank_prototypes(vector[None, :])[1][0]
-        return assess(sims, self.no_match_threshold())
+        """The Confidence of a query (backend.service.query_confidence.QueryConfidence.of); call with the lock held."""
+        return self.confidence.of(self.index, vector, base, ranking)
 
     def start_batching(self, max_batch: int, preparing: int) -> None:
         """Embed queries through a QueryBatcher from now on (what a server does): concurrent queries share forward
@@ -225,313 +188,93 @@ class ImageSearch:
         mine = [c for c in ours if c.model in (None, self.embedder.name) and c.what != "model"]
         if not mine:
             return
-        self._wrote()
+        self.keys.wrote()
         with self._sync_lock:
             if any(c.what == "resync" for c in mine):
                 self.manager.sync()
-                self._recalibrate()
+                self.confidence.reset()
             else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
                 self.manager.sync(sorted({i for c in mine for i in c.ids}))
 
-    def search_similar(self, image: ImageInput, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                       category: str | int | None = None, offset: int = 0, min_score: float | None = None,
-                       where: list[Condition] | None = None, edit: QueryEdit | None = None,
-                       collapse: float | None = None) -> SearchResponse:
-        """Embed a query image (edited first: cropped, rotated, flipped) and return its k most similar stored
-        images (after the first `offset`, down to min_score, among those whose metadata match `where`; with
-        `collapse`, without near-duplicates of a result ranked before)."""
-        return self.search_examples([image], [], k, use_prototypes, top_categories, category, offset, min_score, where,
-                                    edit=edit, collapse=collapse)
-
-    def search_by_id(self, image_id: int, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                     category: str | int | None = None, offset: int = 0, min_score: float | None = None,
-                     where: list[Condition] | None = None) -> SearchResponse:
-        """Search with a stored image's own vector ("more like this"); the image itself is left out."""
-        return self.search_examples([image_id], [], k, use_prototypes, top_categories, category, offset, min_score,
-                                    where)
-
-    def search_examples(self, positives: list[Example], negatives: list[Example] = (), k: int = 10,
-                        use_prototypes: bool = True, top_categories: int = 3, category: str | int | None = None,
-                        offset: int = 0, min_score: float | None = None, where: list[Condition] | None = None,
-                        strategy: str = DEFAULT_STRATEGY, negative_weight: float = NEGATIVE_WEIGHT,
-                        edit: QueryEdit | None = None, collapse: float | None = None) -> SearchResponse:
-        """More like the positive examples, less like the negative ones (backend.search.examples): each an image or a
-        stored image's id (stored examples are left out of the results); `edit` applies to every positive image;
-        `collapse`, a similarity, leaves out results at least that alike to a result ranked before them."""
+    def search(self, request: SearchRequest, positives: list[Example], negatives: list[Example] = ()) -> SearchResponse:
+        """The request's page of results more like the positive examples and less like the negative ones
+        (backend.search.examples): each an image or a stored image's id (stored examples are left out of the
+        results); the request's edit applies to every positive image. Every entry point comes here."""
         check_counts(len(positives), len(negatives))
-        if strategy not in STRATEGIES:
-            raise InvalidExamples(f"strategy is one of {', '.join(STRATEGIES)}, not {strategy!r:.40}")
-        params = {"k": k, "offset": offset, "use_prototypes": use_prototypes, "top_categories": top_categories,
-                  "category": category, "min_score": min_score, "where": [asdict(c) for c in where or []],
-                  "strategy": strategy, "negative_weight": negative_weight, "collapse": collapse,
-                  "positives": len(positives), "stored_ids": [e for e in (*positives, *negatives) if _is_id(e)],
-                  "edit": asdict(edit) if edit is not None else None}
+        stored_ids = [e for e in (*positives, *negatives) if _is_id(e)]
         started = time.perf_counter()
-        stored = dict(zip(*self._stored_bases([e for e in (*positives, *negatives) if _is_id(e)])))
-        bases = [stored[e] if _is_id(e) else self._embed_base(e, edit if n < len(positives) else None)
+        stored = dict(zip(*lookups.stored_bases(self.sessions, self.embedder, stored_ids)))
+        bases = [stored[e] if _is_id(e) else self._embed_base(e, request.edit if n < len(positives) else None)
                  for n, e in enumerate((*positives, *negatives))]
         embed_ms = (time.perf_counter() - started) * 1000
         negative = np.stack(bases[len(positives):]) if negatives else np.zeros((0, len(bases[0])), np.float32)
-        response = self._search(np.stack(bases[:len(positives)]), negative, k, use_prototypes, top_categories,
-                                category, offset, min_score, where, strategy, negative_weight, exclude=set(stored),
-                                collapse=collapse)
+        response = planner.execute(self, request, np.stack(bases[:len(positives)]), negative, exclude=set(stored))
         if len(stored) < len(bases):  # some example was embedded here
             response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         uploaded = next((e for e in positives if not _is_id(e)), None)
-        self._record("upload" if uploaded is not None else "stored", params, np.stack(bases), uploaded, response)
+        params = {**request.to_params(), "positives": len(positives), "stored_ids": stored_ids}
+        self.history.record("upload" if uploaded is not None else "stored", params, np.stack(bases), uploaded,
+                            response)
         return response
 
     def start_history(self, retention_days: int) -> None:
-        """Record every search from now on in PostgreSQL, for `retention_days` (backend.storage.history): what the server
-        does unless HISTORY_ENABLED is off."""
-        self.history_days = retention_days
+        """Record every search from now on in PostgreSQL, for `retention_days` (backend.storage.history): what the
+        server does unless HISTORY_ENABLED is off."""
+        self.history.start(retention_days)
 
-    def _record(self, kind: str, params: dict, vectors: np.ndarray, uploaded, response: SearchResponse) -> None:
-        """Keep a search in the history (when it is on); a failure to record is logged, never the search's."""
-        if self.history_days is None:
-            return
-        sha, thumb = None, None
-        if uploaded is not None:
-            data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
-            picture = data if isinstance(data, PILImage.Image) else decode(data).image
-            sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
-        try:
-            with self.sessions() as s, s.begin():
-                history.record(s, kind=kind, model=self.embedder.name, params=params, vector=vectors,
-                               query_sha256=sha, query_thumbnail=thumb, results=response.results,
-                               timings_ms=response.timings_ms, retention_days=self.history_days)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("search not recorded in the history: %s", str(exc).splitlines()[0])
+    def search_similar(self, image: ImageInput, k: int | None = None, **options) -> SearchResponse:
+        """Embed a query image and return its k most similar stored images; `options` are SearchRequest's (edit:
+        crop, rotate, flip it first; offset, min_score, where, collapse ...)."""
+        return self.search(_request(k, options), [image])
+
+    def search_by_id(self, image_id: int, k: int | None = None, **options) -> SearchResponse:
+        """Search with a stored image's own vector ("more like this"); the image itself is left out."""
+        return self.search(_request(k, options), [image_id])
+
+    def search_examples(self, positives: list[Example], negatives: list[Example] = (), k: int | None = None,
+                        **options) -> SearchResponse:
+        """More like the positive examples, less like the negative ones (see search)."""
+        return self.search(_request(k, options), positives, negatives)
+
+    def search_vector(self, vector: np.ndarray, k: int | None = None, **options) -> SearchResponse:
+        """Search for one query vector (d,) as the index holds them (for a derived model: through its head)."""
+        return planner.execute(self, _request(k, options), vector[None, :],
+                               np.zeros((0, vector.shape[0]), np.float32), in_index_space=True)
 
     def run_again(self, record_id: int) -> SearchResponse:
         """A recorded search, run again now with its query's vectors and parameters (and recorded too)."""
-        with self.sessions() as s:
-            row = s.get(SearchRecord, record_id)
-        if row is None or row.query_vector is None:
-            raise NotFound(f"search {record_id} not found in the history")
-        p = row.params
-        vectors = np.frombuffer(row.query_vector, np.float32).reshape(-1, self.embedder.source.dim)
-        where = [Condition(c["key"], c["op"], tuple(c["value"]) if isinstance(c["value"], list) else c["value"])
-                 for c in p["where"]]
-        response = self._search(vectors[:p["positives"]], vectors[p["positives"]:], p["k"], p["use_prototypes"],
-                                p["top_categories"], p["category"], p["offset"], p["min_score"], where, p["strategy"],
-                                p["negative_weight"], exclude=set(p["stored_ids"]), collapse=p["collapse"])
-        self._record("rerun", {**p, "of": record_id}, vectors, None, response)
+        params, vectors = self.history.recorded(record_id, self.embedder.source.dim)
+        request = SearchRequest.from_params(params)
+        response = planner.execute(self, request, vectors[:params["positives"]], vectors[params["positives"]:],
+                                   exclude=set(params["stored_ids"]))
+        self.history.record("rerun", {**params, "of": record_id}, vectors, None, response)
         return response
-
-    def _stored_bases(self, image_ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
-        """The base model vectors of stored images (a derived model's stored vectors may be of a newer head than the
-        index's: the head is applied under the lock); NotFound for an id without this model's vector."""
-        if not image_ids:
-            return [], []
-        wanted = sorted(set(image_ids))
-        with self.sessions() as s:
-            found = dict(s.execute(sa.select(Embedding.image_id, Embedding.vector).where(
-                Embedding.image_id.in_(wanted), Embedding.model_name == self.embedder.source.name)).all())
-            indexed = set(s.scalars(sa.select(Embedding.image_id).where(
-                Embedding.image_id.in_(wanted), Embedding.model_name == self.embedder.name)).all())
-        missing = [i for i in wanted if i not in found or i not in indexed]
-        if missing:
-            raise NotFound(f"image {missing[0]} not found (or has no {self.embedder.name} vector)")
-        return wanted, [np.asarray(found[i], np.float32) for i in wanted]
-
-    def search_vector(self, vector: np.ndarray, k: int = 10, use_prototypes: bool = True, top_categories: int = 3,
-                      category: str | int | None = None, offset: int = 0, min_score: float | None = None,
-                      where: list[Condition] | None = None) -> SearchResponse:
-        """Search for one query vector (d,) as the index holds them (for a derived model: through its head)."""
-        return self._search(vector[None, :], np.zeros((0, vector.shape[0]), np.float32), k, use_prototypes,
-                            top_categories, category, offset, min_score, where, in_index_space=True)
-
-    def _search(self, positives: np.ndarray, negatives: np.ndarray, k: int, use_prototypes: bool,
-                top_categories: int, category: str | int | None, offset: int, min_score: float | None,
-                where: list[Condition] | None, strategy: str = DEFAULT_STRATEGY, weight: float = NEGATIVE_WEIGHT,
-                exclude: set[int] = frozenset(), in_index_space: bool = False,
-                collapse: float | None = None) -> SearchResponse:
-        """Ranks offset+1 .. offset+k (offset + k at most MAX_DEPTH) of the images scoring min_score or more whose
-        metadata match `where`, leaving out `exclude`; every page of one query comes from the same ranking (for the
-        exact index types). The examples are base model vectors unless in_index_space.
-
-        A filter matching at most filters.PREFILTER_MAX_IDS images is a pre-filter: FAISS searches only those (exact,
-        however few). One matching more is a post-filter: the search fetches more than the page, keeps the matching
-        results, and fetches four times as many again until the page is full or nothing more can be found; past
-        POST_FILTER_MAX_FETCH results (the matches lie far from the query) it searches among all the matching ids,
-        as a pre-filter does. Stage 1 ranks only the categories that hold a match, either way."""
-        if offset < 0 or k < 1 or offset + k > MAX_DEPTH:
-            raise ValueError(f"offset + k must be at most {MAX_DEPTH} (offset {offset}, k {k})")
-        filter_ids = [self._category_id(category)] if category is not None else None
-        wanted = offset + k + 1  # one more than the page: is there a next page?
-        among, post_filter = None, False
-        if where:
-            with self.sessions() as s:
-                matching = filters.matching_ids(s, where, filters.PREFILTER_MAX_IDS)
-                if matching is None and use_prototypes:
-                    holding = filters.matching_categories(s, where)
-                    filter_ids = [c for c in (filter_ids or holding) if c in holding]
-            post_filter = matching is None
-            among = np.array(matching, np.int64) if matching is not None else None
-        fetch = (wanted + len(exclude)) * (COLLAPSE_FETCH if collapse is not None else 1)
-        if post_filter:  # at least PREFILTER_MAX_IDS of the index match: expect that share, fetch a quarter more
-            fetch = min(math.ceil(fetch * max(1.0, len(self.index) / filters.PREFILTER_MAX_IDS) * 1.25),
-                        POST_FILTER_MAX_FETCH)
-        floor = min_score if min_score is not None else -np.inf
-        # A negative example's penalty can lift a lower candidate above a higher one: no early stop on scores then.
-        monotone = strategy == "mean" or not len(negatives)
-        search_ms, confidence, checked, matched = 0.0, None, set(), set()
-        while True:
-            with self._lock:
-                t0 = time.perf_counter()
-                hits, complete, query, base = self._rank(positives, negatives, fetch, MAX_DEPTH + 1 + len(exclude),
-                                                         use_prototypes, top_categories, filter_ids, among, strategy,
-                                                         weight, in_index_space)
-                search_ms += (time.perf_counter() - t0) * 1000
-                if confidence is None:
-                    # Stage 1 already ranked every category for one plain query, unless a filter narrowed it.
-                    plain = use_prototypes and filter_ids is None and among is None
-                    ranking = hits.prototype_ranking if plain and len(positives) == 1 and not len(negatives) else None
-                    confidence = self.confidence_of(query, base, ranking)
-                size = len(self.index)
-            keep = (hits.scores >= floor) & ~np.isin(hits.ids, list(exclude))
-            if post_filter:
-                fresh = [i for i in hits.ids[keep].tolist() if i not in checked]  # each candidate is asked about once
-                with self.sessions() as s:
-                    matched |= filters.which_match(s, where, fresh)
-                checked.update(fresh)
-                keep &= np.isin(hits.ids, list(matched))
-            low = monotone and len(hits.scores) and hits.scores[-1] < floor  # the rest score lower still
-            if not post_filter or keep.sum() >= wanted or complete or low or fetch >= size:
-                break
-            if fetch >= POST_FILTER_MAX_FETCH:
-                with self.sessions() as s:
-                    among = filters.all_matching_ids(s, where)
-                post_filter, fetch = False, wanted + len(exclude)
-                continue
-            fetch = min(fetch * 4, size, POST_FILTER_MAX_FETCH)
-        t1 = time.perf_counter()
-        ranked = np.flatnonzero(keep)
-        if collapse is not None:
-            ranked = self._collapsed(hits.ids, ranked, collapse)
-        page = ranked[offset:offset + k]
-        hits.ids, hits.scores, hits.categories = hits.ids[page], hits.scores[page], hits.categories[page]
-        results, prototypes = self._describe(hits, first_rank=offset + 1)
-        return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
-                                                    "lookup": round((time.perf_counter() - t1) * 1000, 2)},
-                              use_prototypes, confidence.as_dict() if confidence is not None else None,
-                              offset=offset,
-                              next_offset=offset + k if len(ranked) > offset + k and offset + k < MAX_DEPTH else None)
-
-    def _collapsed(self, ids: np.ndarray, ranked: np.ndarray, threshold: float) -> np.ndarray:
-        """The ranked positions whose images are not near-duplicates of one ranked before (backend.search.duplicates)."""
-        order = ids[ranked].tolist()
-        with self.sessions() as s:
-            stored = dict(s.execute(sa.select(Embedding.image_id, Embedding.vector).where(
-                Embedding.image_id.in_(order), Embedding.model_name == self.embedder.name)).all()) if order else {}
-        present = [i for i in order if i in stored]
-        vectors = np.array([np.asarray(stored[i], np.float32) for i in present]).reshape(len(present), -1)
-        kept = set(duplicates.collapse(present, vectors, threshold))
-        return np.array([r for r, i in zip(ranked.tolist(), order) if i in kept], np.int64)
 
     def duplicate_groups(self, threshold: float = duplicates.DEFAULT_THRESHOLD) -> list[list[SearchResult]]:
         """Groups of near-duplicate images (at least `threshold` alike), largest first, leaving out pairs a person
-        already decided about; each member described as a search result scoring its highest similarity to another
-        member."""
-        with self._lock:  # the index holds still (and FAISS searches one at a time) while every image is looked at
-            pairs = duplicates.similar_pairs(self.index, threshold)
-            category_of = self.index.assignments()
-        with self.sessions() as s:
-            found = duplicates.groups(pairs, decisions.decided_pairs(s, {i for pair in pairs for i in pair}))
-        best: dict[int, float] = {}  # each image's highest similarity to another of its group
-        for (a, b), score in pairs.items():
-            best[a], best[b] = max(best.get(a, score), score), max(best.get(b, score), score)
-        described = []
-        for group in found:
-            scores = np.array([best[i] for i in group], np.float32)
-            hits = Hits(np.array(group, np.int64), scores, np.array([category_of.get(i, -1) for i in group], np.int64))
-            results, _ = self._describe(hits)
-            if len(results) > 1:
-                described.append(results)
-        return described
+        already decided about (backend.service.duplicate_review)."""
+        return duplicate_review.find_groups(self, threshold)
 
     def decide_duplicates(self, image_ids: list[int], decision: str, keep: int | None = None) -> int:
         """A person's decision about a group: keep_one (the others are deleted), keep_all or not_duplicates (the
         group's pairs are not offered again). Returns how many images were deleted or pairs recorded."""
-        with self.sessions() as s:
-            stored = set(s.scalars(sa.select(Image.id).where(Image.id.in_(set(image_ids)))))
-        if missing := sorted(set(image_ids) - stored):
-            raise NotFound(f"image {missing[0]} not found")
-        if decision == "keep_one":
-            if keep not in image_ids:
-                raise InvalidQuery("keep_one needs `keep`: the id, among the group's, of the image to keep")
-            doomed = sorted(set(image_ids) - {keep})
-            with self.sessions() as s, s.begin():
-                deleted = image_store.delete_images(s, doomed)
-            self._wrote()
-            with self._sync_lock:
-                self.manager.sync(doomed)
-            return deleted
-        with self.sessions() as s, s.begin():
-            return decisions.record(s, image_ids, decision)
-
-    def _rank(self, positives: np.ndarray, negatives: np.ndarray, fetch: int, pool: int, use_prototypes: bool,
-              top_categories: int, categories, among, strategy: str, weight: float, in_index_space: bool):
-        """(the `fetch` best hits by the strategy, whether they are all there are, the query vector for confidence,
-        its base vector). The `max` strategy with negatives re-ranks at least `pool` candidates per positive, the same
-        for every page. Call with the lock held: the head that makes index-space vectors is swapped under it."""
-        if in_index_space:
-            pos, neg, base = positives, negatives, None
-        else:
-            pos, neg = self._to_index_space(positives), self._to_index_space(negatives)
-            base = positives[0] if len(positives) == 1 else unit(positives.mean(axis=0))
-        search = partial(self.index.search, top_categories=top_categories, use_prototypes=use_prototypes,
-                         categories=categories, among=among)
-        if strategy == "mean":
-            query = mean_query(pos, neg, weight)
-            hits = search(query[None, :], fetch)[0]
-            return hits, len(hits.ids) < fetch, query, base
-        depth = max(fetch, pool) if len(neg) else fetch
-        per_positive = search(pos, depth)
-        hits = best_of(per_positive)
-        if len(neg):
-            hits = penalise(hits, self.index.search(neg, max(1, len(hits.ids)), use_prototypes=False,
-                                                    among=hits.ids), weight)
-        query = pos[0] if len(pos) == 1 else unit(pos.mean(axis=0))
-        return hits, all(len(h.ids) < depth for h in per_positive), query, base
-
-    def _wrote(self) -> None:
-        """Note a write made or applied here (a cached summary of metadata keys is then stale)."""
-        self._writes = next(self._write_count)  # itertools.count: atomic, no lock to wait for
+        doomed = duplicate_review.to_delete(self.sessions, image_ids, decision, keep)
+        if doomed is None:
+            return duplicate_review.record(self.sessions, image_ids, decision)
+        return self.delete_images(doomed)
 
     def metadata_keys(self) -> list[dict]:
-        """The filterable metadata keys stored, with their values or ranges (backend.storage.filters.summarise_keys); read
-        again after a write this process made or applied (but not within KEYS_MIN_AGE seconds of the last read), and
-        KEYS_MAX_AGE seconds after it."""
-        def fresh(cached) -> bool:
-            age = time.monotonic() - cached[1]
-            return age < KEYS_MIN_AGE or (cached[0] == self._writes and age < KEYS_MAX_AGE)
+        """The filterable metadata keys stored, with their values or ranges (backend.service.metadata_keys)."""
+        return self.keys.summary()
 
-        if self._keys is not None and fresh(self._keys):
-            return self._keys[2]
-        with self._keys_lock:  # one summary at a time: the others wait for it rather than read every image too
-            if self._keys is None or not fresh(self._keys):
-                writes = self._writes
-                with self.sessions() as s:
-                    self._keys = (writes, time.monotonic(), filters.summarise_keys(s))
-            return self._keys[2]
-
-    def rank_prototypes(self, image: ImageInput, top_categories: int = 3) -> SearchResponse:
-        """Stage 1 alone: the categories closest to the query image."""
-        t0 = time.perf_counter()
+    def rank_prototypes(self, image: ImageInput, top_categories: int | None = None) -> SearchResponse:
+        """Stage 1 alone: the categories closest to the query image (default: PROTOTYPE_LIMIT of them)."""
+        started = time.perf_counter()
         base = self._embed_base(image)
-        t1 = time.perf_counter()
-        with self._lock:
-            vector = self._to_index_space(base)
-            cats, sims = self.index.rank_prototypes(vector[None, :])
-            confidence = self.confidence_of(vector, base, list(zip(cats[0].tolist(), sims[0].tolist())))
-        names = self._category_names(cats[0].tolist())
-        protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
-                  for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]
-        return SearchResponse([], protos, {"embedding": round((t1 - t0) * 1000, 2),
-                                           "prototypes": round((time.perf_counter() - t1) * 1000, 2)},
-                              confidence=confidence.as_dict() if confidence is not None else None)
+        embed_ms = (time.perf_counter() - started) * 1000
+        response = planner.rank_categories(self, base, top_categories or default_top_categories())
+        response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
+        return response
 
     # -- writes -----------------------------------------------------------------------------------
     def add_image(self, image: bytes | str | Path, category: str, original_name: str | None = None,
@@ -554,19 +297,28 @@ class ImageSearch:
 
     def delete_image(self, image_id: int) -> None:
         """Delete an image, its vectors and its share of its category's prototype."""
+        if not self.delete_images([image_id]):
+            raise NotFound(f"image {image_id} not found")
+
+    def delete_images(self, image_ids: list[int]) -> int:
+        """Delete images (those stored), their vectors and their shares of prototypes; returns how many."""
         with self.sessions() as s, s.begin():
-            if not image_store.delete_images(s, [image_id]):
-                raise NotFound(f"image {image_id} not found")
-        self._wrote()
-        with self._sync_lock:
-            self.manager.sync([image_id])
+            deleted = image_store.delete_images(s, image_ids)
+        self._synced(image_ids)
+        return deleted
 
     def build_database(self, dataset: str = "folder", data_dir: Path | None = None, split: str = "train",
-                       num_images: int | None = None, image_dir: Path | None = None,
-                       progress: bool = True) -> IngestReport:
-        """Load a dataset (cifar10, fashion-mnist, folder or a CSV), embed and index it."""
-        items = select_balanced(load_dataset(dataset, split, data_dir, image_dir), num_images)
-        return self._ingest(items, progress=progress)
+                       num_images: int | None = None, image_dir: Path | None = None, progress: bool = True,
+                       categories: str = "labels") -> IngestReport:
+        """Load a dataset (cifar10, fashion-mnist, folder or a CSV), embed and index it: the same populate as
+        `python -m backend populate` (backend.pipeline.populate; categories: labels, auto or auto:K)."""
+        selection = select(dataset, split, data_dir, image_dir, num_images, categories)
+        report = populate(self.sessions, self.embedder, selection, self.batch_size, progress=progress)
+        if report.clusters_made is not None:
+            self.refresh()  # images moved into the automatic categories
+        else:
+            self._synced(report.ingest.image_ids)
+        return report.ingest
 
     def recluster(self, k: int | None = None) -> int:
         """Group the images no person categorised into k automatic categories (backend.pipeline.recluster; k from the
@@ -580,10 +332,10 @@ class ImageSearch:
 
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
-        self._wrote()
+        self.keys.wrote()
         with self._sync_lock:
             changed = self.manager.sync()
-        self._recalibrate()  # images may have moved between categories (a recluster)
+        self.confidence.reset()  # images may have moved between categories (a recluster)
         return changed
 
     def rebuild(self) -> None:
@@ -609,15 +361,6 @@ class ImageSearch:
         with self._sync_lock:
             self.manager.save_snapshot()
 
-    @staticmethod
-    def warm_up_query() -> bytes:
-        """A PNG to search with before serving, so that the first person to search does not pay for setting up the
-        query path (kernels, the model thread, decoder plugins, the web stack)."""
-        gradient = PILImage.linear_gradient("L").resize((320, 240)).convert("RGB")
-        buffer = io.BytesIO()
-        gradient.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     def close(self) -> None:
         """Stop listening and batching queries, and snapshot the index if writes changed it since the last
         snapshot (and the collection was not deleted), so the next start loads it."""
@@ -634,41 +377,17 @@ class ImageSearch:
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
-        self._wrote()
-        with self._sync_lock:
-            self.manager.sync(report.image_ids)
+        self._synced(report.image_ids)
         return report
 
-    # -- lookups ----------------------------------------------------------------------------------
-    def _category_id(self, category: str | int) -> int:
-        with self.sessions() as s:
-            column = Category.id if isinstance(category, int) else Category.name
-            found = s.scalar(sa.select(Category.id).where(column == category))
-        if found is None:
-            raise NotFound(f"category {category!r} not found")
-        return found
+    def _synced(self, image_ids) -> None:
+        """Bring the index in step with writes made here to these images."""
+        self.keys.wrote()
+        with self._sync_lock:
+            self.manager.sync(image_ids)
 
-    def _category_names(self, ids: list[int]) -> dict[int, str]:
-        if not ids:
-            return {}
-        with self.sessions() as s:
-            return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
 
-    def _describe(self, hits, first_rank: int = 1) -> tuple[list[SearchResult], list[dict]]:
-        ids = hits.ids.tolist()
-        with self.sessions() as s:
-            rows = {r.id: r for r in s.execute(
-                sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Image.metadata_, Category.name)
-                .join(Category, isouter=True).where(Image.id.in_(ids))).all()} if ids else {}
-        names = self._category_names([c for c, _ in hits.prototype_ranking])
-        # An image deleted by another process since the last refresh is left out.
-        results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name,
-                                category_id=int(cat), file_name=rows[i].original_name, label=rows[i].label,
-                                metadata=rows[i].metadata_)
-                   for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()),
-                                                          first_rank)
-                   if i in rows]
-        chosen = set(hits.searched_categories)
-        prototypes = [{"category_id": c, "category": names.get(c), "similarity": float(sim)}
-                      for c, sim in hits.prototype_ranking if c in chosen]
-        return results, prototypes
+def _request(k: int | None, options: dict) -> SearchRequest:
+    """A SearchRequest of the Python API's keyword arguments (SearchRequest's fields; `request` to start from one)."""
+    request = options.pop("request", None) or SearchRequest()
+    return replace(request, **({"k": k} if k is not None else {}), **options)

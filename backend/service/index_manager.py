@@ -26,12 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from backend.embedding import projection
 from backend.search import snapshot
 from backend.search.category_index import CategoryIndex
-from backend.search.snapshot import (
-    SnapshotError,
-    read_meta,
-    read_snapshot,
-    snapshot_path,
-)
+from backend.search.snapshot import SnapshotError, read_meta, read_snapshot, snapshot_path
 from backend.storage import heads as head_store
 from backend.storage import prototypes as prototype_store
 from backend.storage.fingerprints import (

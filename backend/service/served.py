@@ -4,7 +4,7 @@ import logging
 import threading
 from typing import Callable
 
-from backend.errors import NotFound
+from backend.errors import NotFound, ShuttingDown
 from backend.service.image_search import ImageSearch
 from backend.storage.collections import CollectionSessions, check_name, recorded_model
 
@@ -55,7 +55,7 @@ class ServedCollections:
                 self._close(name)
                 search = None
             if self._closed:
-                raise NotFound("the server is shutting down")
+                raise ShuttingDown("the server is shutting down: try again shortly")
             if search is None:
                 search = self._open[name] = self._prepare(self.opener(name, self.sessions.sessions(name)))
                 log.info("serving collection %s: %d images indexed with %s", name, len(search.index),

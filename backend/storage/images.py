@@ -10,15 +10,7 @@ from sqlalchemy.orm import Session, undefer
 from backend.storage import heads as head_store
 from backend.storage.notify import announce
 from backend.storage.prototypes import add_to_prototypes, lock_prototypes, member_sums
-from backend.storage.tables import (
-    Category,
-    Collection,
-    Embedding,
-    EmbeddingModel,
-    Image,
-    ImageBlob,
-    Prototype,
-)
+from backend.storage.tables import Category, Collection, Embedding, EmbeddingModel, Image, ImageBlob, Prototype
 
 log = logging.getLogger(__name__)
 

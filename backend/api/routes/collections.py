@@ -6,14 +6,9 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import (
-    CATEGORY_PATTERN,
-    COLLECTION_PATTERN,
-    ServedDep,
-    require_write_access,
-)
+from backend.api.deps import COLLECTION_PATTERN, ServedDep, require_write_access
 from backend.api.routes.images import WRITE_ERRORS
-from backend.api.schemas import Problem
+from backend.api.schemas import CATEGORY_PATTERN, Problem
 from backend.errors import InvalidQuery
 from backend.pipeline import reembed
 from backend.storage import collections

@@ -1,38 +1,20 @@
 """Search endpoints: by uploaded images, by stored images, prototypes only; and the same searches as downloads."""
 from dataclasses import dataclass
-from functools import partial
 from typing import Annotated, Literal
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    File,
-    Form,
-    HTTPException,
-    Query,
-    Request,
-    Response,
-    UploadFile,
-)
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from backend.api import telemetry
-from backend.api.deps import (
-    CATEGORY_PATTERN,
-    MAX_BIGINT,
-    ImageId,
-    ImageJobsDep,
-    SearchDep,
-    in_collection,
-    read_upload,
-)
-from backend.api.schemas import ExamplesIn, ExportExamplesIn, Problem, SearchOut
+from backend.api.deps import MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, in_collection, read_upload
+from backend.api.schemas import CATEGORY_PATTERN, ExamplesIn, ExportExamplesIn, Problem, SearchOut
 from backend.config import settings
 from backend.embedding.query_edits import CROP_PATTERN, QueryEdit
 from backend.search.duplicates import DEFAULT_THRESHOLD
 from backend.search.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
 from backend.service import export
+from backend.service.requests import SearchRequest
 from backend.service.results import MAX_DEPTH, SearchResponse
 from backend.storage import filters
 
@@ -76,12 +58,13 @@ class Options:
     negative_weight: float
     collapse_duplicates: bool = False
 
-    def kwargs(self) -> dict:
-        """As keyword arguments of ImageSearch.search_examples."""
-        return {"use_prototypes": self.use_prototypes, "top_categories": self.prototype_limit,
-                "category": self.category, "min_score": self.min_score, "where": self.where,
-                "strategy": self.strategy, "negative_weight": self.negative_weight,
-                "collapse": DEFAULT_THRESHOLD if self.collapse_duplicates else None}
+    def request(self, limit: int, offset: int = 0, more_where: list = (), edit: QueryEdit | None = None) -> SearchRequest:
+        """The SearchRequest of these options for one page (with the form's filters and region edit, if any)."""
+        return SearchRequest(k=limit, offset=offset, min_score=self.min_score, use_prototypes=self.use_prototypes,
+                             top_categories=self.prototype_limit, category=self.category,
+                             where=(*self.where, *more_where), strategy=self.strategy,
+                             negative_weight=self.negative_weight, edit=edit,
+                             collapse=DEFAULT_THRESHOLD if self.collapse_duplicates else None)
 
 
 def search_options(
@@ -162,14 +145,12 @@ async def _upload_search(search, jobs, file, negative_file, positive_id, negativ
     negatives = negative_file or []
     if len(file) + len(negatives) + len(positive_id) + len(negative_id) > MAX_EXAMPLES:
         raise HTTPException(422, f"at most {MAX_EXAMPLES} examples (files and ids) per search")
-    where = options.where + _filters_form(filters_form)
-    edit = QueryEdit.parse(crop, rotate, flip)
+    request = options.request(limit, offset, _filters_form(filters_form), QueryEdit.parse(crop, rotate, flip))
     async with jobs.slot():
         uploads = [await read_upload(f) for f in file]
         unwanted = [await read_upload(f) for f in negatives]
-        kwargs = {**options.kwargs(), "where": where, "offset": offset, "edit": edit}
-        return await run_in_threadpool(partial(search.search_examples, k=limit, **kwargs),
-                                       uploads + list(positive_id), unwanted + list(negative_id))
+        return await run_in_threadpool(search.search, request, uploads + list(positive_id),
+                                       unwanted + list(negative_id))
 
 
 @router.post("/search", response_model=SearchOut, responses=ERRORS)
@@ -201,7 +182,7 @@ async def search_export(request: Request, search: SearchDep, jobs: ImageJobsDep,
 def _examples_search(search, body: ExamplesIn, offset: int) -> SearchResponse:
     options = Options(body.use_prototypes, body.prototype_limit, body.category, body.min_score,
                       filters.from_json(body.filter), body.strategy, body.negative_weight, body.collapse_duplicates)
-    return search.search_examples(body.positive_ids, body.negative_ids, body.limit, offset=offset, **options.kwargs())
+    return search.search(options.request(body.limit, offset), body.positive_ids, body.negative_ids)
 
 
 @router.post("/search/examples", response_model=SearchOut, responses=ERRORS)
@@ -235,8 +216,7 @@ async def search_prototypes(request: Request, search: SearchDep, jobs: ImageJobs
 async def similar_to_stored(request: Request, search: SearchDep, image_id: ImageId, options: OptionsDep,
                             limit: Limit = settings.default_search_limit, offset: Offset = 0):
     """More like this: search with a stored image (the image itself is left out)."""
-    response = await run_in_threadpool(partial(search.search_examples, k=limit, offset=offset, **options.kwargs()),
-                                       [image_id])
+    response = await run_in_threadpool(search.search, options.request(limit, offset), [image_id])
     return to_out(request, response)
 
 
@@ -244,6 +224,6 @@ async def similar_to_stored(request: Request, search: SearchDep, image_id: Image
 async def similar_to_stored_export(request: Request, search: SearchDep, jobs: ImageJobsDep, image_id: ImageId,
                                    options: OptionsDep, format: Format, limit: ExportLimit = 100):
     """The same search as GET /images/{image_id}/similar, as a file."""
-    response = await run_in_threadpool(partial(search.search_examples, k=limit, **options.kwargs()), [image_id])
+    response = await run_in_threadpool(search.search, options.request(limit), [image_id])
     query = {"image_id": image_id, "filter": request.query_params.getlist("filter")}
     return await _download(request, jobs, search, response, format, query)

@@ -10,15 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.api import telemetry
 from backend.api.deps import SearchDep, ServedDep, require_write_access
 from backend.api.routes.images import WRITE_ERRORS
-from backend.api.schemas import (
-    CheckOut,
-    HealthOut,
-    Problem,
-    RebuildOut,
-    RefreshOut,
-    ServedCollection,
-    StatusOut,
-)
+from backend.api.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection, StatusOut
 from backend.service.model_choice import unserved_notice
 from backend.storage import images as image_store
 from backend.storage.engine import is_embedded
@@ -73,7 +65,7 @@ def status(search: SearchDep, served: ServedDep):
                      index_type=search.index.index_type, index_size=len(search.index),
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
-                     sync=search.sync_status(), history=search.history_days is not None,
+                     sync=search.sync_status(), history=search.history.days is not None,
                      collection=search.collection,
                      served_collections=[ServedCollection(name=c.collection, model=c.embedder.name,
                                                           index_vectors=len(c.index), memory_bytes=c.memory_bytes())
