@@ -1,4 +1,5 @@
 """Questions the command line asks a person in a terminal (and what it does where nobody can answer)."""
+import select
 import sys
 from pathlib import Path
 
@@ -9,12 +10,7 @@ DEFAULT_POPULATE = 1000  # what the populate dialog offers for CIFAR-10 and Fash
 
 def ask_populate(args) -> None:
     """Ask for what `populate` was not told: the dataset (saying which can be had here), a path, how many."""
-    from backend.pipeline.datasets import (
-        DATASET_TITLES,
-        DATASETS,
-        availability,
-        default_dataset,
-    )
+    from backend.pipeline.datasets import DATASET_TITLES, DATASETS, availability, default_dataset
 
     if args.dataset is None:
         found = {name: availability(name) for name in ("cifar10", "fashion-mnist")}
@@ -36,11 +32,30 @@ def ask_populate(args) -> None:
         args.num_images = ask_number("How many images", None if everything else DEFAULT_POPULATE)
 
 
+POLL_SECONDS = 0.2  # how often a wait for an answer looks for a Ctrl-C that arrived meanwhile
+
+
+def read_answer(prompt: str) -> str | None:
+    """A line typed after `prompt` (without its newline), or None at end of input.
+
+    Not input(): its readline loop blocks in select() with no timeout, so a Ctrl-C arriving between the prompt
+    and that select() (as a person's right after the prompt shows can) waits for the next key instead of stopping
+    the command. Here the wait wakes up every POLL_SECONDS, and the interpreter raises KeyboardInterrupt there."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    if sys.stdin.isatty():
+        while not select.select([sys.stdin], [], [], POLL_SECONDS)[0]:
+            pass
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
 def ask(prompt: str) -> str:
-    try:
-        return input(prompt)
-    except EOFError:
-        raise ImsrcError("no answer (end of input): nothing was populated") from None
+    """An answer to `prompt`; an error (nothing is done) at end of input."""
+    answer = read_answer(prompt)
+    if answer is None:
+        raise ImsrcError("no answer (end of input): nothing was populated")
+    return answer
 
 
 def ask_number(question: str, default: int | None, maximum: int | None = None) -> int | None:
@@ -58,7 +73,7 @@ def confirmed(question: str, answer: str) -> bool:
     """Whether a person typed `answer` to `question`; where nobody can answer, an error saying to add --yes."""
     if not sys.stdin.isatty():
         raise ImsrcError("this cannot be undone: add --yes to confirm")
-    if input(question) != answer:
+    if read_answer(question) != answer:
         print("not done")
         return False
     return True

@@ -1,0 +1,48 @@
+"""The command line's questions stop at Ctrl-C whenever it comes: the menu's Ctrl-C race (tests/test_menu.py)."""
+import os
+import select
+import signal
+import sys
+
+import pytest
+
+from backend.cli import prompts
+
+
+@pytest.fixture
+def terminal_stdin(monkeypatch):
+    """stdin on a pseudo-terminal nobody types into."""
+    master, slave = os.openpty()
+    stdin = open(slave, "r")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    yield master
+    stdin.close()
+    os.close(master)
+
+
+def test_a_ctrl_c_that_lands_as_the_wait_begins_still_stops_the_question(terminal_stdin, monkeypatch):
+    real, waits = select.select, []
+
+    def racing(readers, writers, errors, timeout=None):
+        assert timeout is not None  # a wait without a timeout would miss this Ctrl-C until the next key
+        waits.append(timeout)
+        if len(waits) > 1:
+            return real(readers, writers, errors, timeout)
+        # The signal arrives while the wait begins: its handler can only run once the call returns.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(readers, writers, errors, timeout)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    monkeypatch.setattr(select, "select", racing)
+    with pytest.raises(KeyboardInterrupt):
+        prompts.read_answer("Dataset? [2] ")
+    assert waits == [prompts.POLL_SECONDS]
+
+
+def test_an_answer_and_the_end_of_input_are_read(terminal_stdin):
+    os.write(terminal_stdin, b"7\n")
+    assert prompts.read_answer("How many images? ") == "7"
+    assert prompts.ask_number("How many images", 1000) == 1000 if os.write(terminal_stdin, b"\n") else False
