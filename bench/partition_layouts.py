@@ -1,6 +1,7 @@
 """Why one FAISS sub-index per category: compared with one IndexIVFFlat whose lists are the categories.
 
 Usage: python bench/partition_layouts.py [--n 10000] [--dim 1280] [--categories 10] [--queries 500] [--top 3]
+                                        [--json FILE]
 Both layouts search exactly the images of the top-P categories, so their results must be identical;
 the table compares build time and per-query stage-2 latency (p50/p95, single-query calls, as a server makes).
 """
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.embedding.vectors import l2_normalize  # noqa: E402
 from backend.search.category_index import CategoryIndex  # noqa: E402
+from bench.common import machine, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(args.categories, args.dim))
@@ -64,9 +67,14 @@ def main() -> None:
     print(f"{args.n} vectors, {args.dim}-d, {args.categories} categories, {args.queries} queries, top {args.top} "
           f"categories, k={args.k}; identical results for {same}/{args.queries} queries")
     print(f"{'layout':<34}{'build s':>9}{'p50 ms':>9}{'p95 ms':>9}")
+    rows = []
     for name, build, ms in (("sub-index per category (imsrc)", sub_build, sub_ms),
                             ("IndexIVFFlat, lists = categories", ivf_build, ivf_ms)):
-        print(f"{name:<34}{build:>9.3f}{np.percentile(ms, 50):>9.3f}{np.percentile(ms, 95):>9.3f}")
+        rows.append({"layout": name, "build_s": round(build, 4), "p50_ms": round(float(np.percentile(ms, 50)), 4),
+                     "p95_ms": round(float(np.percentile(ms, 95)), 4)})
+        print(f"{name:<34}{build:>9.3f}{rows[-1]['p50_ms']:>9.3f}{rows[-1]['p95_ms']:>9.3f}")
+    write_json(args.json, {"machine": machine(), "args": vars(args) | {"json": str(args.json)},
+                           "identical": same, "rows": rows})
 
 
 if __name__ == "__main__":

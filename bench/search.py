@@ -127,9 +127,12 @@ def load_dataset(engine: sa.Engine, chunks, dim: int, categories: int, total: in
     try:
         cursor = raw.cursor()
         for ids, cats, vectors in chunks:
-            text = "".join(f"{i}\t{i:064x}\t\\\\x00\t1\t1\tSYN\t{category_id[f'c{c:03d}']}\n"
+            # The bytes live in the shared public.image_blobs (migration 0009), the rows in images.
+            blobs = "".join(f"{i:064x}\t\\\\x00\n" for i in ids.tolist())
+            cursor.copy_expert("COPY public.image_blobs (sha256, data) FROM STDIN", io.StringIO(blobs))
+            text = "".join(f"{i}\t{i:064x}\t1\t1\tSYN\t{category_id[f'c{c:03d}']}\n"
                            for i, c in zip(ids.tolist(), cats.tolist()))
-            cursor.copy_expert("COPY images (id, sha256, data, width, height, format, category_id) FROM STDIN",
+            cursor.copy_expert("COPY images (id, sha256, width, height, format, category_id) FROM STDIN",
                                io.StringIO(text))
             header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
             cursor.copy_expert("COPY embeddings (image_id, model_name, dim, vector) FROM STDIN (FORMAT binary)",

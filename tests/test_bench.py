@@ -1,0 +1,56 @@
+"""Every benchmark in bench/ runs on tiny data, so a change of schema or API that breaks one fails here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_fashion_mnist, write_folder_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# script -> its arguments for a run of seconds (the figures mean nothing; that the script runs through does)
+TINY = {
+    "search.py": ["--size", "3000", "--dim", "32", "--categories", "4", "--queries", "5", "--types", "flatip", "fp16",
+                  "--hnsw-size", "500", "--exact-queries", "2"],
+    "partition_layouts.py": ["--n", "600", "--dim", "32", "--categories", "4", "--queries", "10"],
+    "embed.py": ["--models", "efficientnet_lite0", "--images", "8", "--data-dir", "{fm}"],
+    "ingest.py": ["--images", "24"],
+    "duplicates.py": ["--fashion", "10"],
+    "sync.py": ["--repeats", "1"],
+    "load.py": ["--images", "40", "--concurrency", "1", "2", "--requests", "8"],
+    "reembed.py": ["--images", "12"],
+    "examples.py": ["--trials", "4", "--positives", "2", "--weights", "0.25"],
+}
+
+
+@pytest.fixture
+def bench_env(cli_env, tmp_path):
+    write_fashion_mnist(tmp_path / "fm", n_per_class=6)
+    # Without PYTEST_CURRENT_TEST: scikit-image's data fetchers raise pytest's Skipped when they see it.
+    env = {k: v for k, v in cli_env.items() if k != "PYTEST_CURRENT_TEST"}
+    return {**env, "FASHION_MNIST_DIR": str(tmp_path / "fm")}
+
+
+def test_every_benchmark_has_a_smoke_run():
+    scripts = {p.name for p in (ROOT / "bench").glob("*.py")} - {"common.py"}
+    assert scripts == set(TINY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_on_tiny_data(script, bench_env, tmp_path):
+    if script == "examples.py":  # it measures a populated collection
+        write_folder_dataset(tmp_path / "f", n_per_class=4)
+        populated = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "folder", "--data-dir",
+                                    str(tmp_path / "f")], cwd=ROOT, env=bench_env, capture_output=True, text=True,
+                                   timeout=300)
+        assert populated.returncode == 0, populated.stderr[-2000:]
+    out = tmp_path / "out.json"
+    args = [a.replace("{fm}", str(tmp_path / "fm")) for a in TINY[script]]
+    done = subprocess.run([sys.executable, f"bench/{script}", *args, "--json", str(out)], cwd=ROOT, env=bench_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] is not None  # every figure says what it was measured on
