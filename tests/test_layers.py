@@ -92,3 +92,9 @@ def test_functions_over_60_lines_say_why():
                 if not any(line.startswith("# One function:") for line in block):
                     unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert unexplained == []
+
+
+def test_routes_open_no_sessions():
+    opened = [f"{p.name}:{n}" for p in (ROOT / "backend/api/routes").glob("*.py")
+              for n, line in enumerate(p.read_text().splitlines(), 1) if "sessions()" in line]
+    assert opened == []  # .importlinter keeps sqlalchemy out of the routes; this keeps sessions out

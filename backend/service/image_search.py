@@ -15,7 +15,7 @@ from backend.embedding.decode import DecodedImage, decode, sha256
 from backend.embedding.models import Embedder
 from backend.embedding.query_edits import QueryEdit
 from backend.errors import InvalidImage, NotFound
-from backend.pipeline.consistency import Report, check
+from backend.pipeline.consistency import Report
 from backend.pipeline.datasets import Item
 from backend.pipeline.ingest import IngestReport, ingest
 from backend.pipeline.populate import populate, select
@@ -23,7 +23,9 @@ from backend.search import duplicates
 from backend.search.examples import check_counts
 from backend.service import duplicate_review, lookups, planner
 from backend.service.query_confidence import QueryConfidence
+from backend.service.catalog import Catalog
 from backend.service.index_manager import IndexManager
+from backend.service.live_sync import LiveSync
 from backend.service.requests import SearchRequest, default_top_categories
 from backend.service.results import AddResult, SearchResponse, SearchResult
 from backend.service.metadata_keys import MetadataKeys
@@ -56,17 +58,16 @@ class ImageSearch:
         self.snapshot_base = Path(snapshot_dir or settings.snapshot_dir)  # every collection's snapshots are under it
         snapshot_dir = snapshot_dir_of(self.snapshot_base, self.collection)
         self.dropped = False  # set when the collection is deleted (by any process): serve it no more
-        self.on_switch = None  # called with this ImageSearch when the collection switches models (backend.pipeline.reembed)
-        self._lock = threading.RLock()  # searches hold it; the index changes in memory only under it
-        self._sync_lock = threading.RLock()  # one sync, rebuild, check or snapshot at a time; taken before _lock
-        self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type, snapshot_dir,
-                                    guard=self._lock, on_head=self._use_head)
+        # The index's consistency is the manager's: its locks, its head and its count of changes.
+        self.manager = IndexManager(sessions, embedder.name, embedder.dim, index_type, snapshot_dir)
         self.batcher = None  # see start_batching
         self.confidence = QueryConfidence(sessions, embedder)  # what "no close match" means for this collection
-        self.listener = None  # see start_live_sync
+        self.live_sync, self._own_live_sync = None, False  # see start_live_sync
         self.history = SearchHistory(sessions, embedder.name)  # off until start_history
-        self.keys = MetadataKeys(sessions)  # the metadata keys summary, stale after a write made or applied here
+        self.catalog = Catalog(sessions)  # what routes show without searching
+        self.keys = MetadataKeys(sessions, lambda: self.manager.changes)  # stale after the index changes
         self.manager.load_or_build()
+        self._follow_head()
 
     @classmethod
     def open(cls, model_name: str | None = None, index_type: str | None = None, load_model: bool = True,
@@ -93,7 +94,7 @@ class ImageSearch:
     @property
     def lock(self) -> threading.RLock:
         """Held by searches: the index (and a derived model's head) change in memory only under it."""
-        return self._lock
+        return self.manager.lock
 
     @property
     def index(self):
@@ -118,7 +119,7 @@ class ImageSearch:
     def embed_query(self, image: ImageInput) -> tuple[np.ndarray, np.ndarray]:
         """(the query's vector (d,), its base model's vector): the same for a model that is not derived."""
         base = self._embed_base(image)
-        with self._lock:
+        with self.manager.lock:
             return self.to_index_space(base), base
 
     def _embed_base(self, image: ImageInput, edit: QueryEdit | None = None) -> np.ndarray:
@@ -139,12 +140,16 @@ class ImageSearch:
         derived model's; call with the lock held, under which index and head are swapped together)."""
         if self.embedder.source is self.embedder:  # not a derived model
             return base
+        self._follow_head()
         return self.embedder.head.apply(base[None, :])[0] if base.ndim == 1 else self.embedder.head.apply(base)
 
-    def _use_head(self, head) -> None:
-        """The index now holds vectors of this head version (a derived model's): queries go through it from now on."""
-        self.embedder.head = head
-        self.confidence.reset()
+    def _follow_head(self) -> None:
+        """Queries go through the head the index holds vectors of (a derived model's): read from the manager after
+        it changed the index, and under the lock before each query."""
+        head = self.manager.head
+        if head is not None and head is not self.embedder.head:  # the index moved to another head version
+            self.embedder.head = head
+            self.confidence.reset()
 
     def no_match_threshold(self) -> float | None:
         """The best prototype similarity under which a query is "no close match" (backend.service.query_confidence)."""
@@ -161,40 +166,43 @@ class ImageSearch:
 
         self.batcher = QueryBatcher(self.embedder.source, max_batch, preparing)  # the head runs in embed_query
 
-    def start_live_sync(self) -> None:
-        """Keep the index in step with every process writing to the database from now on (backend.storage.notify):
-        what they commit is searchable here within about a second."""
+    def start_live_sync(self, live_sync: LiveSync | None = None) -> None:
+        """Keep the index in step with every process writing to the database from now on (backend.service.live_sync):
+        through the process's LiveSync when a server hands one in, else a listener of this collection's own."""
         from backend.config import settings
-        from backend.storage.notify import ChangeListener
 
-        self.listener = ChangeListener(self.sessions.kw["bind"], self._apply_changes, self.refresh,
-                                       settings.db_timeout).start()
+        if live_sync is None:
+            live_sync, self._own_live_sync = LiveSync(self.sessions.kw["bind"], settings.db_timeout).start(), True
+        self.live_sync = live_sync
+        live_sync.add(self)
+
+    @property
+    def listener(self):
+        """The change listener keeping this collection in step (backend.storage.notify), or None."""
+        return self.live_sync.listener if self.live_sync is not None else None
 
     def sync_status(self) -> dict | None:
         """What live sync has applied and how far behind it is (see SyncState), or None when it is off."""
-        listener = self.listener  # close() may clear it meanwhile
-        return listener.state.as_dict() if listener is not None else None
+        live_sync = self.live_sync  # close() may clear it meanwhile
+        return live_sync.status() if live_sync is not None else None
 
-    def _apply_changes(self, changes) -> None:
-        """Bring the index in line with the database for announced changes: those images, re-read (so a change
-        applied twice or late is harmless); everything on a 'resync'."""
-        ours = [c for c in changes if c.schema in (None, self.schema)]
-        if any(c.what == "dropped" for c in ours):
+    def apply_changes(self, changes) -> bool:
+        """Bring the index in line with the database for this collection's announced changes: those images, re-read
+        (so a change applied twice or late is harmless); everything on a 'resync'. Returns whether the collection
+        now has another model (whoever serves it opens it anew)."""
+        if any(c.what == "dropped" for c in changes):
             self.dropped = True
-            return
-        switched = [c.model for c in ours if c.what == "model"]
-        if switched and switched[-1] != self.embedder.name and self.on_switch is not None:
-            self.on_switch(self)  # the collection now has another model: whoever serves it opens it anew
-        mine = [c for c in ours if c.model in (None, self.embedder.name) and c.what != "model"]
-        if not mine:
-            return
-        self.keys.wrote()
-        with self._sync_lock:
-            if any(c.what == "resync" for c in mine):
-                self.manager.sync()
-                self.confidence.reset()
-            else:  # with no ids (a prototype rebuild) this reloads the prototypes alone
-                self.manager.sync(sorted({i for c in mine for i in c.ids}))
+            return False
+        switched = [c.model for c in changes if c.what == "model"]
+        mine = [c for c in changes if c.model in (None, self.embedder.name) and c.what != "model"]
+        if any(c.what == "resync" for c in mine):
+            self.manager.sync()
+            self._follow_head()
+            self.confidence.reset()
+        elif mine:  # with no ids (a prototype rebuild) this reloads the prototypes alone
+            self.manager.sync(sorted({i for c in mine for i in c.ids}))
+            self._follow_head()
+        return bool(switched) and switched[-1] != self.embedder.name
 
     def search(self, request: SearchRequest, positives: list[Example], negatives: list[Example] = ()) -> SearchResponse:
         """The request's page of results more like the positive examples and less like the negative ones
@@ -332,48 +340,44 @@ class ImageSearch:
 
     def refresh(self) -> tuple[int, int]:
         """Pick up what other processes added or deleted; returns (added, removed)."""
-        self.keys.wrote()
-        with self._sync_lock:
-            changed = self.manager.sync()
+        changed = self.manager.sync()
+        self._follow_head()
         self.confidence.reset()  # images may have moved between categories (a recluster)
         return changed
 
     def rebuild(self) -> None:
         """Recompute prototypes and rebuild the index from PostgreSQL, then snapshot it; searches go on meanwhile."""
-        with self._sync_lock:
-            self.manager.rebuild(save=True)
+        self.manager.rebuild(save=True)
+        self._follow_head()
 
     def rebuild_prototypes(self) -> None:
         """Recompute every prototype exactly in PostgreSQL and load them into the index."""
         with self.sessions() as s, s.begin():
             prototype_store.rebuild_prototypes(s, self.embedder.name)
-        with self._sync_lock:
-            self.manager.sync([])
+        self.manager.sync([])
+        self._follow_head()
 
     def check(self) -> Report:
         """Compare the live index with PostgreSQL, and PostgreSQL's vectors and prototypes with each other; a write
         in flight (stored, not yet indexed) shows as a difference, so check a quiet service or check again."""
-        with self._sync_lock:  # the index holds still; searches go on
-            return check(self.sessions, self.embedder.name, self.index, "live")
+        return self.manager.check()
 
     def save_snapshot(self) -> None:
         """Write the index snapshot now (it is otherwise written on rebuild)."""
-        with self._sync_lock:
-            self.manager.save_snapshot()
+        self.manager.save_snapshot()
 
     def close(self) -> None:
         """Stop listening and batching queries, and snapshot the index if writes changed it since the last
         snapshot (and the collection was not deleted), so the next start loads it."""
-        if self.listener is not None:
-            self.listener.stop()
-            self.listener = None
+        live_sync, self.live_sync = self.live_sync, None
+        if live_sync is not None:
+            live_sync.remove(self)
+            if self._own_live_sync:
+                live_sync.stop()
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
-        with self._sync_lock:
-            if not self.dropped and not self.manager.snapshot_is_current():  # uploads, deletes or a refresh changed it
-                self.manager.save_snapshot()
-            self.manager.close()
+        self.manager.close(save=not self.dropped)  # a deleted collection's index is not snapshotted
 
     def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
         report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
@@ -382,9 +386,8 @@ class ImageSearch:
 
     def _synced(self, image_ids) -> None:
         """Bring the index in step with writes made here to these images."""
-        self.keys.wrote()
-        with self._sync_lock:
-            self.manager.sync(image_ids)
+        self.manager.sync(image_ids)
+        self._follow_head()
 
 
 def _request(k: int | None, options: dict) -> SearchRequest:

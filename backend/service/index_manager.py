@@ -11,6 +11,7 @@ Several processes may serve one database (uvicorn workers, servers behind a load
 folder: only one of them writes each snapshot, the first to take the lock file beside it, for as long as it runs.
 """
 import ctypes
+import functools
 import errno
 import itertools
 import logging
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.embedding import projection
 from backend.search import snapshot
+from backend.pipeline.consistency import Report, check
 from backend.search.category_index import CategoryIndex
 from backend.search.snapshot import SnapshotError, read_meta, read_snapshot, snapshot_path
 from backend.storage import heads as head_store
@@ -130,25 +132,35 @@ class WriterLock:
                 del self._held[self.path]
 
 
+def _one_at_a_time(method):
+    """Run an IndexManager method under its sync_lock: one sync, rebuild, check or snapshot at a time."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.sync_lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class IndexManager:
     """Owns one CategoryIndex for a model and index type; PostgreSQL stays the source of truth."""
 
-    def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path,
-                 guard=None, on_head=None):
+    def __init__(self, sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path):
         self.sessions, self.model_name, self.dim, self.index_type = sessions, model_name, dim, index_type
         # Held only while the index changes in memory (searches hold it too); reading the database happens outside
-        # it, so searches go on meanwhile. Callers run one sync, rebuild or snapshot at a time.
-        self.guard = guard or threading.RLock()
+        # it, so searches go on meanwhile.
+        self.lock = threading.RLock()
+        # One sync, rebuild, check or snapshot at a time (taken before `lock`): the index's own methods take it.
+        self.sync_lock = threading.RLock()
+        self.changes = 0  # syncs and rebuilds so far: what was cached about the collection before the last is stale
         self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
         self.index = CategoryIndex(dim, index_type)
         self.fingerprint: str | None = None  # of the database the index matches; None after incremental changes
         self.saved_fingerprint: str | None = None  # of the database the snapshot on disk matches
         self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
         self.writer = WriterLock(self.snapshot_path.with_suffix(".writer"))
-        # A derived model's index holds one head version's vectors; on_head(head) is called under the guard when
-        # the index changes to another version, so that queries go through the head the index was built with.
+        # A derived model's index holds one head version's vectors: queries go through this head (read under `lock`,
+        # where index and head are swapped together).
         self.head: projection.Head | None = None
-        self.on_head = on_head
 
     # -- start-up ---------------------------------------------------------------------------------
     def load_or_build(self) -> str:
@@ -201,7 +213,7 @@ class IndexManager:
         index.drop_prototypes(index.categories)
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
-        with self.guard:
+        with self.lock:
             self.index, self.fingerprint, self.source = index, current, "snapshot"
             self._use_head(head)
         self.saved_fingerprint = current
@@ -221,10 +233,12 @@ class IndexManager:
             return f"could not be moved aside ({exc})"
         return f"moved to {bad}"
 
+    @_one_at_a_time
     def rebuild(self, save: bool = True, prototypes: bool = True) -> None:
         """Recompute prototypes exactly in PostgreSQL (unless `prototypes` is False) and rebuild the index from it,
         streaming the vectors in. Both read every vector, so they run side by side on two connections: PostgreSQL
         averages while we parse."""
+        self.changes += 1
         with ThreadPoolExecutor(1, thread_name_prefix="prototypes") as pool:
             recomputed = pool.submit(self._rebuild_prototypes if prototypes else lambda: None)
             with consistent_reads(self.sessions) as s:
@@ -244,7 +258,7 @@ class IndexManager:
         _return_freed_memory()
         if proto_cats:
             index.set_prototypes(proto_cats, protos)
-        with self.guard:  # searches used the old index until now
+        with self.lock:  # searches used the old index until now
             self.index, self.fingerprint, self.source = index, current, "rebuilt"
             self._use_head(head)
         if save:
@@ -255,20 +269,20 @@ class IndexManager:
         return head_store.require_head(session, self.model_name) if projection.is_derived(self.model_name) else None
 
     def _use_head(self, head) -> None:
-        """Called under the guard with the index that `head` made."""
+        """Called under the lock with the index that `head` made."""
         if head is not None and head is not self.head:
             self.head, self.dim = head, head.out_dim
-            if self.on_head is not None:
-                self.on_head(head)
 
     def _rebuild_prototypes(self) -> None:
         with self.sessions() as s, s.begin():
             prototype_store.rebuild_prototypes(s, self.model_name)
 
     # -- keeping in step ----------------------------------------------------------------------------
+    @_one_at_a_time
     def sync(self, image_ids=None) -> tuple[int, int]:
         """Bring the index in line with PostgreSQL (all images, or just `image_ids`), prototypes included; returns
         (added, removed)."""
+        self.changes += 1
         with consistent_reads(self.sessions) as s:
             if self.head is not None and head_store.current_version(s, self.model_name) != self.head.version:
                 s.close()  # a new head version re-projected every vector
@@ -294,7 +308,7 @@ class IndexManager:
                 current = None
             ids, cats, vectors = fetch_members(s, self.model_name, self.dim, new) if new else ([], [], None)
             proto_cats, protos, _ = prototype_store.load_prototypes(s, self.model_name)  # they may change on their own
-        with self.guard:
+        with self.lock:
             removed = self.index.remove(gone)
             if len(ids):
                 self.index.add(ids, vectors, cats)
@@ -312,6 +326,7 @@ class IndexManager:
         return max(0, len(self.index) - before), max(0, before - len(self.index))
 
     # -- snapshot ---------------------------------------------------------------------------------
+    @_one_at_a_time
     def save_snapshot(self) -> bool:
         """Write the index with its metadata and checksum in one file; temp file, fsync and rename, so a crash
         leaves the old snapshot or the new one, whole. Returns False, writing nothing, when another process
@@ -328,7 +343,7 @@ class IndexManager:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = self.snapshot_path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "wb") as f, self.guard:  # writing compacts deleted ids out of graph indexes: a change
+            with open(tmp, "wb") as f, self.lock:  # writing compacts deleted ids out of graph indexes: a change
                 snapshot.write(f, self.index, meta)
                 f.flush()
                 os.fsync(f.fileno())
@@ -339,8 +354,18 @@ class IndexManager:
         self.saved_fingerprint = self.fingerprint
         return True
 
-    def close(self) -> None:
-        """Let another process write the snapshot from now on."""
+    @_one_at_a_time
+    def check(self) -> Report:
+        """Compare the index with PostgreSQL, and PostgreSQL's vectors and prototypes with each other
+        (backend.pipeline.consistency); the index holds still meanwhile, searches go on."""
+        return check(self.sessions, self.model_name, self.index, "live")
+
+    @_one_at_a_time
+    def close(self, save: bool = True) -> None:
+        """Snapshot the index if writes changed it since the last snapshot (unless `save` is False), and let another
+        process write the snapshot from now on."""
+        if save and not self.snapshot_is_current():
+            self.save_snapshot()
         self.writer.release()
 
     def snapshot_is_current(self) -> bool:

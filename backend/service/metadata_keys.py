@@ -1,7 +1,7 @@
 """The summary of a collection's filterable metadata keys, cached: reading it reads every image's metadata."""
-import itertools
 import threading
 import time
+from typing import Callable
 
 from sqlalchemy.orm import sessionmaker
 
@@ -12,23 +12,18 @@ KEYS_MIN_AGE = 5.0  # ... and at least this long, whatever is written meanwhile
 
 
 class MetadataKeys:
-    """backend.storage.filters.summarise_keys of a collection, read again after a write this process made or
-    applied (but not within KEYS_MIN_AGE seconds of the last read), and KEYS_MAX_AGE seconds after it."""
+    """backend.storage.filters.summarise_keys of a collection, read again after the collection's index changed (a
+    write this process made or applied; but not within KEYS_MIN_AGE seconds of the last read), and KEYS_MAX_AGE
+    seconds after it. `changes()` counts the index's changes (IndexManager.changes)."""
 
-    def __init__(self, sessions: sessionmaker):
-        self.sessions = sessions
-        self._write_count = itertools.count(1)
-        self._writes = 0  # writes made or applied here: a cached summary older than the last is stale
-        self._keys = None  # (writes, monotonic time, summary)
+    def __init__(self, sessions: sessionmaker, changes: Callable[[], int]):
+        self.sessions, self.changes = sessions, changes
+        self._keys = None  # (changes, monotonic time, summary)
         self._lock = threading.Lock()
-
-    def wrote(self) -> None:
-        """Note a write made or applied here: the cached summary is stale."""
-        self._writes = next(self._write_count)  # itertools.count: atomic, no lock to wait for
 
     def _fresh(self, cached) -> bool:
         age = time.monotonic() - cached[1]
-        return age < KEYS_MIN_AGE or (cached[0] == self._writes and age < KEYS_MAX_AGE)
+        return age < KEYS_MIN_AGE or (cached[0] == self.changes() and age < KEYS_MAX_AGE)
 
     def summary(self) -> list[dict]:
         """The filterable metadata keys stored, with their values or ranges."""
@@ -36,7 +31,7 @@ class MetadataKeys:
             return self._keys[2]
         with self._lock:  # one summary at a time: the others wait for it rather than read every image too
             if self._keys is None or not self._fresh(self._keys):
-                writes = self._writes
+                writes = self.changes()
                 with self.sessions() as s:
                     self._keys = (writes, time.monotonic(), filters.summarise_keys(s))
             return self._keys[2]

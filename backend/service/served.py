@@ -4,8 +4,10 @@ import logging
 import threading
 from typing import Callable
 
+from backend.config import settings
 from backend.errors import NotFound, ShuttingDown
 from backend.service.image_search import ImageSearch
+from backend.service.live_sync import LiveSync
 from backend.storage.collections import CollectionSessions, check_name, recorded_model
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class ServedCollections:
         self.default, self.opener = default, opener
         self.batching, self.history_days = batching, history_days
         self.sessions = CollectionSessions(default.sessions.kw["bind"])
+        # One listener for every collection served here, on the registry's engine (LISTEN is per database).
+        self.live_sync = LiveSync(self.sessions.engine, settings.db_timeout, switched=self._switch_soon).start()
         self._open: dict[str, ImageSearch] = {}
         self._retiring: list[tuple[threading.Timer, ImageSearch]] = []
         self._lock = threading.Lock()  # one opening at a time: an index build is heavy, and done once
@@ -64,10 +68,9 @@ class ServedCollections:
 
     def _prepare(self, search: ImageSearch, history: bool = True) -> ImageSearch:
         search.start_batching(*self.batching)
-        search.start_live_sync()
+        search.start_live_sync(self.live_sync)
         if history and self.history_days is not None:
             search.start_history(self.history_days)
-        search.on_switch = self._switch_soon
         return search
 
     def _switch_soon(self, search: ImageSearch) -> None:
@@ -139,3 +142,4 @@ class ServedCollections:
                 self._close(name)
             self.sessions.close()
         self.default.close()
+        self.live_sync.stop()

@@ -11,8 +11,8 @@ from backend.api.routes.images import WRITE_ERRORS
 from backend.api.schemas import CATEGORY_PATTERN, Problem
 from backend.errors import InvalidQuery
 from backend.pipeline import reembed
+from backend.service.catalog import Catalog
 from backend.storage import collections
-from backend.storage import images as image_store
 
 router = APIRouter(tags=["collections"])
 Name = Annotated[str, Path(pattern=COLLECTION_PATTERN, max_length=40, description="the collection's name")]
@@ -74,8 +74,7 @@ async def create_collection(body: CollectionIn, served: ServedDep):
 def describe_collection(name: Name, served: ServedDep):
     """A collection: its model, what it holds, and its index if this process serves it."""
     info = collections.get_collection(served.sessions.engine, name)
-    with served.sessions.sessions(name)() as s:
-        counts = image_store.counts(s)
+    counts = Catalog(served.sessions.sessions(name)).counts()
     return CollectionDetail(**_out(info, served), images=counts["images"], categories=counts["categories"],
                             embeddings=counts["embeddings"], prototypes=counts["prototypes"])
 

@@ -2,7 +2,7 @@
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -10,7 +10,6 @@ from backend.api.deps import MAX_BIGINT, SearchDep, in_collection, require_write
 from backend.api.routes.images import WRITE_ERRORS
 from backend.api.routes.search import ERRORS, to_out
 from backend.api.schemas import SearchOut
-from backend.storage import history
 from backend.storage.tables import SearchRecord
 
 router = APIRouter(tags=["history"])
@@ -70,8 +69,7 @@ def search_history(request: Request, search: SearchDep,
                    limit: Annotated[int, Query(ge=1, le=100)] = 20):
     """The searches this service answered, newest first (kept HISTORY_RETENTION_DAYS; none with HISTORY_ENABLED
     off)."""
-    with search.sessions() as s:
-        total, rows = history.page(s, offset, limit)
+    total, rows = search.catalog.history_page(offset, limit)
     return HistoryPage(total=total, offset=offset, entries=[_entry(request, r, search.collection) for r in rows])
 
 
@@ -80,11 +78,7 @@ def search_history(request: Request, search: SearchDep,
             dependencies=PRIVATE["dependencies"])
 def history_thumbnail(record_id: RecordId, search: SearchDep):
     """A small JPEG of a recorded search's uploaded query."""
-    with search.sessions() as s:
-        row = s.get(SearchRecord, record_id)
-    if row is None or row.query_thumbnail is None:
-        raise HTTPException(404, f"no thumbnail for search {record_id}")
-    return Response(row.query_thumbnail, media_type="image/jpeg")
+    return Response(search.catalog.history_thumbnail(record_id), media_type="image/jpeg")
 
 
 @router.post("/history/{record_id}/run", response_model=SearchOut, **PRIVATE)
@@ -97,5 +91,4 @@ async def run_again(request: Request, record_id: RecordId, search: SearchDep):
 def analytics(search: SearchDep, days: Annotated[int, Query(ge=1, le=3650, description="the last this many days")]
               = 30):
     """Searches per day, latency percentiles, the categories most searched and the images most returned."""
-    with search.sessions() as s:
-        return history.analytics(s, days)
+    return search.catalog.analytics(days)

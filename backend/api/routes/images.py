@@ -4,13 +4,21 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import (CONTROL_CHARACTERS, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep,
-                              clean_file_name, in_collection, read_upload, require_write_access)
+from backend.api.deps import (
+    CONTROL_CHARACTERS,
+    MAX_INTEGER,
+    CategoryId,
+    ImageId,
+    ImageJobsDep,
+    SearchDep,
+    clean_file_name,
+    in_collection,
+    read_upload,
+    require_write_access,
+)
 from backend.api.routes.search import ERRORS
 from backend.api.schemas import CATEGORY_PATTERN, CategoryOut, ImageInfo, ImagePage, MetadataKey, Problem, UploadOut
-from backend.storage import images as image_store
 from backend.storage.filters import MAX_KEY_LENGTH, load_json
-from backend.storage.tables import Category
 
 router = APIRouter(tags=["images"])
 MAX_METADATA = 10_000  # characters of an upload's metadata JSON
@@ -37,11 +45,7 @@ def info_out(request: Request, image, category: str | None) -> ImageInfo:
 
 
 def _find(search, image_id: int, with_data: bool = False):
-    with search.sessions() as s:
-        row = image_store.get_image(s, image_id, with_data)
-    if row is None:
-        raise HTTPException(404, f"image {image_id} not found")
-    return row
+    return search.catalog.image(image_id, with_data)
 
 
 @router.post("/upload", response_model=UploadOut, responses=WRITE_ERRORS, dependencies=[Depends(require_write_access)])
@@ -57,11 +61,7 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
     and the category it is stored under (its metadata unchanged)."""
     stored_metadata = _metadata(metadata)
     if category_id is not None:
-        with search.sessions() as s:
-            found = s.get(Category, category_id)
-        category = found.name if found else None
-        if category is None:
-            raise HTTPException(404, f"category {category_id} not found")
+        category = search.catalog.category_name(category_id)
     if not category or not category.strip():
         raise HTTPException(422, "give the image a category: form field `category` (name) or `category_id`")
     async with jobs.slot(own_embedding=True):
@@ -124,17 +124,13 @@ async def delete_image(image_id: ImageId, search: SearchDep):
 @router.get("/categories", response_model=list[CategoryOut], tags=["categories"])
 def categories(search: SearchDep):
     """Every category with its number of images."""
-    with search.sessions() as s:
-        return [CategoryOut(category_id=i, name=n, image_count=c, automatic=a) for i, n, c, a in image_store.list_categories(s)]
+    return [CategoryOut(category_id=i, name=n, image_count=c, automatic=a) for i, n, c, a in search.catalog.categories()]
 
 
 @router.get("/categories/{category_id}/images", response_model=ImagePage, responses=NOT_FOUND, tags=["categories"])
 def category_images(category_id: CategoryId, search: SearchDep, request: Request,
                     offset: Annotated[int, Query(ge=0, le=MAX_INTEGER)] = 0, limit: Annotated[int, Query(ge=1, le=200)] = 50):
     """One page of a category's images, oldest first."""
-    with search.sessions() as s:
-        if s.get(Category, category_id) is None:
-            raise HTTPException(404, f"category {category_id} not found")
-        total, rows = image_store.category_images(s, category_id, offset, limit)
+    total, rows = search.catalog.category_images(category_id, offset, limit)
     return ImagePage(category_id=category_id, total=total, offset=offset, limit=limit,
                      images=[info_out(request, image, name) for image, name in rows])

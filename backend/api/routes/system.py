@@ -2,7 +2,6 @@
 import os
 import time
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +11,6 @@ from backend.api.deps import SearchDep, ServedDep, require_write_access
 from backend.api.routes.images import WRITE_ERRORS
 from backend.api.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection, StatusOut
 from backend.service.model_choice import unserved_notice
-from backend.storage import images as image_store
 from backend.storage.engine import is_embedded
 
 router = APIRouter(tags=["system"])
@@ -41,13 +39,7 @@ def health(request: Request):
     """Liveness, plus whether the database answers and the index is loaded (503 until both)."""
     served = getattr(request.app.state, "collections", None)
     search = served.default if served is not None else None
-    database = False
-    if search is not None:
-        try:
-            with search.sessions() as s:
-                database = s.execute(sa.text("SELECT 1")).scalar() == 1
-        except sa.exc.SQLAlchemyError:
-            database = False
+    database = search is not None and search.catalog.reachable()
     ready = database and search is not None
     body = {"status": "ok" if ready else "starting" if search is None else "degraded",
             "database": database, "index": search is not None}
@@ -58,8 +50,7 @@ def health(request: Request):
 def status(search: SearchDep, served: ServedDep):
     """What is stored and served in a collection: counts, model, index type and size, which database; and the
     collections this process has loaded, with their memory."""
-    with search.sessions() as s:
-        c = image_store.counts(s)
+    c = search.catalog.counts()
     return StatusOut(images=c["images"], categories=c["categories"], embeddings=c["embeddings"],
                      prototypes=c["prototypes"], model=search.embedder.name, dim=search.embedder.dim,
                      index_type=search.index.index_type, index_size=len(search.index),
