@@ -24,15 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import (  # noqa: E402,E501
-    drop_database,
-    free_port,
-    fresh_database,
-    machine,
-    percentile,
-    wait_ready,
-    write_json,
-)
+from bench.common import drop_database, free_port, fresh_database, machine, percentile, wait_ready, write_json  # noqa: E402,E501
 
 DATABASE = "imsrc_bench_reembed"
 

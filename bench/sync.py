@@ -32,14 +32,7 @@ from backend.embedding.models import model_dim  # noqa: E402
 from backend.pipeline.ingest import IngestReport, Prepared, store_batch  # noqa: E402
 from backend.storage import images as image_store  # noqa: E402
 from backend.storage.images import NewImage  # noqa: E402
-from bench.common import (  # noqa: E402
-    free_port,
-    fresh_database,
-    machine,
-    percentile,
-    wait_ready,
-    write_json,
-)
+from bench.common import free_port, fresh_database, machine, percentile, wait_ready, write_json  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 KINDS = {"add 1": 1, "add 16": 16, "add 256": 256, "delete 1": -1}
