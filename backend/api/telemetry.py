@@ -10,15 +10,8 @@ import re
 import time
 import uuid
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                               multiprocess)
 
 REQUEST_ID_HEADER = "x-request-id"
 _GIVEN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # an id a proxy sent along: kept if it is this tame

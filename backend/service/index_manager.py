@@ -31,13 +31,8 @@ from backend.search.category_index import CategoryIndex
 from backend.search.snapshot import SnapshotError, read_meta, read_snapshot, snapshot_path
 from backend.storage import heads as head_store
 from backend.storage import prototypes as prototype_store
-from backend.storage.fingerprints import (
-    category_counts,
-    consistent_reads,
-    count_differences,
-    fingerprint,
-    index_fingerprint,
-)
+from backend.storage.fingerprints import (category_counts, consistent_reads, count_differences, fingerprint,
+                                          index_fingerprint)
 from backend.storage.members import copy_members, fetch_members
 from backend.storage.tables import Embedding, Image
 

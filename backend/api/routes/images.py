@@ -4,18 +4,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import (
-    CONTROL_CHARACTERS,
-    MAX_INTEGER,
-    CategoryId,
-    ImageId,
-    ImageJobsDep,
-    SearchDep,
-    clean_file_name,
-    in_collection,
-    read_upload,
-    require_write_access,
-)
+from backend.api.deps import (CONTROL_CHARACTERS, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep,
+                              clean_file_name, in_collection, read_upload, require_write_access)
 from backend.api.routes.search import ERRORS
 from backend.api.schemas import CATEGORY_PATTERN, CategoryOut, ImageInfo, ImagePage, MetadataKey, Problem, UploadOut
 from backend.storage.filters import MAX_KEY_LENGTH, load_json
