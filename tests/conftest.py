@@ -101,6 +101,32 @@ def sessions(engine):
 
 
 @pytest.fixture
+def folder_client(sessions, tmp_path, monkeypatch):
+    """A factory of TestClients, each on the app over a fresh red/green/blue folder collection of `n_per_class`
+    images per colour (tests.helpers.folder_opener), with writes open to localhost unless open_writes is False;
+    `app_options` go to create_app (open_collection)."""
+    from fastapi.testclient import TestClient
+
+    from backend.api.app import create_app
+    from backend.config import settings
+    from tests.helpers import folder_opener
+
+    entered = []
+
+    def make(n_per_class: int = 4, open_writes: bool = True, **app_options) -> TestClient:
+        if open_writes:  # access control has its own tests (tests/api/test_access.py)
+            monkeypatch.setattr(settings, "open_writes", True)
+        client = TestClient(create_app(folder_opener(sessions, tmp_path, n_per_class), **app_options),
+                            base_url="http://localhost")  # open writes: localhost only
+        entered.append(client.__enter__())
+        return client
+
+    yield make
+    for client in reversed(entered):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
 def output_dir():
     """Where tests leave artefacts for people to look at (screenshots, logs)."""
     OUTPUT_DIR.mkdir(exist_ok=True)

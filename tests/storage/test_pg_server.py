@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from backend.storage.embedded_server import SYSTEM_USER, EmbeddedPostgres, _pg_install
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _as(user: str, group: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The command line's questions stop at Ctrl-C whenever it comes: the menu's Ctrl-C race (tests/test_menu.py)."""
+"""The command line's questions stop at Ctrl-C whenever it comes: the menu's Ctrl-C race (tests/cli/test_menu.py)."""
 import os
 import select
 import signal

@@ -13,7 +13,7 @@ from backend.pipeline.datasets import IMAGE_SUFFIXES
 from tests.helpers import free_port, wait_healthy, write_fashion_mnist
 from tests.hostile_files import corpus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "hostile-test-key"
 RSS_BUDGET_MIB = 256
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from backend.storage import images as image_store
 from backend.storage.engine import normalise_url
 from tests.helpers import PixelEmbedder, write_folder_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _store_vectors(sessions, model: str, n: int, chosen: bool, offset: int = 0) -> None:

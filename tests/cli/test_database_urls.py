@@ -16,7 +16,7 @@ from backend.service.image_search import ImageSearch
 from backend.storage.embedded_server import EmbeddedPostgres
 from backend.storage.engine import create_engine_checked, normalise_url
 from tests.helpers import PixelEmbedder, free_port, schema_head
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 SCHEMES = ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"]
 

@@ -8,14 +8,11 @@ import time
 import urllib.request
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.api.app import create_app
 from backend.api.telemetry import RequestIdFilter, request_id
-from backend.service.image_search import ImageSearch
-from tests.helpers import ROOT, PixelEmbedder, png_bytes, running_server, write_folder_dataset
+from tests.helpers import ROOT, png_bytes, running_server, write_folder_dataset
 
 
 def _samples(text: str) -> dict[tuple, float]:
@@ -24,16 +21,8 @@ def _samples(text: str) -> dict[tuple, float]:
 
 
 @pytest.fixture
-def client(sessions, tmp_path):
-    write_folder_dataset(tmp_path / "f", n_per_class=4)
-
-    def open_search():
-        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
-        search.build_database("folder", tmp_path / "f", progress=False)
-        return search
-
-    with TestClient(create_app(open_search)) as c:
-        yield c
+def client(folder_client):
+    return folder_client(n_per_class=4, open_writes=False)
 
 
 def test_metrics_count_requests_per_route_template_and_time_search_stages(client):

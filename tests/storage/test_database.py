@@ -19,7 +19,7 @@ from backend.storage.migrations import current_revision, downgrade, migrate
 from tests.helpers import schema_head
 
 TABLES = {"categories", "images", "embedding_models", "embeddings", "prototypes", "projection_heads"}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tables(engine) -> set[str]:

@@ -6,11 +6,8 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend.api.app import create_app
-from backend.config import settings
 from backend.errors import InvalidQuery, NotFound
 from backend.service.image_search import ImageSearch
 from backend.storage import collections
@@ -147,20 +144,11 @@ def test_existing_data_migrates_into_the_default_collection_and_new_migrations_r
 
 
 @pytest.fixture
-def client(sessions, tmp_path, monkeypatch):
-    monkeypatch.setattr(settings, "open_writes", True)  # access control has its own tests (test_access.py)
-    write_folder_dataset(tmp_path / "f", n_per_class=4)
-
-    def open_search():
-        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
-        search.build_database("folder", tmp_path / "f", progress=False)
-        return search
-
+def client(folder_client, tmp_path):
     def open_collection(name, collection_sessions):
         return ImageSearch(collection_sessions, OtherPixels(), snapshot_dir=tmp_path / "snap")
 
-    with TestClient(create_app(open_search, open_collection), base_url="http://localhost") as c:
-        yield c
+    return folder_client(n_per_class=4, open_collection=open_collection)
 
 
 def test_api_creates_serves_and_deletes_collections(client):

@@ -9,7 +9,7 @@ from backend.errors import InvalidQuery, NotFound
 from backend.search.examples import MAX_EXAMPLES
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
-from tests.test_filters import DIM, random_collection  # noqa: F401 - a fixture
+from tests.service.test_filters import DIM, random_collection  # noqa: F401 - a fixture
 
 
 def _unit(v):

@@ -9,21 +9,12 @@ from PIL import Image
 from backend.api.app import create_app
 from backend.config import settings
 from backend.service.image_search import ImageSearch
-from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
+from tests.helpers import PixelEmbedder, png_bytes
 
 
 @pytest.fixture
-def client(sessions, tmp_path, monkeypatch):
-    monkeypatch.setattr(settings, "open_writes", True)  # access control has its own tests (test_access.py)
-    write_folder_dataset(tmp_path / "f", n_per_class=6)
-
-    def open_search():
-        search = ImageSearch(sessions, PixelEmbedder(), snapshot_dir=tmp_path / "snap")
-        search.build_database("folder", tmp_path / "f", progress=False)
-        return search
-
-    with TestClient(create_app(open_search), base_url="http://localhost") as c:  # open writes: localhost only
-        yield c
+def client(folder_client):
+    return folder_client(n_per_class=6)
 
 
 def _file(rgb=(20, 20, 230), fmt="PNG", name="q.png"):

@@ -18,7 +18,7 @@ from backend.storage.collections import CollectionSessions, create_collection
 from backend.storage.tables import Category, Embedding
 from tests.helpers import PixelEmbedder, folder_opener, write_folder_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(env, *args):

@@ -15,7 +15,7 @@ from backend.search.snapshot import read_footer
 from backend.service.image_search import ImageSearch
 from tests.helpers import CLASSES, PixelEmbedder, png_bytes, write_fashion_mnist, write_folder_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = PixelEmbedder.name
 
 

@@ -13,7 +13,7 @@ from backend.pipeline.evaluate import (average_precision_at_k, configurations, e
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, write_fashion_mnist, write_folder_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_on_a_toy_ranking():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.helpers import free_port, png_bytes, wait_healthy, write_fashion_mnist
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import free_port, schema_head, wait_healthy, write_fashion_mnist
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(env, *args, timeout=300):

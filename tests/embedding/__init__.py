@@ -1,0 +1,1 @@
+"""Tests of models, runtimes, precision, batching, decoding."""

@@ -1,0 +1,1 @@
+"""Tests of the service: searching, serving, keeping collections consistent."""

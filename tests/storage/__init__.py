@@ -1,0 +1,1 @@
+"""Tests of PostgreSQL: engine, embedded server, bulk reads, prototypes, outages."""
