@@ -55,10 +55,13 @@ class StoredCounter:
         self._thread.join()
 
     def steady_rate(self, total: int) -> float:
-        """Images/s between the samples at 10% and 90% of `total` stored."""
-        low = next(s for s in self.samples if s[1] >= 0.1 * total)
-        high = [s for s in self.samples if s[1] <= 0.9 * total][-1]
-        return (high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else float("nan")
+        """Images/s between the samples at 10% and 90% of `total` stored; NaN when the run was too short for the
+        4-per-second samples to see both (a tiny smoke run, stored in one or two batches)."""
+        low = next((s for s in self.samples if s[1] >= 0.1 * total), None)
+        high = [s for s in self.samples if s[1] <= 0.9 * total]
+        if low is None or not high or high[-1][0] <= low[0]:
+            return float("nan")
+        return (high[-1][1] - low[1]) / (high[-1][0] - low[0])
 
 
 def run_engine(name: str, items, embedder, batch_size: int) -> dict:

@@ -1,7 +1,8 @@
 """Changing the model of a served collection: how long a re-embed takes while the server answers searches, what the
 searches pay meanwhile, and how long the switch (and the switch back) takes to reach the server.
 
-Usage: python bench/reembed.py [--images 2000] [--from efficientnet_lite0] [--to efficientnet_lite2] [--json FILE]
+Usage: python bench/reembed.py [--images 2000] [--from efficientnet_lite0] [--to efficientnet_lite2]
+                             [--phase-seconds 20] [--json FILE]
 
 On a fresh throw-away database on the configured PostgreSQL: `populate` the offline demo's collection (Fashion-MNIST,
 --images of them, as `./setup.sh demo` does offline), start `python -m backend serve`, and search it one query at a
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--from", dest="source", default="efficientnet_lite0")
     parser.add_argument("--to", dest="target", default="efficientnet_lite2")
+    parser.add_argument("--phase-seconds", type=float, default=20,
+                        help="searches before the re-embed (the baseline); half as long after each switch")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     sessions = fresh_database(DATABASE)
@@ -90,7 +93,7 @@ def main() -> None:
             wait_ready(base, server)
             client = httpx.Client(base_url=base, timeout=60)
             searcher.start()
-            time.sleep(20)
+            time.sleep(args.phase_seconds)
             searcher.phase = "re-embed"
             report["reembed_s"] = round(cli("reembed", "--model", args.target), 1)
 
@@ -105,8 +108,8 @@ def main() -> None:
                 time.sleep(settle)
                 return took
 
-            report["switch_s"] = switch(args.target, "switch", "new model", 10)
-            report["switch_back_s"] = switch(args.source, "switch back", "old model again", 5)
+            report["switch_s"] = switch(args.target, "switch", "new model", args.phase_seconds / 2)
+            report["switch_back_s"] = switch(args.source, "switch back", "old model again", args.phase_seconds / 4)
         finally:
             searcher.stop.set()
             searcher.join(60)

@@ -100,6 +100,15 @@ def sessions(engine):
     return sessionmaker(engine, expire_on_commit=False)
 
 
+@pytest.fixture(scope="module")
+def module_sessions(pg_server):
+    """A session factory on a fresh migrated database shared by one test module: for collections its tests only
+    read, built once."""
+    eng = create_engine_checked(_new_database(pg_server, TEMPLATE))
+    yield sessionmaker(eng, expire_on_commit=False)
+    eng.dispose()
+
+
 @pytest.fixture
 def folder_client(sessions, tmp_path, monkeypatch):
     """A factory of TestClients, each on the app over a fresh red/green/blue folder collection of `n_per_class`

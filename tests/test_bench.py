@@ -20,7 +20,7 @@ TINY = {
     "duplicates.py": ["--fashion", "10"],
     "sync.py": ["--repeats", "1"],
     "load.py": ["--images", "40", "--concurrency", "1", "2", "--requests", "8"],
-    "reembed.py": ["--images", "12"],
+    "reembed.py": ["--images", "12", "--phase-seconds", "2"],
     "examples.py": ["--trials", "4", "--positives", "2", "--weights", "0.25"],
 }
 

@@ -1,15 +1,18 @@
 """Per-category prototypes (k-means slots) kept exact in PostgreSQL as images come and go."""
+import io
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from backend.storage.members import HEADER, TRAILER
 from backend.storage.notify import announce
 from backend.storage.tables import Embedding, EmbeddingModel, Image, Prototype
 
 MIN_SLOT_MEMBERS = 50  # members a prototype of a category with several needs, at least
 KMEANS_SAMPLE = 256  # vectors per prototype that k-means learns the slots from (FAISS's own default)
+_DIM_OFFSET = 2 + 4 + 4 + 4 + 4 + 4  # a COPY row's field count, category and member count with lengths, vector length
 
 
 def member_sums(model_name: str | None, image_ids: list[int]):
@@ -118,13 +121,28 @@ def _split(session: Session, model_name: str, dim: int, category: int, k: int) -
 
 def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.ndarray, list[int]]:
     """(category ids, prototype vectors (p, d) float32, member counts) of a model, by category id then slot: a
-    category with several prototypes appears once per prototype."""
-    rows = session.execute(sa.select(Prototype.category_id, Prototype.vector, Prototype.member_count)
-                           .where(Prototype.model_name == model_name)
-                           .order_by(Prototype.category_id, Prototype.slot)).all()
-    if not rows:
+    category with several prototypes appears once per prototype. Read as binary COPY (every live-sync change reloads
+    them: pgvector's text form would be parsed number by number)."""
+    cursor = session.connection().connection.driver_connection.cursor()
+    buffer = io.BytesIO()
+    try:
+        cursor.copy_expert(cursor.mogrify(
+            "COPY (SELECT category_id, member_count, vector FROM prototypes WHERE model_name = %s "
+            "ORDER BY category_id, slot) TO STDOUT (FORMAT binary)", (model_name,)).decode(), buffer)
+    finally:
+        cursor.close()
+    data = buffer.getvalue()[HEADER:-len(TRAILER)]
+    if not data:
         return [], np.zeros((0, 0), np.float32), []
-    return [r[0] for r in rows], np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]), [r[2] for r in rows]
+    dim = int(np.frombuffer(data, ">i2", count=1, offset=_DIM_OFFSET)[0])
+    rows = np.frombuffer(data, _prototype_row(dim))
+    return rows["cat"].tolist(), rows["vec"].astype(np.float32), rows["count"].tolist()
+
+
+def _prototype_row(dim: int) -> np.dtype:
+    """One binary COPY row of (category_id, member_count, vector), big-endian."""
+    return np.dtype([("fields", ">i2"), ("cat_len", ">i4"), ("cat", ">i4"), ("count_len", ">i4"), ("count", ">i4"),
+                     ("vec_len", ">i4"), ("vec_dim", ">i2"), ("vec_unused", ">i2"), ("vec", ">f4", (dim,))])
 
 
 def category_means(session: Session, model_name: str) -> tuple[list[int], np.ndarray]:

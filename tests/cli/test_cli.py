@@ -38,6 +38,7 @@ def test_populate_then_status_then_rerun(cli_env, tmp_path):
     (["populate", "--dataset", "folder", "--data-dir", "/nonexistent"], "is not a folder"),
     (["populate", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "dataset-fashion-mnist"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_a_message_and_non_zero_exit(cli_env, args, message):
     proc = run(cli_env, "-m", "backend", *args)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -50,6 +51,7 @@ def test_argument_errors_exit_non_zero(cli_env):
     assert proc.returncode == 2 and "choose --setup-db" in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_db_is_repeatable(cli_env):
     for _ in range(2):
         proc = run(cli_env, "-m", "backend", "init-db")

@@ -25,6 +25,7 @@ def _spelled(url: str, scheme: str) -> str:
     return scheme + url[url.index("://"):]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_cli_runs_against_every_usual_url_over_tcp(cli_env, tcp_url, pg_server, scheme):
     env = {**cli_env, "DATABASE_URL": _spelled(tcp_url, scheme)}

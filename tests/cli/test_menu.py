@@ -78,6 +78,7 @@ def test_menu_survives_a_failing_step_populates_shows_status_serves_and_quits(me
     _quit(child)
 
 
+@pytest.mark.slow
 def test_menu_ignores_unknown_choices_and_leaves_at_end_of_input(menu_env):
     child = _menu(menu_env)
     child.sendline("9")
@@ -89,6 +90,7 @@ def test_menu_ignores_unknown_choices_and_leaves_at_end_of_input(menu_env):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_step_returns_to_the_menu(menu_env):
     child = _menu(menu_env)
     child.sendline("3")
@@ -99,6 +101,7 @@ def test_ctrl_c_during_a_step_returns_to_the_menu(menu_env):
     _quit(child)
 
 
+@pytest.mark.slow
 def test_subcommands_still_fail_with_a_non_zero_exit(menu_env):
     proc = subprocess.run(["bash", "setup.sh", "populate", "5", "folder"], cwd=ROOT, env=menu_env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)

@@ -64,6 +64,7 @@ def test_resnet50_loads_weights_from_a_local_file(images, resnet_weight_files):
     np.testing.assert_allclose(embedder.logits(images[:1]), expected_logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_packaged_weights_recognise_a_cat(images):
     embedder = create_embedder("efficientnet_lite0")
     assert int(embedder.logits(images[:1]).argmax()) in IMAGENET_CATS  # scikit-image's chelsea

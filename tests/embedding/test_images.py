@@ -61,6 +61,7 @@ def test_large_images_of_every_mode_shrink(mode):
     assert decoded.image.mode == "RGB" and min(decoded.image.size) == 1500 // (1500 // WORKING_SIDE)
 
 
+@pytest.mark.slow
 def test_the_centre_crop_does_not_change_what_the_model_sees():
     """The models centre-crop a square, so cutting a wide image to MAX_ASPECT:1 first leaves the embedding as is."""
     from backend.embedding.models import create_embedder

@@ -1,5 +1,6 @@
 """EMBED_PRECISION=auto: bf16 only where the hardware has it natively, it is faster, and its vectors stay faithful."""
 import numpy as np
+import pytest
 import torch
 
 from backend.embedding import precision
@@ -30,6 +31,7 @@ def test_unfaithful_bf16_is_refused_whatever_its_speed(monkeypatch):
     assert embedder.precision == "fp32" and "not faithful" in embedder.precision_reason
 
 
+@pytest.mark.slow
 def test_on_a_cpu_with_native_bf16_the_choice_is_measured_and_explained(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     embedder = create_embedder("efficientnet_lite0", device="cpu", precision="auto").load()

@@ -25,6 +25,7 @@ def _torch_fp32(embedder, images):
     return l2_normalize(embedder._forward(batch, "fp32").float().numpy())
 
 
+@pytest.mark.slow
 def test_auto_measures_and_keeps_the_vectors_faithful(photos):
     embedder = create_embedder("efficientnet_lite0", device="cpu", runtime="auto").load()
     reason = embedder.runtime_reason
@@ -35,6 +36,7 @@ def test_auto_measures_and_keeps_the_vectors_faithful(photos):
     assert (embedder._compiled is not None) == reason.startswith("OpenVINO")
 
 
+@pytest.mark.slow
 def test_openvino_in_fp32_gives_pytorchs_fp32_features():
     embedder = create_embedder("efficientnet_lite0", device="cpu", precision="fp32", runtime="openvino").load()
     assert embedder._compiled is not None and embedder._compiled.precision == "f32"

@@ -202,6 +202,7 @@ def test_a_collection_deleted_by_another_process_stops_being_served(client, engi
     assert client.get("/categories?collection=gone").status_code == 404
 
 
+@pytest.mark.slow
 def test_cli_manages_collections_and_populates_one(cli_env, tmp_path):
     write_folder_dataset(tmp_path / "f", n_per_class=2)
 

@@ -9,15 +9,15 @@ from backend.errors import InvalidQuery, NotFound
 from backend.search.examples import MAX_EXAMPLES
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
-from tests.service.test_filters import DIM, random_collection  # noqa: F401 - a fixture
+from tests.service.test_filters import DIM, read_only_collection  # noqa: F401 - a fixture
 
 
 def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def test_mean_strategy_is_exact_against_brute_force(random_collection):  # noqa: F811
-    open_search, ids, vectors, cats, metas = random_collection
+def test_mean_strategy_is_exact_against_brute_force(read_only_collection):  # noqa: F811
+    open_search, ids, vectors, cats, metas = read_only_collection
     search = open_search()
     pos, neg = [3, 40, 700], [12]
     query = _unit(vectors[pos].mean(axis=0) - 0.5 * vectors[neg].mean(axis=0))
@@ -29,8 +29,8 @@ def test_mean_strategy_is_exact_against_brute_force(random_collection):  # noqa:
     np.testing.assert_allclose([r.score for r in got.results], np.sort(scores)[::-1][:15], atol=1e-5)
 
 
-def test_max_strategy_scores_best_positive_minus_best_negative(random_collection):  # noqa: F811
-    open_search, ids, vectors, cats, metas = random_collection
+def test_max_strategy_scores_best_positive_minus_best_negative(read_only_collection):  # noqa: F811
+    open_search, ids, vectors, cats, metas = read_only_collection
     search = open_search()
     pos, neg = [3, 40], [12, 99]
     plain = search.search_examples(ids[pos].tolist(), [], 20, use_prototypes=False, strategy="max")

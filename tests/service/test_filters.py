@@ -21,8 +21,7 @@ def _metadata(i: int) -> dict:
     return meta
 
 
-@pytest.fixture
-def random_collection(sessions, tmp_path):
+def _fill(sessions, snapshots):
     """N_IMAGES stored images with random unit vectors and metadata; returns (open(index_type), ids, vectors,
     categories, metadata)."""
     rng = np.random.default_rng(7)
@@ -38,8 +37,20 @@ def random_collection(sessions, tmp_path):
         image_store.insert_embeddings(s, PixelEmbedder.name, ids.tolist(), vectors)
 
     def open_search(index_type="flatip"):
-        return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=tmp_path / index_type)
+        return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=snapshots(index_type))
     return open_search, ids, vectors, cats, [_metadata(i) for i in range(N_IMAGES)]
+
+
+@pytest.fixture
+def random_collection(sessions, tmp_path):
+    """_fill's collection, for a test that changes it."""
+    return _fill(sessions, lambda index_type: tmp_path / index_type)
+
+
+@pytest.fixture(scope="module")
+def read_only_collection(module_sessions, tmp_path_factory):
+    """_fill's collection, built once per module, for tests that only read it."""
+    return _fill(module_sessions, tmp_path_factory.mktemp)
 
 
 def _holds(meta: dict, c: Condition) -> bool:
@@ -73,8 +84,8 @@ FILTERS = {
 
 
 @pytest.mark.parametrize("prefilter", [True, False], ids=["pre-filter", "post-filter"])
-def test_filtered_search_is_exact_against_brute_force(random_collection, monkeypatch, prefilter):
-    open_search, ids, vectors, cats, metas = random_collection
+def test_filtered_search_is_exact_against_brute_force(read_only_collection, monkeypatch, prefilter):
+    open_search, ids, vectors, cats, metas = read_only_collection
     if not prefilter:  # every filter here then matches more than the pre-filter takes
         monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 20)
     search = open_search()
@@ -97,9 +108,9 @@ def test_filtered_search_is_exact_against_brute_force(random_collection, monkeyp
 
 
 @pytest.mark.parametrize("prefilter", [True, False], ids=["pre-filter", "post-filter"])
-def test_filter_combines_with_category_and_stage_one_ranks_only_matching_categories(random_collection, monkeypatch,
+def test_filter_combines_with_category_and_stage_one_ranks_only_matching_categories(read_only_collection, monkeypatch,
                                                                                      prefilter):
-    open_search, ids, vectors, cats, metas = random_collection
+    open_search, ids, vectors, cats, metas = read_only_collection
     if not prefilter:
         monkeypatch.setattr(filters, "PREFILTER_MAX_IDS", 2)
     search = open_search()
@@ -116,9 +127,9 @@ def test_filter_combines_with_category_and_stage_one_ranks_only_matching_categor
 
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivfflat"])
-def test_a_selective_filter_is_exact_on_the_approximate_index_types(random_collection, index_type, monkeypatch):
+def test_a_selective_filter_is_exact_on_the_approximate_index_types(read_only_collection, index_type, monkeypatch):
     monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 100)  # categories of ~500 get an inverted file
-    open_search, ids, vectors, cats, metas = random_collection
+    open_search, ids, vectors, cats, metas = read_only_collection
     search = open_search(index_type)
     keep = np.array([m["shard"] == 42 for m in metas])
     for q in range(5):
@@ -153,8 +164,8 @@ def test_json_syntax_refuses_what_it_cannot_use():
             from_json(bad)
 
 
-def test_metadata_keys_summary(random_collection, sessions):
-    with sessions() as s:
+def test_metadata_keys_summary(read_only_collection, module_sessions):
+    with module_sessions() as s:
         summary = {k["key"]: k for k in filters.summarise_keys(s)}
     assert set(summary) == {"n", "shard", "colour", "year", "signed"}
     assert summary["colour"]["images"] == N_IMAGES and summary["colour"]["types"] == ["string"]

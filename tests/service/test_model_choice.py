@@ -128,6 +128,7 @@ def test_unusable_database_urls_are_refused_in_words(url):
         normalise_url(url)
 
 
+@pytest.mark.slow
 def test_cli_accepts_the_plain_scheme_and_reports_an_unreachable_server_in_one_line(cli_env):
     plain = cli_env["DATABASE_URL"].replace("postgresql+psycopg2://", "postgresql://")
     proc = subprocess.run([sys.executable, "-m", "backend", "status"], cwd=ROOT, env={**cli_env, "DATABASE_URL": plain},

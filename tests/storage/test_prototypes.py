@@ -133,3 +133,25 @@ def test_a_snapshot_takes_its_prototypes_from_postgresql(sessions, tmp_path):
     reopened = IndexManager(sessions, MODEL, DIM, "flatip", tmp_path)
     assert reopened.load_or_build() == "snapshot" and len(reopened.index.prototypes()[0]) == 4
     assert check(sessions, MODEL, reopened.index).ok
+
+
+def test_prototypes_read_as_binary_copy_equal_pgvectors_text(sessions):
+    """load_prototypes reads them through COPY's binary form: the same categories, counts and vectors as the ORM's
+    row-by-row text parse, bit for bit."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((40, 24)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with sessions() as s, s.begin():
+        image_store.ensure_model(s, "m", 24)
+        new = [image_store.NewImage(sha256=f"{i:064x}", data=b"-", width=1, height=1, format="PNG",
+                                    category=f"c{i % 5}") for i in range(40)]
+        ids = image_store.insert_images(s, new)
+        image_store.insert_embeddings(s, "m", [ids[im.sha256] for im in new], vectors)
+    with sessions() as s:
+        cats, protos, counts = prototype_store.load_prototypes(s, "m")
+        rows = s.execute(sa.select(Prototype.category_id, Prototype.vector, Prototype.member_count)
+                         .where(Prototype.model_name == "m").order_by(Prototype.category_id, Prototype.slot)).all()
+        none = prototype_store.load_prototypes(s, "other")
+    assert none[0] == [] and none[1].shape == (0, 0) and none[2] == []
+    assert cats == [r[0] for r in rows] and counts == [r[2] for r in rows] == [8] * 5
+    assert protos.dtype == np.float32 and np.array_equal(protos, np.stack([np.asarray(r[1], np.float32) for r in rows]))
