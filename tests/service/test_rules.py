@@ -26,12 +26,12 @@ def _run(env, *args):
                           text=True, timeout=300)
 
 
-def _store_vectors(sessions, models: dict[str, int], n: int = 6, chosen: str | None = None) -> None:
-    """n images in two categories with random unit vectors of each model (name -> dim)."""
-    rng = np.random.default_rng(0)
+def _store_vectors(sessions, models: dict[str, int], n: int = 6, chosen: str | None = None, first: int = 0) -> None:
+    """n images (ids from `first` in their digests) in two categories with random unit vectors of each model."""
+    rng = np.random.default_rng(first)
     with sessions() as s, s.begin():
         new = [image_store.NewImage(sha256=f"{i:064x}", data=b"x", width=1, height=1, format="PNG",
-                                    category=f"c{i % 2}") for i in range(n)]
+                                    category=f"c{i % 2}") for i in range(first, first + n)]
         ids = image_store.insert_images(s, new)
         for model, dim in models.items():
             image_store.ensure_model(s, model, dim, chosen=model == chosen)
@@ -41,7 +41,9 @@ def _store_vectors(sessions, models: dict[str, int], n: int = 6, chosen: str | N
 
 
 @pytest.mark.slow
-def test_check_after_rebuild_of_another_collection_looks_in_that_collections_snapshots(cli_env, engine):
+def test_check_after_rebuild_of_another_collection_looks_in_that_collections_snapshots(cli_env, engine, sessions):
+    _store_vectors(sessions, {"efficientnet_lite0": 1280}, n=4, first=100)  # the default collection, snapshotted
+    assert _run(cli_env, "rebuild").returncode == 0
     create_collection(engine, "second")
     registry = CollectionSessions(engine)
     _store_vectors(registry.sessions("second"), {"efficientnet_lite0": 1280})
