@@ -245,7 +245,7 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
             build["rss_growth_per_index_byte"] = round(build["rss_growth_mib"] / build["index_mib"], 3)
             index = manager.index
             if truth is None:  # exact search over everything: the ground truth, and the exhaustive baseline
-                truth, ms = timed_searches(lambda q: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
+                truth, ms = timed_searches(lambda q, index=index: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
                 report["rows"].append(row(dataset, "FAISS flat, exhaustive", size, ms, truth, truth))
             report["rows"] += two_stage_rows(dataset, index, queries, truth, index_type)
             build.update(single_changes(index, queries[:100], first_id=10**12))

@@ -156,6 +156,7 @@ class IndexManager:
         # A derived model's index holds one head version's vectors: queries go through this head (read under `lock`,
         # where index and head are swapped together).
         self.head: projection.Head | None = None
+        self.prototype_versions: dict[int, str] = {}  # per category, the prototypes' row versions the index holds
 
     # -- start-up ---------------------------------------------------------------------------------
     def load_or_build(self) -> str:
@@ -193,7 +194,7 @@ class IndexManager:
             head = self._read_head(s)
             # The snapshot's prototypes may be older than the database's (a rebuild of prototypes alone, or another
             # PROTOTYPES_PER_CATEGORY): they are taken from PostgreSQL, with the same view as the fingerprint.
-            proto_cats, protos, _ = prototype_store.load_prototypes(s, self.model_name)
+            prototypes = self._read_prototypes(s, {})
         if head is not None and (read_meta(self.snapshot_path) or {}).get("head") != head.version:
             return "snapshot is of another head version"  # a new version was trained since it was written
         index, meta = read_snapshot(self.snapshot_path, self.model_name, self.index_type,
@@ -206,8 +207,7 @@ class IndexManager:
         if index_fingerprint(index) != current:
             raise SnapshotError("out of step with PostgreSQL (the same counts, but other images or categories)")
         index.drop_prototypes(index.categories)
-        if proto_cats:
-            index.set_prototypes(proto_cats, protos)
+        self._apply_prototypes(index, *prototypes)
         with self.lock:
             self.index, self.fingerprint, self.source = index, current, "snapshot"
             self._use_head(head)
@@ -248,11 +248,10 @@ class IndexManager:
             if head is not None and head_store.current_version(s, self.model_name) != head.version:
                 s.close()  # a new head version was published meanwhile: its vectors and prototypes, then
                 return self.rebuild(save=save, prototypes=prototypes)
-            proto_cats, protos, _ = prototype_store.load_prototypes(s, self.model_name)
+            prototypes = self._read_prototypes(s, {})
         index.optimise()
         _return_freed_memory()
-        if proto_cats:
-            index.set_prototypes(proto_cats, protos)
+        self._apply_prototypes(index, *prototypes)
         with self.lock:  # searches used the old index until now
             self.index, self.fingerprint, self.source = index, current, "rebuilt"
             self._use_head(head)
@@ -302,16 +301,30 @@ class IndexManager:
                 gone = sorted(i for i in wanted if i not in in_db and i in self.index)
                 current = None
             ids, cats, vectors = fetch_members(s, self.model_name, self.dim, new) if new else ([], [], None)
-            proto_cats, protos, _ = prototype_store.load_prototypes(s, self.model_name)  # they may change on their own
+            prototypes = self._read_prototypes(s, self.prototype_versions)  # they may change on their own
         with self.lock:
             removed = self.index.remove(gone)
             if len(ids):
                 self.index.add(ids, vectors, cats)
-            self.index.drop_prototypes(set(self.index.categories) - set(proto_cats))
-            if proto_cats:
-                self.index.set_prototypes(proto_cats, protos)
+            self._apply_prototypes(self.index, *prototypes)
             self.fingerprint = current
         return len(ids), removed
+
+    def _read_prototypes(self, session: Session, held: dict[int, str]) -> tuple:
+        """(versions, category ids, vectors) of the prototypes that differ from `held` (category -> row versions):
+        only the categories whose prototypes were written since are read."""
+        versions = prototype_store.prototype_versions(session, self.model_name)
+        changed = [c for c, v in versions.items() if held.get(c) != v]
+        cats, vectors, _ = (prototype_store.load_prototypes(session, self.model_name, changed if held else None)
+                            if changed else ([], None, []))
+        return versions, cats, vectors
+
+    def _apply_prototypes(self, index: CategoryIndex, versions: dict[int, str], cats: list[int], vectors) -> None:
+        """Give `index` the prototypes _read_prototypes found, dropping those of categories that have none now."""
+        index.drop_prototypes(set(index.categories) - versions.keys())
+        if cats:
+            index.set_prototypes(cats, vectors)
+        self.prototype_versions = versions
 
     def _rebuild_beside(self, save: bool) -> tuple[int, int]:
         """sync() by building the index anew beside the old one (searches go on), the prototypes as they are in

@@ -119,16 +119,19 @@ def _split(session: Session, model_name: str, dim: int, category: int, k: int) -
     return members, np.unique(cluster, return_inverse=True)[1]
 
 
-def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.ndarray, list[int]]:
-    """(category ids, prototype vectors (p, d) float32, member counts) of a model, by category id then slot: a
-    category with several prototypes appears once per prototype. Read as binary COPY (every live-sync change reloads
-    them: pgvector's text form would be parsed number by number)."""
+def load_prototypes(session: Session, model_name: str,
+                    categories: list[int] | None = None) -> tuple[list[int], np.ndarray, list[int]]:
+    """(category ids, prototype vectors (p, d) float32, member counts) of a model (of `categories` only, when given),
+    by category id then slot: a category with several prototypes appears once per prototype. Read as binary COPY
+    (pgvector's text form would be parsed number by number)."""
     cursor = session.connection().connection.driver_connection.cursor()
     buffer = io.BytesIO()
+    only = " AND category_id = ANY(%s)" if categories is not None else ""
     try:
         cursor.copy_expert(cursor.mogrify(
-            "COPY (SELECT category_id, member_count, vector FROM prototypes WHERE model_name = %s "
-            "ORDER BY category_id, slot) TO STDOUT (FORMAT binary)", (model_name,)).decode(), buffer)
+            f"COPY (SELECT category_id, member_count, vector FROM prototypes WHERE model_name = %s{only} "
+            "ORDER BY category_id, slot) TO STDOUT (FORMAT binary)",
+            (model_name, list(categories)) if only else (model_name,)).decode(), buffer)
     finally:
         cursor.close()
     data = buffer.getvalue()[HEADER:-len(TRAILER)]
@@ -137,6 +140,15 @@ def load_prototypes(session: Session, model_name: str) -> tuple[list[int], np.nd
     dim = int(np.frombuffer(data, ">i2", count=1, offset=_DIM_OFFSET)[0])
     rows = np.frombuffer(data, _prototype_row(dim))
     return rows["cat"].tolist(), rows["vec"].astype(np.float32), rows["count"].tolist()
+
+
+def prototype_versions(session: Session, model_name: str) -> dict[int, str]:
+    """Per category of a model: a token that changes whenever any of its prototypes is written (the row versions,
+    PostgreSQL's xmin, of its slots), so that a reader reloads only the categories whose prototypes changed."""
+    rows = session.execute(sa.text(
+        "SELECT category_id, string_agg(slot || ':' || xmin::text, ',' ORDER BY slot) FROM prototypes "
+        "WHERE model_name = :m GROUP BY category_id"), {"m": model_name}).all()
+    return dict(rows)
 
 
 def _prototype_row(dim: int) -> np.dtype:

@@ -202,8 +202,8 @@ def test_oversized_and_unauthorised_bodies_are_refused_before_they_are_read(live
             f"Content-Length: {big}\r\n\r\n")
     response, seconds = _refused_before_the_body(live, head)
     assert response.startswith("HTTP/1.1 413") and "MAX_UPLOAD_SIZE" in response and seconds < 2
-    head = (f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=B\r\n"
-            f"Content-Length: 900000\r\n\r\n")
+    head = ("POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+            "Content-Length: 900000\r\n\r\n")
     response, seconds = _refused_before_the_body(live, head)
     assert response.startswith("HTTP/1.1 401") and "X-API-Key" in response and seconds < 2
 

@@ -141,6 +141,28 @@ def test_a_full_resync_reloads_prototypes_that_changed_alone(sessions, tmp_path,
     assert np.allclose(reader.index.prototypes()[1], _stored_prototypes(sessions), atol=1e-6)
 
 
+def test_a_sync_reads_only_the_prototypes_that_changed(sessions, tmp_path, collection, monkeypatch):
+    """An upload changes one category's prototype: the next sync reads that category's prototypes, not every one,
+    and the index ends with the prototypes PostgreSQL holds."""
+    from backend.storage import prototypes as prototype_store
+
+    reader, writer = _open(sessions, tmp_path / "reader"), _open(sessions, tmp_path / "writer")
+    writer.build_database("folder", collection, progress=False)
+    reader.refresh()
+    read, load = [], prototype_store.load_prototypes
+    monkeypatch.setattr(prototype_store, "load_prototypes",
+                        lambda s, m, categories=None: read.append(categories) or load(s, m, categories))
+    writer.add_image(_colour((250, 5, 5)), "red")
+    with sessions() as s:
+        red = s.scalar(sa.text("SELECT id FROM categories WHERE name = 'red'"))
+    assert read == [[red]]  # the writer's own index follows its upload the same way
+    read.clear()
+    assert reader.refresh() == (1, 0)
+    assert read == [[red]]
+    assert reader.refresh() == (0, 0) and read == [[red]]  # nothing changed: nothing read
+    assert np.allclose(reader.index.prototypes()[1], _stored_prototypes(sessions), atol=1e-6)
+
+
 def _stored_prototypes(sessions) -> np.ndarray:
     from backend.storage import prototypes as prototype_store
 
