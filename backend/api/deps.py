@@ -1,8 +1,10 @@
 """FastAPI dependencies: the ready ImageSearch, write access, image-job slots and upload reading with limits."""
+import inspect
 from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import Depends, Header, HTTPException, Path, Query, Request, UploadFile
+from pydantic import BaseModel
 
 from backend.api.guard import ImageJobs, body_too_large, write_refusal
 from backend.api.schemas import CONTROL_CHARACTERS, MAX_BIGINT, MAX_INTEGER
@@ -79,6 +81,24 @@ def clean_file_name(name: str | None) -> str | None:
     if name is None:
         return None
     return CONTROL_CHARACTERS.sub("", name)[-MAX_FILE_NAME:] or None
+
+
+def query_model(model: type[BaseModel]):
+    """A dependency reading `model` from the query string, one parameter per field with the field's constraints,
+    alias, description and default (so that the query string and a JSON body share one declaration)."""
+    parameters = []
+    for name, field in model.model_fields.items():
+        extra = {"default_factory": field.default_factory} if field.default_factory else {}
+        query = Query(alias=field.alias, description=field.description, **extra)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=Annotated[(field.annotation, *field.metadata, query)],
+                                            **({} if extra else {"default": field.default})))
+
+    def from_query(**values) -> BaseModel:
+        return model.model_validate({model.model_fields[name].alias or name: value for name, value in values.items()})
+
+    from_query.__signature__ = inspect.Signature(parameters, return_annotation=model)
+    return from_query
 
 
 # Ids and offsets are bounded by what PostgreSQL stores (bigint, integer), so an absurd one is a 422, not a 500.

@@ -5,10 +5,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from backend.embedding.query_edits import QueryEdit
+from backend.search.duplicates import DEFAULT_THRESHOLD as DUPLICATE_THRESHOLD
 from backend.search.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
 from backend.service.export import MAX_ROWS
-from backend.service.requests import default_limit, default_top_categories, default_use_prototypes
+from backend.service.requests import SearchRequest, default_limit, default_top_categories, default_use_prototypes
 from backend.service.results import MAX_DEPTH
+from backend.storage import filters
+from backend.storage.filters import Condition
 
 _CONTROL = r"\x00-\x1f\x7f"  # NUL and the other control characters: never part of a name imsrc stores
 CONTROL_CHARACTERS = re.compile(f"[{_CONTROL}]")
@@ -63,7 +67,50 @@ class SearchOut(BaseModel):
 StoredId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
-class ExamplesIn(BaseModel):
+class SearchOptions(BaseModel):
+    """What shapes a search besides its examples, its filter and its page: one declaration for the query string
+    (api.deps.query_model) and the JSON body, turned into the service's SearchRequest in one place."""
+
+    use_prototypes: bool = Field(default_factory=default_use_prototypes,
+                                 description="two-stage search; false searches every category (default "
+                                 "USE_PROTOTYPE_FILTERING)")
+    prototype_limit: int = Field(default_factory=default_top_categories, ge=1, le=10,
+                                 description="categories searched after the prototype stage (default PROTOTYPE_LIMIT)")
+    category: str | None = Field(None, max_length=200, pattern=CATEGORY_PATTERN, description="only this category "
+                                 "(name)")
+    min_score: float | None = Field(None, ge=-1, le=1, description="leave out results scoring less")
+    strategy: Literal["mean", "max"] = Field(DEFAULT_STRATEGY, description="how several examples combine (see "
+                                             "docs/searching.md): mean, or max")
+    negative_weight: float = Field(NEGATIVE_WEIGHT, ge=0, le=2, description="how much the negative examples count "
+                                   "against a result")
+    collapse_duplicates: bool = Field(False, description="leave out results that are near-duplicates of a result "
+                                      "ranked before them")
+
+    def conditions(self) -> list[Condition]:
+        """The metadata filter this form of the options carries (none here)."""
+        return []
+
+    def request(self, limit: int, offset: int = 0, where: list[Condition] = (), edit: QueryEdit | None = None
+                ) -> SearchRequest:
+        """The SearchRequest of these options for one page, with more conditions and a region edit if given."""
+        return SearchRequest(k=limit, offset=offset, min_score=self.min_score, use_prototypes=self.use_prototypes,
+                             top_categories=self.prototype_limit, category=self.category,
+                             where=(*self.conditions(), *where), strategy=self.strategy,
+                             negative_weight=self.negative_weight, edit=edit,
+                             collapse=DUPLICATE_THRESHOLD if self.collapse_duplicates else None)
+
+
+class QueryOptions(SearchOptions):
+    """SearchOptions in a query string, with the filter as `filter` terms."""
+
+    terms: list[Annotated[str, Field(max_length=700)]] | None = Field(
+        None, alias="filter", max_length=filters.MAX_CONDITIONS, description=filters.QUERY_SYNTAX)
+
+    def conditions(self) -> list[Condition]:
+        return filters.from_query(self.terms)
+
+
+class ExamplesIn(SearchOptions):
     """A search by stored images: more like the positives, less like the negatives."""
 
     positive_ids: list[StoredId] = Field(min_length=1, max_length=MAX_EXAMPLES,
@@ -72,19 +119,12 @@ class ExamplesIn(BaseModel):
     filter: dict | None = Field(None, description='metadata conditions, all of which must hold: {"colour": "red", '
                                 '"year": {"gte": 2000, "lt": 2010}, "tags": {"in": ["a", "b"]}, "signed": '
                                 '{"exists": true}}')
-    category: str | None = Field(None, max_length=200, pattern=CATEGORY_PATTERN, description="only this category "
-                                 "(name)")
     limit: int = Field(default_factory=default_limit, ge=1, le=50,
                        description="number of results (one page; default DEFAULT_SEARCH_LIMIT)")
     offset: int = Field(0, ge=0, le=MAX_DEPTH - 50, description="results to skip")
-    min_score: float | None = Field(None, ge=-1, le=1, description="leave out results scoring less")
-    use_prototypes: bool = Field(default_factory=default_use_prototypes,
-                                 description="two-stage search (default USE_PROTOTYPE_FILTERING)")
-    prototype_limit: int = Field(default_factory=default_top_categories, ge=1, le=10,
-                                 description="categories searched after the prototype stage (default PROTOTYPE_LIMIT)")
-    strategy: Literal["mean", "max"] = DEFAULT_STRATEGY
-    negative_weight: float = Field(NEGATIVE_WEIGHT, ge=0, le=2)
-    collapse_duplicates: bool = Field(False, description="leave out near-duplicates of a result ranked before them")
+
+    def conditions(self) -> list[Condition]:
+        return filters.from_json(self.filter) if self.filter is not None else []
 
 
 class ExportExamplesIn(ExamplesIn):

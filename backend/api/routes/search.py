@@ -1,5 +1,4 @@
 """Search endpoints: by uploaded images, by stored images, prototypes only; and the same searches as downloads."""
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
@@ -7,14 +6,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from backend.api import telemetry
-from backend.api.deps import MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, in_collection, read_upload
-from backend.api.schemas import CATEGORY_PATTERN, ExamplesIn, ExportExamplesIn, Problem, SearchOut
-from backend.config import settings
+from backend.api.deps import MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, in_collection, query_model, read_upload
+from backend.api.schemas import ExamplesIn, ExportExamplesIn, Problem, QueryOptions, SearchOut
 from backend.embedding.query_edits import CROP_PATTERN, QueryEdit
-from backend.search.duplicates import DEFAULT_THRESHOLD
-from backend.search.examples import DEFAULT_STRATEGY, MAX_EXAMPLES, NEGATIVE_WEIGHT
+from backend.search.examples import MAX_EXAMPLES
 from backend.service import export
-from backend.service.requests import SearchRequest
+from backend.service.requests import default_limit, default_top_categories
 from backend.service.results import MAX_DEPTH, SearchResponse
 from backend.storage import filters
 
@@ -30,7 +27,8 @@ ERRORS = {400: {"model": Problem, "description": "not a decodable image"},
 EXPORTED = {200: {"description": "the results as a file (Content-Disposition: attachment)",
                   "content": {media.split(";")[0]: {} for media in export.FORMATS.values()}}, **ERRORS}
 
-Limit = Annotated[int, Query(ge=1, le=50, description="number of results (one page)")]
+Limit = Annotated[int, Query(ge=1, le=50, default_factory=default_limit,
+                             description="number of results (one page; default DEFAULT_SEARCH_LIMIT)")]
 # With at most 50 per page, offset + limit stays within the MAX_DEPTH results a search can page through.
 Offset = Annotated[int, Query(ge=0, le=MAX_DEPTH - 50, description="results to skip (a page's first rank is offset "
                               "+ 1); the pages of one query share one ranking")]
@@ -45,51 +43,7 @@ Crop = Annotated[str | None, Query(max_length=100, pattern=CROP_PATTERN,
                                    "a decimal point (0.5,0,0.5,0.5 is the top-right quarter)")]
 
 
-@dataclass
-class Options:
-    """What shapes a search besides its examples."""
-
-    use_prototypes: bool
-    prototype_limit: int
-    category: str | None
-    min_score: float | None
-    where: list
-    strategy: str
-    negative_weight: float
-    collapse_duplicates: bool = False
-
-    def request(self, limit: int, offset: int = 0, more_where: list = (), edit: QueryEdit | None = None) -> SearchRequest:
-        """The SearchRequest of these options for one page (with the form's filters and region edit, if any)."""
-        return SearchRequest(k=limit, offset=offset, min_score=self.min_score, use_prototypes=self.use_prototypes,
-                             top_categories=self.prototype_limit, category=self.category,
-                             where=(*self.where, *more_where), strategy=self.strategy,
-                             negative_weight=self.negative_weight, edit=edit,
-                             collapse=DEFAULT_THRESHOLD if self.collapse_duplicates else None)
-
-
-def search_options(
-        use_prototypes: Annotated[bool, Query(description="two-stage search; false searches every category")] =
-        settings.use_prototype_filtering,
-        prototype_limit: Annotated[int, Query(ge=1, le=10, description="categories searched after the prototype "
-                                              "stage")] = settings.prototype_limit,
-        category: Annotated[str | None, Query(max_length=200, pattern=CATEGORY_PATTERN,
-                                              description="only this category (name)")] = None,
-        min_score: Annotated[float | None, Query(ge=-1, le=1, description="leave out results scoring less")] = None,
-        terms: Annotated[list[Annotated[str, Query(max_length=700)]] | None,
-                         Query(alias="filter", max_length=filters.MAX_CONDITIONS, description=filters.QUERY_SYNTAX)] =
-        None,
-        strategy: Annotated[Literal["mean", "max"], Query(description="how several examples combine (see the "
-                                                          "README): mean, or max")] = DEFAULT_STRATEGY,
-        negative_weight: Annotated[float, Query(ge=0, le=2, description="how much the negative examples count "
-                                                "against a result")] = NEGATIVE_WEIGHT,
-        collapse_duplicates: Annotated[bool, Query(description="leave out results that are near-duplicates of a "
-                                                   "result ranked before them")] = False) -> Options:
-    """The search options of the query string."""
-    return Options(use_prototypes, prototype_limit, category, min_score, filters.from_query(terms), strategy,
-                   negative_weight, collapse_duplicates)
-
-
-OptionsDep = Annotated[Options, Depends(search_options)]
+OptionsDep = Annotated[QueryOptions, Depends(query_model(QueryOptions))]
 
 
 def to_out(request: Request, response: SearchResponse) -> SearchOut:
@@ -140,7 +94,7 @@ Flip = Annotated[Literal["horizontal", "vertical"] | None, Query(description="mi
 
 
 async def _upload_search(search, jobs, file, negative_file, positive_id, negative_id, filters_form, crop, rotate, flip,
-                         options: Options, limit: int, offset: int) -> SearchResponse:
+                         options: QueryOptions, limit: int, offset: int) -> SearchResponse:
     """A search by uploaded (and stored) examples, in an image-job slot: what POST /search and its export share."""
     negatives = negative_file or []
     if len(file) + len(negatives) + len(positive_id) + len(negative_id) > MAX_EXAMPLES:
@@ -154,11 +108,10 @@ async def _upload_search(search, jobs, file, negative_file, positive_id, negativ
 
 
 @router.post("/search", response_model=SearchOut, responses=ERRORS)
-async def search(request: Request, search: SearchDep, jobs: ImageJobsDep, options: OptionsDep, file: Files,
+async def search(request: Request, *, search: SearchDep, jobs: ImageJobsDep, options: OptionsDep, file: Files,
                  negative_file: NegativeFiles = None, filters_json: FiltersForm = None,
                  positive_id: StoredIds = [], negative_id: StoredIds = [],  # noqa: B006 - FastAPI copies defaults
-                 crop: Crop = None, rotate: Rotate = 0, flip: Flip = None,
-                 limit: Limit = settings.default_search_limit, offset: Offset = 0):
+                 crop: Crop = None, rotate: Rotate = 0, flip: Flip = None, limit: Limit, offset: Offset = 0):
     """Find the stored images most similar to the uploaded one (cropped, rotated or flipped first if asked); with
     several files, or stored images' ids, more like all of them, and less like the negative ones."""
     response = await _upload_search(search, jobs, file, negative_file, positive_id, negative_id, filters_json, crop,
@@ -180,9 +133,7 @@ async def search_export(request: Request, search: SearchDep, jobs: ImageJobsDep,
 
 
 def _examples_search(search, body: ExamplesIn, offset: int) -> SearchResponse:
-    options = Options(body.use_prototypes, body.prototype_limit, body.category, body.min_score,
-                      filters.from_json(body.filter), body.strategy, body.negative_weight, body.collapse_duplicates)
-    return search.search(options.request(body.limit, offset), body.positive_ids, body.negative_ids)
+    return search.search(body.request(body.limit, offset), body.positive_ids, body.negative_ids)
 
 
 @router.post("/search/examples", response_model=SearchOut, responses=ERRORS)
@@ -203,8 +154,8 @@ async def search_examples_export(request: Request, search: SearchDep, jobs: Imag
 @router.post("/search/prototypes", response_model=SearchOut, responses=ERRORS)
 async def search_prototypes(request: Request, search: SearchDep, jobs: ImageJobsDep,
                             file: Annotated[UploadFile, File(description="query image")],
-                            prototype_limit: Annotated[int, Query(ge=1, le=10, description="categories to list")] =
-                            settings.prototype_limit):
+                            prototype_limit: Annotated[int, Query(ge=1, le=10, default_factory=default_top_categories,
+                                                                  description="categories to list")]):
     """Rank the category prototypes against the uploaded image (stage 1 only)."""
     async with jobs.slot():
         data = await read_upload(file)
@@ -213,8 +164,8 @@ async def search_prototypes(request: Request, search: SearchDep, jobs: ImageJobs
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchOut, responses=ERRORS)
-async def similar_to_stored(request: Request, search: SearchDep, image_id: ImageId, options: OptionsDep,
-                            limit: Limit = settings.default_search_limit, offset: Offset = 0):
+async def similar_to_stored(request: Request, *, search: SearchDep, image_id: ImageId, options: OptionsDep,
+                            limit: Limit, offset: Offset = 0):
     """More like this: search with a stored image (the image itself is left out)."""
     response = await run_in_threadpool(search.search, options.request(limit, offset), [image_id])
     return to_out(request, response)
