@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from backend.errors import InvalidQuery, NotFound
+from backend.search.snapshot import SUFFIX
 from backend.service.image_search import ImageSearch
 from backend.storage import collections
 from backend.storage import images as image_store
@@ -62,7 +63,8 @@ def test_collections_keep_their_own_images_models_and_indexes_and_share_bytes(en
         assert image_store.counts(s)["embeddings"] == {"test-pixels": 1}
         assert image_store.get_image(s, in_default, with_data=True)[0].data == red
     # A collection's snapshots are its own: two collections may use one model and index type.
-    assert products.manager.snapshot_path.parent == tmp_path / "snap" / "collections" / "products"
+    products.save_snapshot()
+    assert len(list((tmp_path / "snap" / "collections" / "products").glob(f"test-pixels-b*{SUFFIX}"))) == 1
     assert products.snapshot_base == default.snapshot_base == tmp_path / "snap"  # where deletion looks for them
     # Deleting an image another collection also holds keeps its bytes; the last holder's deletion drops them.
     products.delete_image(in_products)

@@ -12,7 +12,8 @@ from backend.search import snapshot
 from backend.search.snapshot import read_meta
 from backend.service.image_search import ImageSearch
 from backend.service.index_manager import IndexManager
-from backend.storage.fingerprints import fingerprint
+from backend.storage.collections import DEFAULT, snapshot_dir_of
+from backend.storage.fingerprints import fingerprint, index_fingerprint
 from backend.storage.tables import Embedding, Image
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
@@ -21,6 +22,11 @@ MODEL, DIM = PixelEmbedder.name, PixelEmbedder.dim
 
 def _open(sessions, folder, index_type="flatip"):
     return ImageSearch(sessions, PixelEmbedder(), index_type, snapshot_dir=folder, batch_size=8)
+
+
+def _snapshot_file(folder, index_type="flatip"):
+    """Where the default collection's snapshot is kept under SNAPSHOT_DIR `folder`: the rule the CLI reads it by."""
+    return snapshot.snapshot_path(snapshot_dir_of(folder, DEFAULT), MODEL, index_type)
 
 
 @pytest.fixture
@@ -120,7 +126,7 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_bad_snapshot_is_moved_aside_and_the_index_rebuilt(built, sessions, tmp_path, caplog, damage):
     damage_file, reason = DAMAGE[damage]
-    path = built.manager.snapshot_path
+    path = _snapshot_file(tmp_path / "snap")
     damage_file(path, sessions)
     damaged = path.read_bytes()
     caplog.set_level(logging.INFO, logger="backend.service.index_manager")
@@ -148,11 +154,12 @@ def test_rebuild_says_rebuilt(built, sessions, tmp_path):
 
 def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sessions, tmp_path, monkeypatch):
     folder = tmp_path / "snap"
-    files = sorted([built.manager.snapshot_path.name, built.manager.writer.path.name])  # the snapshot, who writes it
+    path = _snapshot_file(folder)
+    files = sorted([path.name, path.with_suffix(".writer").name])  # the snapshot, and who writes it
     assert sorted(p.name for p in folder.iterdir()) == files  # no other sidecar, no temp file
-    meta = read_meta(built.manager.snapshot_path)  # what the set-up menu's state line reads
-    assert (meta["model"], meta["fingerprint"], meta["vectors"]) == (MODEL, built.manager.fingerprint, 24)
-    before = built.manager.snapshot_path.read_bytes()
+    meta = read_meta(path)  # what the set-up menu's state line reads
+    assert (meta["model"], meta["fingerprint"], meta["vectors"]) == (MODEL, index_fingerprint(built.index), 24)
+    before = path.read_bytes()
 
     def crash(file, index, meta):
         file.write(b"half a snapshot")
@@ -161,12 +168,12 @@ def test_the_snapshot_is_one_self_describing_file_written_atomically(built, sess
     monkeypatch.setattr("backend.service.index_manager.snapshot.write", crash)
     with pytest.raises(OSError, match="disk full"):
         built.save_snapshot()
-    assert built.manager.snapshot_path.read_bytes() == before  # the old snapshot, whole
+    assert path.read_bytes() == before  # the old snapshot, whole
     assert sorted(p.name for p in folder.iterdir()) == files
 
 
 def test_a_snapshot_that_cannot_be_written_does_not_stop_start_up(built, sessions, tmp_path, monkeypatch, caplog):
-    built.manager.snapshot_path.write_bytes(b"garbage")
+    _snapshot_file(tmp_path / "snap").write_bytes(b"garbage")
     monkeypatch.setattr("backend.service.index_manager.os.fsync", lambda fd: (_ for _ in ()).throw(OSError("read-only")))
     search = _open(sessions, tmp_path / "snap")
     assert search.index_source.startswith("rebuilt: snapshot was unreadable") and len(search.index) == 24
