@@ -142,13 +142,23 @@ def output_dir():
     return OUTPUT_DIR
 
 
+def _cli_env(db_url: str, data_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_"))}
+    env.update(DATABASE_URL=db_url, DATA_DIR=str(data_dir), MODEL_NAME="efficientnet_lite0",
+               BATCH_SIZE="16", PYTHONUNBUFFERED="1", IMSRC_ENV_FILE=os.devnull)  # a developer's .env stays out
+    return env
+
+
 @pytest.fixture
 def cli_env(db_url, tmp_path):
     """Environment for running `python -m backend` against the test database, offline."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_"))}
-    env.update(DATABASE_URL=db_url, DATA_DIR=str(tmp_path / "data"), MODEL_NAME="efficientnet_lite0",
-               BATCH_SIZE="16", PYTHONUNBUFFERED="1", IMSRC_ENV_FILE=os.devnull)  # a developer's .env stays out
-    return env
+    return _cli_env(db_url, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def new_cli_env(pg_server, tmp_path_factory):
+    """A factory of cli_envs, each on a fresh database, for a module-scoped fixture (a server its tests share)."""
+    return lambda: _cli_env(_new_database(pg_server, TEMPLATE), tmp_path_factory.mktemp("env") / "data")
 
 
 def pytest_configure(config):

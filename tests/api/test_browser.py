@@ -20,19 +20,31 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Deb
                                                    "(./setup.sh install installs it)")]
 
 
-@pytest.fixture
-def server(cli_env, tmp_path):
-    """`python -m backend serve` on a collection of 60 Fashion-MNIST images; yields (base URL, data dir)."""
-    data_dir = REAL_FASHION_MNIST if (REAL_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() else tmp_path / "fm"
+def _fashion_mnist_server(env: dict, folder: Path):
+    """`python -m backend serve` on a collection of 60 Fashion-MNIST images; yields (base URL, data dir, env)."""
+    data_dir = REAL_FASHION_MNIST if (REAL_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() else folder / "fm"
     if data_dir != REAL_FASHION_MNIST:
         write_fashion_mnist(data_dir, n_per_class=6)
     populate = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
                                "--num-images", "60", "--data-dir", str(data_dir)],
-                              cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert populate.returncode == 0, populate.stderr
     # Writes open on localhost: the history panel shows what was searched, which is guarded as writes are.
-    with running_server({**cli_env, "OPEN_WRITES": "true"}, tmp_path / "server.log", timeout=120) as (base, _):
-        yield base, data_dir
+    with running_server({**env, "OPEN_WRITES": "true"}, folder / "server.log", timeout=120) as (base, _):
+        yield base, data_dir, env
+
+
+@pytest.fixture(scope="module")
+def server(new_cli_env, tmp_path_factory):
+    """The Fashion-MNIST server the module's tests share (a populate and a start-up take half a minute): they search
+    its default collection and leave it as it was; yields (base URL, data dir, env)."""
+    yield from _fashion_mnist_server(new_cli_env(), tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture
+def own_server(cli_env, tmp_path):
+    """A Fashion-MNIST server of the test's own, for a test that counts what the server recorded."""
+    yield from _fashion_mnist_server(cli_env, tmp_path)
 
 
 @pytest.fixture
@@ -67,7 +79,7 @@ def _drop(page, path: Path) -> None:
 
 
 def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir):
-    base, data_dir = server
+    base, data_dir, _ = server
     query, category = _query_png(data_dir, tmp_path)
     page.goto(base + "/")  # a browser at the root lands on the page
     assert page.url.endswith("/app/")
@@ -115,7 +127,7 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
 
 
 def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
-    base, _ = server
+    base, _, _ = server
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(base + "/app/")
     page.wait_for_selector("#categories button")
@@ -129,7 +141,7 @@ def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
 
 
 def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(server, page, tmp_path, output_dir):
-    base, data_dir = server
+    base, data_dir, _ = server
     query, _ = _query_png(data_dir, tmp_path)
     page.goto(base + "/app/")
     page.wait_for_selector("#status:has-text('60 images indexed')")
@@ -158,13 +170,14 @@ def test_more_results_continue_the_ranking_and_the_slider_drops_low_scores(serve
     page.screenshot(path=str(output_dir / "paging.png"), full_page=True)
 
 
-@pytest.fixture
-def server_with_metadata(cli_env, tmp_path):
+@pytest.fixture(scope="module")
+def server_with_metadata(new_cli_env, tmp_path_factory):
     """The server on 60 Fashion-MNIST images loaded from a CSV that gives each a `shade` (dark or light: its mean
     pixel below or above the median) and `n` (0-59); yields (base URL, {file name: (category, shade, n)}, photos
     folder)."""
     from statistics import median
 
+    cli_env, tmp_path = new_cli_env(), tmp_path_factory.mktemp("server_with_metadata")
     data_dir = REAL_FASHION_MNIST if (REAL_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists() else tmp_path / "fm"
     if data_dir != REAL_FASHION_MNIST:
         write_fashion_mnist(data_dir, n_per_class=6)
@@ -326,8 +339,8 @@ def test_duplicate_review_is_kept(cli_env, page, tmp_path, output_dir):
         assert page.locator("#duplicate-groups .group").count() == 0
 
 
-def test_history_lists_searches_runs_one_again_and_charts_them(server, page, tmp_path, output_dir):
-    base, data_dir = server
+def test_history_lists_searches_runs_one_again_and_charts_them(own_server, page, tmp_path, output_dir):
+    base, data_dir, _ = own_server
     query, _ = _query_png(data_dir, tmp_path)
     page.goto(base + "/app/")
     page.wait_for_selector("#status:has-text('60 images indexed')")
@@ -349,7 +362,7 @@ def test_history_lists_searches_runs_one_again_and_charts_them(server, page, tmp
     assert [b.get_attribute("data-image-id") for b in page.locator("#results li button.card").all()] == first
 
 
-def test_collection_switcher_searches_the_chosen_collection(server, page, cli_env, tmp_path, output_dir):
+def test_collection_switcher_searches_the_chosen_collection(server, page, tmp_path, output_dir):
     """A second collection, made and filled through the API while the server runs: the switcher shows it, and the
     page's status, categories, searches and images are then that collection's; switching back restores the first."""
     import io
@@ -357,7 +370,7 @@ def test_collection_switcher_searches_the_chosen_collection(server, page, cli_en
     import httpx
     from skimage import data as photos
 
-    base, data_dir = server
+    base, data_dir, cli_env = server
     made = httpx.post(base + "/collections", json={"name": "photos", "model": "efficientnet_lite0",
                                                    "description": "scikit-image's photos"})
     assert made.status_code == 201, made.text
