@@ -10,7 +10,8 @@
 #   ./setup.sh demo               install, populate, index and serve: CIFAR-10 + ResNet50 online,
 #                                 Fashion-MNIST + efficientnet_lite0 offline
 #   ./setup.sh status             what the database holds
-#   ./setup.sh test [ARGS]        install if needed, then run the whole test suite (pytest ARGS)
+#   ./setup.sh test [ARGS]        install if needed, then run the whole test suite (pytest ARGS; in
+#                                 TEST_WORKERS processes, default 1)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -112,6 +113,10 @@ cmd_demo() {
 cmd_test() {
   cmd_install
   say "running the test suite"
+  # TEST_WORKERS=N shares the tests among N processes (pytest-xdist; groups keep a module's shared fixtures in one
+  # of them). One by default: on two cores it saved little, and a worker that dies takes its group's tests along.
+  local workers="${TEST_WORKERS:-1}"
+  if [ "$workers" -gt 1 ]; then set -- -n "$workers" --dist loadgroup "$@"; fi
   "$PY" -m pytest "$@"
 }
 
@@ -181,6 +186,6 @@ case "${1:-}" in
   evaluate) shift; cmd_evaluate "$@" ;;
   demo) cmd_demo ;;
   test) shift; cmd_test "$@" ;;
-  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p;}' "$0" ;;  # the comment block above
   *) echo "unknown command: $1 (try ./setup.sh help)" >&2; exit 2 ;;
 esac

@@ -143,9 +143,14 @@ def output_dir():
 
 
 def _cli_env(db_url: str, data_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_"))}
+    from tests.helpers import PINNED_ENGINE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "MODEL_", "EMBED_"))}
     env.update(DATABASE_URL=db_url, DATA_DIR=str(data_dir), MODEL_NAME="efficientnet_lite0",
                BATCH_SIZE="16", PYTHONUNBUFFERED="1", IMSRC_ENV_FILE=os.devnull)  # a developer's .env stays out
+    # One engine for every process a test starts: the vectors of a populate and a server agree exactly, and no
+    # process pays the engine measurement (~5 s), which tests/embedding and the demo test cover.
+    env.update(PINNED_ENGINE)
     return env
 
 
@@ -163,3 +168,5 @@ def new_cli_env(pg_server, tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    # pytest-xdist's own marker, also known when the suite runs without it (-p no:xdist)
+    config.addinivalue_line("markers", "xdist_group(name): tests that run in one worker under --dist loadgroup")

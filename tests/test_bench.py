@@ -39,7 +39,9 @@ def test_every_benchmark_has_a_smoke_run():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(TINY))
+# ingest.py starts a local Ray cluster: never beside tests/pipeline/test_ray_ingest.py's, which `ray stop`s its own
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.xdist_group("ray")) if s == "ingest.py" else s
+                                    for s in sorted(TINY)])
 def test_benchmark_runs_on_tiny_data(script, bench_env, tmp_path):
     if script == "examples.py":  # it measures a populated collection
         write_folder_dataset(tmp_path / "f", n_per_class=4)

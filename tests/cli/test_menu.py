@@ -123,8 +123,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_after_an_offline_demo_serve_uses_the_demos_model_and_finds_its_images(menu_env, tmp_path):
-    # No MODEL_NAME and the embedded server: exactly what a new user has after cloning.
-    env = {k: v for k, v in menu_env.items() if k not in ("MODEL_NAME", "DATABASE_URL")}
+    # Exactly what a new user has after cloning: no model, the embedded server, the engine measured at start.
+    env = {k: v for k, v in menu_env.items() if k not in ("MODEL_NAME", "DATABASE_URL", "EMBED_PRECISION",
+                                                          "EMBED_RUNTIME")}
     env.update(IMSRC_DEMO_OFFLINE="1", DEMO_IMAGES="30")
     base = f"http://127.0.0.1:{env['API_PORT']}"
     demo = _start(env, "demo", log=tmp_path / "demo.log")

@@ -13,6 +13,8 @@ from backend.embedding.vectors import l2_normalize
 from backend.errors import ModelUnavailable
 from tests.helpers import messy_image_bytes
 
+pytestmark = pytest.mark.xdist_group("embedders")  # its module-scoped fixtures are built once
+
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 

@@ -12,6 +12,8 @@ from backend.embedding.precision import calibration_images
 from backend.embedding.vectors import l2_normalize
 from tests.helpers import PixelEmbedder
 
+pytestmark = pytest.mark.xdist_group("runtimes")  # its module-scoped fixtures are built once
+
 
 @pytest.fixture(scope="module")
 def photos():

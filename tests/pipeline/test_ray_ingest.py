@@ -20,10 +20,10 @@ from backend.storage import collections
 from backend.storage import images as image_store
 from backend.storage.collections import CollectionSessions
 from backend.storage.engine import create_engine_checked
-from tests.helpers import PINNED_ENGINE, ROOT, free_port, write_fashion_mnist, write_folder_dataset
+from tests.helpers import ROOT, free_port, write_fashion_mnist, write_folder_dataset
 
 # Not imported here: Ray reads its authentication settings when first imported, after the fixture sets them.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray"), pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                                    reason="Ray is installed by requirements-dev.txt")]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -147,7 +147,6 @@ def _vectors_stored(url) -> int:
 
 def test_a_ray_run_killed_half_way_and_rerun_ends_with_the_rows_of_an_uninterrupted_run(
         ray_address, cli_env, other_db_url, tmp_path):
-    cli_env = {**cli_env, **PINNED_ENGINE}  # three processes embed: each must compute the same vectors
     write_fashion_mnist(tmp_path / "fm", n_per_class=24)  # 240 images, 30 batches of 8
     uninterrupted = _populate({**cli_env, "DATABASE_URL": other_db_url}, tmp_path / "fm")
     assert uninterrupted.wait(300) == 0, uninterrupted.stdout.read()

@@ -9,6 +9,8 @@ from backend.storage import images as image_store
 from backend.storage.filters import Condition, InvalidFilter, from_json, from_query
 from tests.helpers import PixelEmbedder
 
+pytestmark = pytest.mark.xdist_group("filters")  # its module-scoped fixtures are built once
+
 N_IMAGES, N_CATEGORIES, DIM = 3000, 6, PixelEmbedder.dim
 
 

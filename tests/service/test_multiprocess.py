@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from backend.pipeline.datasets import load_dataset, select_balanced
-from tests.helpers import PINNED_ENGINE, ROOT, png_bytes, running_server, write_fashion_mnist
+from tests.helpers import ROOT, png_bytes, running_server, write_fashion_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def fashion(tmp_path) -> Path:
 
 @pytest.fixture
 def env(cli_env):
-    return {**cli_env, **PINNED_ENGINE, "API_KEY": KEY}  # a stored image scores ~1.0 as its own query
+    return {**cli_env, "API_KEY": KEY}
 
 
 def _populate(env, data_dir, *args):
@@ -148,7 +148,10 @@ def test_two_workers_stay_consistent_under_concurrent_uploads_and_searches(env, 
     assert "Traceback" not in text, text[-3000:]
     writers = {line.split("is written by process ")[1].split(",")[0] for line in text.splitlines()
                if "is written by process" in line}
-    assert len(writers) == 1, text[-3000:]  # both changed their index; one wrote, the other named it and left it
+    # Both changed their index, and one at a time writes the snapshot: a worker that stops while the other holds it
+    # names that one and leaves it; one that stops after the other finished finds the snapshot written (which of
+    # the two depends only on the order they stop in). Never both at once, and `check` below passes on it.
+    assert len(writers) <= 1, text[-3000:]
     checked = subprocess.run([sys.executable, "-m", "backend", "check"], cwd=ROOT, env=embedded, capture_output=True,
                              text=True, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr  # the snapshot left behind is whole and current

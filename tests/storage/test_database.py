@@ -18,6 +18,8 @@ from backend.storage.engine import create_engine_checked
 from backend.storage.migrations import current_revision, downgrade, migrate
 from tests.helpers import schema_head
 
+pytestmark = pytest.mark.xdist_group("database")  # its module-scoped fixtures are built once
+
 TABLES = {"categories", "images", "embedding_models", "embeddings", "prototypes", "projection_heads"}
 ROOT = Path(__file__).resolve().parents[2]
 
