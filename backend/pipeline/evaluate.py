@@ -60,49 +60,81 @@ def configurations(prototype_limits, n_categories: int) -> list[Config]:
     return configs + [Config("P=all", True, None)]
 
 
-# One function: how relevance is judged (labels or categories) decides the held-out set, the ground truth and every
-# configuration's scoring below; split apart, that context would travel as a dozen arguments.
-def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True,
-             samples: int = 0, sample_config: str = "P=3") -> dict:
-    """Run every configuration over the queries; returns metrics (per category too), latencies and index size,
-    and with `samples`, that many queries (spread over the categories) with their hits under `sample_config`."""
-    index = search.index
-    read = [(q, q.read()) for q in queries]
-    digests = [sha256(data) for _, data in read]
+@dataclass
+class _Relevance:
+    """How hits are judged: by category, or by the dataset's label where the categories are automatic clusters."""
+
+    by_label: bool
+    sizes: Counter | dict  # relevant images stored per category (or label)
+    names: dict  # category id (or label) -> name
+    truth: dict  # id(query) -> its category id (or label)
+    judge: object  # SearchHits -> what each hit is, comparable with truth
+    has_labels: bool
+
+
+def _relevance(search, queries: list[Item], index) -> _Relevance:
     with search.sessions() as s:
         category_ids = dict(s.execute(sa.select(Category.name, Category.id).where(~Category.automatic)).all())
-        stored = set(s.scalars(sa.select(Image.sha256).where(Image.sha256.in_(digests))))
         # Automatic categories (clusters) are not labels: there, relevance is the dataset's label of each image.
         by_label = not any(c in category_ids.values() for c in index.categories)
         label_of = dict(s.execute(sa.select(Image.id, Image.label).where(Image.label.is_not(None)))
                         .all()) if by_label else {}
     if by_label:
         members = index.assignments()
-        sizes = Counter(label for i, label in label_of.items() if i in members)
-        names = {q.label: q.category for q in queries}
-        truth = {id(q): q.label for q in queries}
-        judge = lambda hits: [label_of.get(int(i)) for i in hits.ids]  # noqa: E731
-    else:
-        sizes = index.category_sizes()
-        names = {i: name for name, i in category_ids.items()}
-        truth = {id(q): category_ids.get(q.category) for q in queries}
-        judge = lambda hits: hits.categories  # noqa: E731
+        return _Relevance(True, Counter(label for i, label in label_of.items() if i in members),
+                          {q.label: q.category for q in queries}, {id(q): q.label for q in queries},
+                          lambda hits: [label_of.get(int(i)) for i in hits.ids], bool(label_of))
+    return _Relevance(False, index.category_sizes(), {i: name for name, i in category_ids.items()},
+                      {id(q): category_ids.get(q.category) for q in queries}, lambda hits: hits.categories, True)
+
+
+def _held_out(search, queries: list[Item], relevance: _Relevance) -> list[tuple[int, Item, bytes]]:
+    """(position, query, bytes) of the queries not stored in the collection whose category (or label) it has."""
+    read = [(q, q.read()) for q in queries]
+    digests = [sha256(data) for _, data in read]
+    with search.sessions() as s:
+        stored = set(s.scalars(sa.select(Image.sha256).where(Image.sha256.in_(digests))))
     held_out = [(n, q, data) for n, ((q, data), digest) in enumerate(zip(read, digests))
-                if digest not in stored and truth[id(q)] in sizes]
-    if not held_out and by_label and not label_of:
+                if digest not in stored and relevance.truth[id(q)] in relevance.sizes]
+    if not held_out and relevance.by_label and not relevance.has_labels:
         raise ImsrcError("the categories are automatic clusters and the stored images have no labels: there is "
                          "nothing to judge relevance by")
     if not held_out:
         raise ImsrcError("no usable queries: every query image is in the index, or its category is not")
+    return held_out
 
+
+def _summary(per_query: list[dict], labels: np.ndarray, names: dict, k: int, proto_ms, faiss_ms, agree) -> dict:
+    """One configuration's means over the queries (precision, MAP and recall also per category) and latencies."""
+    return {
+        f"precision@{k}": round(float(np.mean([m["precision"] for m in per_query])), 4),
+        f"map@{k}": round(float(np.mean([m["ap"] for m in per_query])), 4),
+        f"recall@{k}": round(float(np.mean([m["recall"] for m in per_query])), 5),
+        f"recall_vs_exhaustive@{k}": round(float(np.mean(agree)), 4),
+        "prototype_ms": _percentiles(proto_ms), "faiss_ms": _percentiles(faiss_ms),
+        f"precision@{k}_by_category": {names[c]: round(float(np.mean([m["precision"] for m, label in
+                                                                    zip(per_query, labels) if label == c])), 4)
+                                       for c in sorted(set(labels.tolist()))},
+    }
+
+
+# One function: its loop fills the per-configuration, per-query and sampled results together, in one pass over the
+# queries against the exhaustive baseline it keeps; the parts that stand alone are the helpers above.
+def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3, 5), progress: bool = True,
+             samples: int = 0, sample_config: str = "P=3") -> dict:
+    """Run every configuration over the queries; returns metrics (per category too), latencies and index size,
+    and with `samples`, that many queries (spread over the categories) with their hits under `sample_config`."""
+    index = search.index
+    relevance = _relevance(search, queries, index)
+    held_out = _held_out(search, queries, relevance)
     embed_ms, vectors = [], []
     for _, _, data in tqdm(held_out, desc="embedding queries", unit="img", disable=not progress):
         started = time.perf_counter()
         vectors.append(search.embed_query(decode(data).image))
         embed_ms.append((time.perf_counter() - started) * 1000)
     vectors, bases = (np.stack(column) for column in zip(*vectors))
-    labels = np.array([truth[id(q)] for _, q, _ in held_out])
-    shown = _spread(labels, samples)
+    labels = np.array([relevance.truth[id(q)] for _, q, _ in held_out])
+    names, sizes, shown = relevance.names, relevance.sizes, _spread(labels, samples)
     threshold = search.no_match_threshold()
     flagged = [not found.close_match for vector, base in zip(vectors, bases)
                if (found := search.confidence_of(vector, base)) is not None]
@@ -116,7 +148,7 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         for qi in range(len(held_out)):
             hits = index.search(vectors[qi:qi + 1], k, top_categories=config.top_categories,
                                 use_prototypes=config.use_prototypes)[0]
-            judged = judge(hits)
+            judged = relevance.judge(hits)
             if config.name == sample_config and qi in shown:
                 sampled.append({"query": held_out[qi][0], "category": names[labels[qi]], "config": config.name,
                                 "hits": [{"image_id": int(i), "score": round(float(sc), 4),
@@ -134,19 +166,10 @@ def evaluate(search, queries: list[Item], k: int = 10, prototype_limits=(1, 2, 3
         ceiling = {f"best_possible_recall_vs_exhaustive@{k}": round(float(np.mean(
             [sum(spread[:config.top_categories]) / max(sum(spread), 1) for spread in exhaustive_spread])), 4)} \
             if config.top_categories is not None else {}
-        results[config.name] = {**ceiling,
-            f"precision@{k}": round(float(np.mean([m["precision"] for m in per_query])), 4),
-            f"map@{k}": round(float(np.mean([m["ap"] for m in per_query])), 4),
-            f"recall@{k}": round(float(np.mean([m["recall"] for m in per_query])), 5),
-            f"recall_vs_exhaustive@{k}": round(float(np.mean(agree)), 4),
-            "prototype_ms": _percentiles(proto_ms), "faiss_ms": _percentiles(faiss_ms),
-            f"precision@{k}_by_category": {names[c]: round(float(np.mean([m["precision"] for m, label in
-                                                                        zip(per_query, labels) if label == c])), 4)
-                                           for c in sorted(set(labels.tolist()))},
-        }
+        results[config.name] = {**ceiling, **_summary(per_query, labels, names, k, proto_ms, faiss_ms, agree)}
     return {
         "model": search.embedder.name, "index_type": index.index_type, "k": k,
-        "relevance": "label (the categories are automatic clusters)" if by_label else "category",
+        "relevance": "label (the categories are automatic clusters)" if relevance.by_label else "category",
         "indexed_images": len(index), "categories": len(index.categories),
         "queries": len(held_out), "skipped_queries": len(queries) - len(held_out),
         "index_memory_mb": round(index.nbytes() / 2**20, 2),

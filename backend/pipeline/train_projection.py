@@ -74,6 +74,23 @@ def split_holdout(labels: np.ndarray, share: float, rng: np.random.Generator) ->
 
 # One function: the training loop, early stopping and the held-out measure share the module, its proxies and the
 # best weights so far; the closures inside keep that state in one place.
+def _train_epoch(module: nn.Module, proxies: nn.Parameter, optimiser, x: torch.Tensor, t: torch.Tensor) -> float:
+    """One pass over the vectors in shuffled batches (normalised-softmax loss against the class proxies); the
+    mean loss."""
+    module.train()
+    order, total = torch.randperm(len(x)), 0.0
+    for start in range(0, len(x), BATCH):
+        rows = order[start:start + BATCH]
+        z = nn.functional.normalize(module(x[rows]), dim=1)
+        logits = SCALE * z @ nn.functional.normalize(proxies, dim=1).T
+        loss = nn.functional.cross_entropy(logits, t[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(rows)
+    return total / len(x)
+
+
 def train_head(vectors: np.ndarray, labels: np.ndarray, dim: int = 256, kind: str = "mlp", epochs: int = 30,
                holdout: float = 0.1, seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Train a head on unit vectors (n, d) with integer labels; returns (weights for projection.Head, report)."""
@@ -109,18 +126,7 @@ def train_head(vectors: np.ndarray, labels: np.ndarray, dim: int = 256, kind: st
     best, best_epoch, best_state, losses = -1.0, 0, None, []
     with tqdm(range(1, epochs + 1), desc="training projection", unit="epoch", disable=not progress) as bar:
         for epoch in bar:
-            module.train()
-            order, total = torch.randperm(len(x)), 0.0
-            for start in range(0, len(x), BATCH):
-                rows = order[start:start + BATCH]
-                z = nn.functional.normalize(module(x[rows]), dim=1)
-                logits = SCALE * z @ nn.functional.normalize(proxies, dim=1).T
-                loss = nn.functional.cross_entropy(logits, t[rows])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(rows)
-            losses.append(round(total / len(x), 4))
+            losses.append(round(_train_epoch(module, proxies, optimiser, x, t), 4))
             score = held_out_precision(through(_weights(kind, module)))
             bar.set_postfix(loss=losses[-1], p10=score)
             if score is None or score > best:
