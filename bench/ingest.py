@@ -13,6 +13,7 @@ the same precision and engine. Ray gets a local cluster of all this machine's co
 Prints a table, the ratio Ray/single, and a per-core rate to estimate clusters with; --json writes it all.
 """
 import argparse
+import math
 import sys
 import threading
 import time
@@ -59,8 +60,8 @@ class StoredCounter:
         4-per-second samples to see both (a tiny smoke run, stored in one or two batches)."""
         low = next((s for s in self.samples if s[1] >= 0.1 * total), None)
         high = [s for s in self.samples if s[1] <= 0.9 * total]
-        if low is None or not high or high[-1][0] <= low[0]:
-            return float("nan")
+        if low is None or not high or high[-1][0] <= low[0] or high[-1][1] <= low[1]:
+            return float("nan")  # too few images to see a steady rate
         return (high[-1][1] - low[1]) / (high[-1][0] - low[0])
 
 
@@ -79,7 +80,7 @@ def run_engine(name: str, items, embedder, batch_size: int) -> dict:
     assert report.added == len(items), report.summary()
     sessions.kw["bind"].dispose()
     return {"engine": name, "images": len(items), "wall_s": round(wall, 2),
-            "wall_images_per_s": round(len(items) / wall, 1), "steady_images_per_s": round(counter.steady_rate(len(items)), 1)}
+            "wall_images_per_s": round(len(items) / wall, 1), "steady_images_per_s": _measured(counter.steady_rate(len(items)))}
 
 
 def write_ceiling(items, dim: int, batch_size: int) -> dict:
@@ -108,6 +109,19 @@ def write_ceiling(items, dim: int, batch_size: int) -> dict:
             "wall_images_per_s": round(report.added / seconds, 1), "steady_images_per_s": None}
 
 
+def _measured(rate: float) -> float | None:
+    return round(rate, 1) if math.isfinite(rate) else None  # nan: too few images to see a steady rate
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None where either was not measured."""
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _times(ratio: float | None) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "(not measured)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000)
@@ -127,8 +141,7 @@ def main() -> None:
             write_ceiling(items, embedder.dim, args.batch_size)]
     ray.shutdown()
     single, on_ray = rows[0], rows[1]
-    ratios = {"wall": round(on_ray["wall_images_per_s"] / single["wall_images_per_s"], 2),
-              "steady": round(on_ray["steady_images_per_s"] / single["steady_images_per_s"], 2)}
+    ratios = {kind: _ratio(on_ray[f"{kind}_images_per_s"], single[f"{kind}_images_per_s"]) for kind in ("wall", "steady")}
     info = machine()
     print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['cores']} cores; {args.model} "
           f"{embedder.precision}/{embedder.runtime_in_use}, batch {args.batch_size}, {len(items)} Fashion-MNIST images")
@@ -136,8 +149,8 @@ def main() -> None:
     for r in rows:
         steady = f"{r['steady_images_per_s']:.1f}" if r["steady_images_per_s"] is not None else "-"
         print(f"{r['engine']:<18}{r['wall_s']:>9.1f}{r['wall_images_per_s']:>17.1f}{steady:>19}")
-    per_core = single["steady_images_per_s"] / info["cores"]
-    print(f"Ray / single: {ratios['wall']:.2f}x wall, {ratios['steady']:.2f}x steady; "
+    per_core = (single["steady_images_per_s"] or single["wall_images_per_s"]) / info["cores"]
+    print(f"Ray / single: {_times(ratios['wall'])} wall, {_times(ratios['steady'])} steady; "
           f"{per_core:.1f} images/s per core embedding here; one writer stores up to {rows[2]['wall_images_per_s']:.0f}/s")
     write_json(args.json,
                {"machine": info, "model": args.model, "precision": embedder.precision,
