@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import tempfile
+import unicodedata
 import zipfile
 from typing import BinaryIO
 
@@ -15,7 +16,8 @@ MAX_ROWS = 1000  # results one export holds: as deep as a search can page
 ZIP_MAX_IMAGES = 200
 ZIP_MAX_BYTES = 64 * 1024 * 1024  # image bytes one ZIP holds; results past it are listed in the manifest only
 SPOOL_BYTES = 8 * 1024 * 1024  # a ZIP this large moves from memory to a temporary file
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_STARTS = ("=", "+", "-", "@")
+_SKIPPED = {"Zs", "Cc", "Cf", "Zl", "Zp"}  # spaces, control and format (zero-width) characters
 COLUMNS = ("rank", "image_id", "score", "category", "category_id", "file_name", "image_url", "metadata")
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
@@ -26,16 +28,24 @@ def rows(results: list[dict]) -> list[dict]:
 
 
 def to_csv(results: list[dict]) -> bytes:
-    """One row per result; metadata as a JSON object in its column. Text a spreadsheet would run as a formula
-    (starting with =, +, -, @, tab or carriage return) is written with a leading apostrophe."""
+    """One row per result, every field quoted (a `;` in a value splits no cell where `;` is the separator);
+    metadata as a JSON object in its column; a cell a spreadsheet would run as a formula gets a leading apostrophe."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS)
+    writer = csv.DictWriter(out, COLUMNS, quoting=csv.QUOTE_ALL)
     writer.writeheader()
     for row in rows(results):
         row["metadata"] = json.dumps(row["metadata"] or {}, ensure_ascii=False)
-        writer.writerow({k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
-                         for k, v in row.items()})
+        writer.writerow({k: "'" + v if isinstance(v, str) and runs_as_formula(v) else v for k, v in row.items()})
     return out.getvalue().encode()
+
+
+def runs_as_formula(text: str) -> bool:
+    """Whether a spreadsheet could read text as a formula: it starts with a tab or CR, or its first visible
+    character (past spaces, zero-width and control characters, which spreadsheets skip) is =, +, - or @."""
+    if text.startswith(("\t", "\r")):
+        return True
+    visible = next((c for c in text if unicodedata.category(c) not in _SKIPPED), "")
+    return visible in FORMULA_STARTS
 
 
 def to_json(results: list[dict], query: dict) -> bytes:
