@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backend.search.category_index import CategoryIndex
 from backend.search.snapshot import SnapshotError, read_snapshot, snapshot_path
-from backend.storage.fingerprints import consistent_reads, count_differences
+from backend.storage.fingerprints import consistent_reads, count_differences, fingerprint
 from backend.storage.members import fetch_members
 from backend.storage.tables import Category, Embedding, EmbeddingModel, Image, Prototype
 
@@ -72,17 +72,26 @@ def check(sessions: sessionmaker, model_name: str, index: CategoryIndex | None, 
 
 def check_snapshot(sessions: sessionmaker, model_name: str, dim: int, index_type: str, snapshot_dir: Path) -> Report:
     """check() against the model's snapshot file as it is on disk: read and verified, never repaired or moved
-    (start-up does that); with no snapshot, PostgreSQL on its own."""
+    (start-up does that). With no snapshot, or one merely older than the database (a server that stopped before
+    writing it: the next start rebuilds it), PostgreSQL on its own and a note: only a damaged file or a snapshot
+    that disagrees with the database it says it matches is a problem."""
     path = snapshot_path(snapshot_dir, model_name, index_type)
     if not path.exists():
         report = check(sessions, model_name, None)
         report.notes.append(f"no snapshot at {path} (the server writes one at start-up): PostgreSQL checked on its own")
         return report
     try:
-        index, _ = read_snapshot(path, model_name, index_type, dim)
+        index, meta = read_snapshot(path, model_name, index_type, dim)
     except SnapshotError as exc:
         report = check(sessions, model_name, None)
         report.findings.insert(0, f"the snapshot {path} is {exc}")
+        return report
+    with consistent_reads(sessions) as s:
+        current = fingerprint(s, model_name)
+    if meta.get("fingerprint") != current:
+        report = check(sessions, model_name, None)
+        report.notes.append(f"the snapshot {path} is older than the database (written before its last changes): "
+                            "the next start rebuilds it; PostgreSQL checked on its own")
         return report
     report = check(sessions, model_name, index, "snapshot")
     report.notes.append(f"snapshot {path}")

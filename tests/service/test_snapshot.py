@@ -192,3 +192,19 @@ def test_a_refresh_after_another_process_wrote_is_snapshotted_at_shutdown(built,
     server.close()
     assert check_snapshot(sessions, MODEL, DIM, "flatip", tmp_path / "snap").ok
     assert _open(sessions, tmp_path / "snap").index_source == "snapshot"
+
+
+def test_check_calls_a_snapshot_older_than_the_database_stale_and_a_disagreeing_one_wrong(built, sessions, tmp_path):
+    from backend.pipeline.consistency import check_snapshot
+
+    folder = tmp_path / "snap"
+    _open(sessions, tmp_path / "other").add_image(png_bytes(PILImage.new("RGB", (32, 32), (3, 140, 70))), "teal")
+    stale = check_snapshot(sessions, MODEL, DIM, "flatip", folder)  # as after a server that crashed
+    assert stale.ok and stale.index is None and stale.images == 25, stale.findings
+    assert any("older than the database" in note and "the next start rebuilds it" in note for note in stale.notes)
+    _open(sessions, folder).save_snapshot()  # current again
+    with sessions.begin() as s:  # a vector changed under the snapshot, its images and categories unchanged
+        s.execute(sa.update(Embedding).where(Embedding.image_id == 1).values(vector=np.full(DIM, 0.25, np.float32)))
+    wrong = check_snapshot(sessions, MODEL, DIM, "flatip", folder)
+    assert not wrong.ok and wrong.index == "snapshot"
+    assert any("vector in the index differs from PostgreSQL's: 1 (ids 1)" in f for f in wrong.findings), wrong.findings
