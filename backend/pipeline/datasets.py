@@ -15,6 +15,7 @@ import numpy as np
 from backend.embedding.decode import encode_png
 from backend.errors import DatasetUnavailable
 from backend.network import unreachable
+from backend.storage.filters import key_problem, parse_number
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ def load_csv(csv_path: Path, image_dir: Path | None = None) -> list[Item]:
             raise DatasetUnavailable(f"{csv_path} needs a file column ({'/'.join(FILE_COLUMNS)}) and a category "
                                      f"column ({'/'.join(CATEGORY_COLUMNS)}); it has {', '.join(columns) or 'none'}")
         extra = [c for c in reader.fieldnames or [] if c not in (file_col, cat_col) and c and c.strip()]
+        problem = next((p for p in (key_problem(c.strip()) for c in extra) if p is not None), None)
+        if problem is not None:
+            raise DatasetUnavailable(f"{csv_path}: its columns become metadata keys, and {problem}")
         rows = [(r[file_col].strip(), r[cat_col].strip(), {c.strip(): _csv_value(r[c]) for c in extra
                                                            if (r.get(c) or "").strip()})
                 for r in reader if (r.get(file_col) or "").strip()]
@@ -226,8 +230,6 @@ def load_csv(csv_path: Path, image_dir: Path | None = None) -> list[Item]:
 def _csv_value(text: str) -> int | float | str:
     """A CSV cell as metadata: a number when it reads as one in plain decimal (so that ranges filter it), else the
     text (backend.storage.filters.parse_number: `007` and `1E3` stay text)."""
-    from backend.storage.filters import parse_number
-
     text = text.strip()
     number = parse_number(text)
     return number if number is not None else text

@@ -11,6 +11,7 @@ number (or boolean), so `year:2001` finds both 2001 and "2001".
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +57,17 @@ class Condition:
     value: object
 
 
+def key_problem(key) -> str | None:
+    """Why `key` cannot be a metadata key (the one rule for uploads, CSV columns and filters), or None."""
+    if isinstance(key, str) and key and len(key) <= MAX_KEY_LENGTH and not any(
+            unicodedata.category(ch) == "Cc" for ch in key):
+        return None
+    return f"a metadata key must be 1 to {MAX_KEY_LENGTH} characters without control characters, not {key!r:.120}"
+
+
 def _check_key(key) -> str:
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or any(ord(ch) < 32 for ch in key):
-        raise InvalidFilter(f"a metadata key must be 1 to {MAX_KEY_LENGTH} printable characters, not {key!r:.120}")
+    if (problem := key_problem(key)) is not None:
+        raise InvalidFilter(problem)
     return key
 
 

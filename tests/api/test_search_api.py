@@ -11,6 +11,8 @@ from PIL import Image
 
 from backend.api.app import create_app
 from backend.config import settings
+from backend.errors import DatasetUnavailable
+from backend.pipeline.datasets import load_dataset
 from backend.service import export, metadata_keys
 from backend.service.image_search import ImageSearch
 from tests.helpers import PixelEmbedder, png_bytes
@@ -76,6 +78,20 @@ def test_filters_in_query_string_form_and_json(client):
     for bad in ("not json", "[1]", json.dumps({"a": {"like": 1}})):
         response = client.post("/search", files=blue, data={"filters": bad})
         assert response.status_code == 422 and "filter" in response.json()["detail"], bad
+
+
+@pytest.mark.parametrize("key", ["", "k" * 101, "a\x00", "a\x1fb", "a\x7f", "a\x85b"])
+def test_one_rule_for_metadata_keys_in_uploads_filters_and_csv_columns(client, key, tmp_path):
+    upload = client.post("/upload", data={"category": "red", "metadata": json.dumps({key: 1})},
+                         files={"file": ("k.png", _png((4, 5, 6)), "image/png")})
+    as_json = client.post("/search/examples", json={"positive_ids": [1], "filter": {key: 1}})
+    as_query = client.get("/images/1/similar", params={"filter": f"{key}:1"})
+    for refused in (upload, as_json, as_query):
+        assert refused.status_code == 422 and "metadata" in refused.json()["detail"], (key, refused.text)
+    (tmp_path / "k.csv").write_text(f"file,category,{key}\na.png,red,1\n", encoding="utf-8")
+    if key.strip():  # a blank column is no metadata at all
+        with pytest.raises(DatasetUnavailable, match="metadata key"):
+            load_dataset("csv", data_dir=tmp_path / "k.csv")
 
 
 def test_metadata_keys_and_bad_upload_metadata(client, monkeypatch):

@@ -4,11 +4,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import (CONTROL_CHARACTERS, MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep,
+from backend.api.deps import (MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep,
                               clean_file_name, in_collection, read_upload, require_write_access)
 from backend.api.routes.search import ERRORS
 from backend.api.schemas import CATEGORY_PATTERN, CategoryOut, ImageInfo, ImagePage, MetadataKey, Problem, UploadOut
-from backend.storage.filters import MAX_KEY_LENGTH, load_json
+from backend.storage.filters import key_problem, load_json
 
 router = APIRouter(tags=["images"])
 MAX_METADATA = 10_000  # characters of an upload's metadata JSON
@@ -70,9 +70,9 @@ def _metadata(text: str | None) -> dict | None:
     value = load_json(text, "metadata")
     if not isinstance(value, dict):
         raise HTTPException(422, "metadata: give a JSON object of keys and values, such as {\"colour\": \"red\"}")
-    bad = next((k for k in value if not k or len(k) > MAX_KEY_LENGTH or CONTROL_CHARACTERS.search(k)), None)
-    if bad is not None:
-        raise HTTPException(422, f"metadata: keys are 1 to {MAX_KEY_LENGTH} printable characters (not {bad!r:.60})")
+    problem = next((p for p in map(key_problem, value) if p is not None), None)
+    if problem is not None:
+        raise HTTPException(422, f"metadata: {problem}")
     return value
 
 
