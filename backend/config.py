@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     open_writes: bool = False
     allowed_origins: str = ""
     max_upload_size: int = Field(10 * 1024 * 1024, ge=1)
+    body_timeout: float = Field(30.0, gt=0)  # seconds a request's whole body may take to arrive (then 408)
+    bodies_in_flight: int = Field(64, ge=1, le=10_000)  # request bodies arriving at once (more: 503)
     embed_workers: int = Field(1, ge=1, le=64)
     queue_size: int = Field(32, ge=0, le=1024)
     query_batch: int = Field(16, ge=1, le=256)

@@ -51,9 +51,20 @@ def body_too_large() -> HTTPException:
     return HTTPException(413, f"file too large: the limit is {settings.max_upload_size:,} bytes (MAX_UPLOAD_SIZE)")
 
 
+def body_too_slow() -> HTTPException:
+    """The 408 for a request body that did not arrive within BODY_TIMEOUT seconds; the connection is closed."""
+    return HTTPException(408, f"the request body did not arrive within {settings.body_timeout:g} s (BODY_TIMEOUT)",
+                         headers={"Connection": "close"})
+
+
+def _has_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+
+
 class RequestGuard:
     """ASGI middleware: refuses writes (see write_refusal) and oversized bodies before the body is read, counts
-    the bytes of bodies without a Content-Length, answers OPTIONS with every method a path has, and marks every
+    the bytes of bodies without a Content-Length, gives a body BODY_TIMEOUT seconds to arrive (408) and lets at
+    most BODIES_IN_FLIGHT arrive at once (503), answers OPTIONS with every method a path has, and marks every
     response nosniff. Write routes are those that depend on `write_dependency`."""
 
     def __init__(self, app, routes: list, write_dependency):
@@ -62,6 +73,7 @@ class RequestGuard:
         # Decided once here, not on every request: which (methods, path pattern) pairs are writes.
         self.writes = [(r.methods, r.path_regex) for r in self.routes
                        if any(d.call is write_dependency for d in r.dependant.dependencies)]
+        self.bodies_arriving = 0  # requests whose body has begun and not ended: slow ones hold a place each
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -74,14 +86,28 @@ class RequestGuard:
             methods = self._methods(scope["path"])
             if methods:
                 return await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
-        limit, received = settings.max_upload_size + MULTIPART_SLACK, 0
+        if _has_body(headers) and self.bodies_arriving >= settings.bodies_in_flight:
+            return await JSONResponse({"detail": f"busy: {settings.bodies_in_flight} request bodies are arriving "
+                                                 "(BODIES_IN_FLIGHT); try again shortly"}, 503,
+                                      headers={"Retry-After": RETRY_AFTER_BUSY})(scope, receive, send)
+        limit, received, arriving = settings.max_upload_size + MULTIPART_SLACK, 0, _has_body(headers)
+        deadline = asyncio.get_running_loop().time() + settings.body_timeout
+        self.bodies_arriving += arriving
 
         async def counted_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, arriving
+            if not arriving:  # the body is in (or there was none): what is left to receive is a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise body_too_slow() from None  # FastAPI renders it while it reads the body, as the 413
             received += len(message.get("body", b""))
             if received > limit:
                 raise body_too_large()  # FastAPI renders it while it parses the form
+            if not message.get("more_body", False):
+                arriving = False
+                self.bodies_arriving -= 1
             return message
 
         async def nosniff_send(message):
@@ -89,7 +115,11 @@ class RequestGuard:
                 message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
             await send(message)
 
-        await self.app(scope, counted_receive, nosniff_send)
+        try:
+            await self.app(scope, counted_receive, nosniff_send)
+        finally:
+            if arriving:  # answered before the whole body came (a refusal, a timeout, a client gone)
+                self.bodies_arriving -= 1
 
     def _refusal(self, scope, headers: Headers) -> tuple[int, str] | None:
         length = headers.get("content-length")

@@ -223,6 +223,38 @@ def test_a_streamed_body_without_length_is_cut_off_at_the_limit(live):
     assert response.status_code == 413 and "1,000,000 bytes" in response.json()["detail"]
 
 
+def _read_until_closed(conn: socket.socket) -> str:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data.decode("latin-1")
+
+
+@pytest.mark.slow
+def test_slow_bodies_get_a_408_at_their_deadline_and_only_so_many_arrive_at_once(live, monkeypatch):
+    monkeypatch.setattr(settings, "body_timeout", 1.5)
+    monkeypatch.setattr(settings, "bodies_in_flight", 3)
+    head = ("POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+            "Content-Length: 500000\r\n\r\n--B\r\n").encode()
+    slow = [socket.create_connection(("127.0.0.1", live), timeout=20) for _ in range(3)]
+    started = time.monotonic()
+    for conn in slow:
+        conn.sendall(head)  # a first bit of the body, then a trickle that never ends in time
+    time.sleep(0.3)  # the three have begun their bodies (the server answers none of them yet)
+    response, seconds = _refused_before_the_body(live, head.decode()[:-5])
+    assert response.startswith("HTTP/1.1 503") and "BODIES_IN_FLIGHT" in response and seconds < 1
+    assert "retry-after: 1" in response.lower()
+    for conn in slow:
+        conn.sendall(b"x" * 10)
+        answer = _read_until_closed(conn)  # the server closes the connection after its answer
+        assert answer.startswith("HTTP/1.1 408") and "BODY_TIMEOUT" in answer, answer
+        assert "connection: close" in answer.lower()
+        conn.close()
+    assert 1.5 <= time.monotonic() - started < 10
+    after = httpx.post(f"http://127.0.0.1:{live}/search", files=_file(), timeout=10)  # their places are free again
+    assert after.status_code == 200, after.text
+
+
 class SlowPixels(PixelEmbedder):
     """Runs the model after a pause, so that requests pile up."""
 
