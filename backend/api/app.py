@@ -16,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.api import telemetry
 from backend.api.deps import RETRY_AFTER_STARTING, require_write_access
+from backend.api.docs_pages import add_docs_pages
 from backend.api.guard import ImageJobs, RequestGuard
 from backend.api.routes import collections, duplicates, history, images, search, system
 from backend.config import PROJECT_ROOT, settings, writes_mode
-from backend.errors import ImsrcError, http_status
+from backend.errors import DatabaseError, ImsrcError, http_status
 from backend.service.image_search import ImageSearch
 from backend.service.served import ServedCollections, open_collection
 from backend.storage.sessions import close as close_database
@@ -103,11 +104,14 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
                   description="Image similarity search backed by PostgreSQL: two-stage search (category "
                               "prototypes, then FAISS within the top categories). Writes (upload, delete, admin) "
                               "need the `X-API-Key` header when the server has API_KEY set, and are refused "
-                              "when it has none unless OPEN_WRITES is on.", lifespan=_lifespan(open_search, open_collection))
+                              "when it has none unless OPEN_WRITES is on.", lifespan=_lifespan(open_search, open_collection),
+                  docs_url=None, redoc_url=None)  # add_docs_pages serves them without a CDN
     app.state.image_jobs = ImageJobs(settings.embed_workers, settings.queue_size)
 
     @app.exception_handler(ImsrcError)
     async def imsrc_error(request: Request, exc: ImsrcError):
+        if isinstance(exc, DatabaseError):
+            return await database_unreachable(request, exc)
         status = http_status(exc)
         headers = {"Retry-After": RETRY_AFTER_STARTING} if status == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
@@ -116,7 +120,8 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
     @app.exception_handler(sa.exc.InterfaceError)
     @app.exception_handler(sa.exc.TimeoutError)
     async def database_unreachable(request: Request, exc: Exception):
-        # Connection-level failures only: anything else is a bug and stays a 500.
+        # Connection-level failures only: anything else is a bug and stays a 500. What failed, and where the
+        # database is (its URL, host or socket path), goes to the log, never to a client.
         log.warning("database unreachable: %s", str(exc).splitlines()[0])
         return JSONResponse({"detail": "the database cannot be reached; try again shortly"}, status_code=503,
                             headers={"Retry-After": RETRY_AFTER_STARTING})
@@ -129,6 +134,7 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
     routers = (system.router, collections.router, search.router, images.router, duplicates.router, history.router)
     for router in routers:
         app.include_router(router)
+    add_docs_pages(app)
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="app")
     # The routers' own routes: FastAPI wraps included routers, so the app's route list does not show them.
     app.add_middleware(RequestGuard, routes=[r for router in routers for r in router.routes],

@@ -5,6 +5,8 @@ import os
 import signal
 import sys
 
+import sqlalchemy as sa
+
 from backend.cli import collections, index, ops, pipeline
 from backend.cli.arguments import collection_name
 from backend.errors import ImsrcError
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ImsrcError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+        # The database went away or is out of connections after the command connected: one line, no traceback.
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        print(f"error: lost PostgreSQL during the command ({reason[:300]}); run it again once the database answers",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: batches already stored are kept; run the same command again to resume", file=sys.stderr)

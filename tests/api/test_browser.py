@@ -16,7 +16,7 @@ from tests.helpers import ROOT, running_server, write_fashion_mnist
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser"), pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                                    "(./setup.sh install installs it)")]
 
 
@@ -124,6 +124,27 @@ def test_drop_search_click_result_and_errors(server, page, tmp_path, output_dir)
     page.click("#prototypes-button")
     page.wait_for_selector("#summary:has-text('Closest categories')")
     assert page.locator("#chosen-categories li").count() == 3
+
+
+def test_docs_and_redoc_list_the_operations_with_no_network(server, page):
+    base = server[0]
+    outside = []
+
+    def only_imsrc(route):  # as on a machine without internet: anything not from imsrc itself fails
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    page.route("**/*", only_imsrc)
+    page.goto(base + "/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/search']", timeout=30_000)
+    assert page.locator(".opblock").count() > 20 and outside == []
+    page.goto(base + "/redoc")
+    page.wait_for_selector("text=Find the stored images most similar to the uploaded one", timeout=30_000)
+    assert page.locator("[data-section-id^='tag/']").count() >= 5
+    assert all(url.endswith("/logo-mini.svg") for url in outside), outside  # only ReDoc's "by Redocly" badge
 
 
 def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):

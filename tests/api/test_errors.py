@@ -6,7 +6,7 @@ from backend.api.app import create_app
 from backend.errors import (Conflict, DatabaseError, ImsrcError, InvalidImage, InvalidQuery, NotFound, ShuttingDown,
                             UnsupportedFormat, http_status)
 from backend.pipeline.reembed import ModelNotReady
-from backend.storage.collections import CollectionExists
+from backend.storage.collections import CollectionExists, create_collection
 from tests.helpers import folder_opener
 
 
@@ -28,3 +28,19 @@ def test_a_server_shutting_down_answers_503_with_retry_after(sessions, tmp_path)
         assert answer.status_code == 503 and answer.headers["Retry-After"]
         assert "shutting down" in answer.json()["detail"]
         app.state.collections = None  # closed already: the lifespan's own close has nothing left to do
+
+
+def test_a_database_error_answers_503_without_saying_where_the_database_is(sessions, tmp_path, caplog):
+    where = "postgresql://imsrc:***@/imsrc?host=/tmp/pg-sock-7"
+    socket = 'connection to server on socket "/tmp/pg-sock-7/.s.PGSQL.5432" failed: FATAL: sorry, too many clients'
+
+    def unreachable(name, collection_sessions):
+        raise DatabaseError(f"cannot connect to PostgreSQL at {where}: {socket}")
+
+    app = create_app(folder_opener(sessions, tmp_path, n_per_class=1), open_collection=unreachable)
+    create_collection(sessions.kw["bind"], "another")
+    with TestClient(app) as client:
+        answer = client.get("/categories", params={"collection": "another"})
+    assert answer.status_code == 503 and answer.headers["Retry-After"]
+    assert answer.json() == {"detail": "the database cannot be reached; try again shortly"}
+    assert socket in caplog.text  # the operator's log says what happened

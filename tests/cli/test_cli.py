@@ -33,6 +33,22 @@ def test_populate_then_status_then_rerun(cli_env, tmp_path):
     assert seed.returncode == 0 and "rebuilt 10 prototypes of 10 categories and the flatip index of 30 efficientnet_lite0 vectors" in seed.stdout
 
 
+def test_a_database_lost_during_a_command_is_one_error_line(monkeypatch, capsys):
+    import sqlalchemy as sa
+
+    from backend import cli
+
+    def lost(args):  # what psycopg2 raises when the server goes away mid-query
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection\nunexpectedly"))
+
+    monkeypatch.setattr(cli.ops, "cmd_status", lost)
+    monkeypatch.setattr(cli.signal, "signal", lambda *handler: None)  # this process keeps its own SIGTERM handler
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lost PostgreSQL during the command (server closed the connection unexpectedly)")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["populate", "--dataset", "folder"], "needs --data-dir"),
     (["populate", "--dataset", "folder", "--data-dir", "/nonexistent"], "is not a folder"),
