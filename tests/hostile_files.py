@@ -38,6 +38,14 @@ def _png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
+def _png_chunk_flood(chunks: int) -> bytes:
+    """A real 32x32 PNG with `chunks` empty private ancillary chunks before its image data (12 bytes each): a
+    decoder that walks them one at a time takes seconds."""
+    png = _save(Image.new("RGB", (32, 32), (200, 30, 30)), "PNG")
+    header = len(b"\x89PNG\r\n\x1a\n") + 25  # the signature and IHDR
+    return png[:header] + _png_chunk(b"frOg", b"") * chunks + png[header:]
+
+
 def _jpeg_scan_bomb(size: int, repeats: int) -> bytes:
     """A progressive JPEG whose last scan is repeated: each repeat is one more pass over the whole image."""
     data = _save(Image.new("RGB", (size, size), (90, 30, 200)), "JPEG", progressive=True, quality=95)
@@ -163,6 +171,7 @@ def corpus() -> list[HostileFile]:
         HostileFile("truncated.webp", webp[:30], False),
         HostileFile("header-only.png", png[:33], False),
         HostileFile("bad-crc.png", png[:29] + bytes([png[29] ^ 0xFF]) + png[30:], False),
+        HostileFile("chunk-flood-700k.png", _png_chunk_flood(700_000), False),
         HostileFile("zero-width.png", b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0))
                     + _png_chunk(b"IEND", b""), False),
         HostileFile("empty.png", b"", False),

@@ -46,8 +46,10 @@ class IngestReport:
 
 
 def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedder: Embedder,
-           batch_size: int = 64, progress: bool = True, total: int | None = None) -> IngestReport:
+           batch_size: int = 64, progress: bool = True, total: int | None = None,
+           strict: bool = False) -> IngestReport:
     """Store and embed items batch by batch; re-running adds nothing twice, and a stopped run resumes cleanly.
+    An item that cannot be read or decoded is reported and skipped, or with `strict` raises its InvalidImage.
 
     A pipeline, so that the model never waits: PREPARE_THREADS threads read, hash, look up and decode the next
     LOOKAHEAD batches while this thread runs the model on the current one, and one writer thread stores the
@@ -62,12 +64,13 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
     with tqdm(total=total or len(items), unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar, \
             ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="ingest-prepare") as preparing, \
             ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as writing:
-        prepared = deque(preparing.submit(prepare_batch, session_factory, b, embedder) for b in batches[:LOOKAHEAD])
+        prepared = deque(preparing.submit(prepare_batch, session_factory, b, embedder, strict) for b in batches[:LOOKAHEAD])
         written = None
         for n, batch in enumerate(batches):
             ready = _claim(prepared.popleft().result(), seen)
             if n + LOOKAHEAD < len(batches):
-                prepared.append(preparing.submit(prepare_batch, session_factory, batches[n + LOOKAHEAD], embedder))
+                prepared.append(preparing.submit(prepare_batch, session_factory, batches[n + LOOKAHEAD], embedder,
+                                                 strict))
             vectors = embedder.embed_prepared(ready.tensors) if ready.to_embed else None
             if written is not None:
                 written.result()  # one batch in the writer at a time, stored in order
@@ -93,9 +96,10 @@ class Prepared:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def prepare_batch(session_factory, batch: list[Item], embedder: Embedder) -> Prepared:
+def prepare_batch(session_factory, batch: list[Item], embedder: Embedder, strict: bool = False) -> Prepared:
     """Read, hash and decode a batch, leaving out what it repeats and what is already stored with a vector of the
-    embedder's model; the images left become the model's input (embedder.prepare). Thread- and process-safe."""
+    embedder's model; the images left become the model's input (embedder.prepare). What cannot be read or
+    decoded is listed in `failed` (with `strict`, its InvalidImage is raised). Thread- and process-safe."""
     out = Prepared()
     seen: set[str] = set()  # within this batch; across batches, _claim decides in batch order
     read: list[tuple[Item, bytes, str]] = []
@@ -103,6 +107,8 @@ def prepare_batch(session_factory, batch: list[Item], embedder: Embedder) -> Pre
         try:
             data = item.read()
         except OSError as exc:
+            if strict:
+                raise InvalidImage(f"cannot read: {exc.strerror or exc}") from None
             out.failed.append((item.original_name, f"cannot read: {exc.strerror or exc}"))
             continue
         digest = sha256(data)
@@ -122,6 +128,8 @@ def prepare_batch(session_factory, batch: list[Item], embedder: Embedder) -> Pre
         try:
             decoded = decode(data)
         except InvalidImage as exc:
+            if strict:  # one upload: its error, by class (an unsupported format is a 415)
+                raise
             out.failed.append((item.original_name, str(exc)))
             continue
         out.to_embed.append(digest)

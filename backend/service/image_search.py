@@ -296,9 +296,7 @@ class ImageSearch:
         name = original_name or (Path(image).name if isinstance(image, (str, Path)) else None)
         item = Item(category=str(category).strip(), label=None, original_name=name or "upload", source="upload",
                     split=None, read=lambda: data, metadata=metadata)
-        report = self._ingest([item])
-        if report.failed:  # ingestion stores nothing for bytes that do not decode
-            raise InvalidImage(report.failed[0][1])
+        report = self._ingest([item], strict=True)  # bytes that do not decode raise their error; nothing is stored
         with self.sessions() as s:
             image_id = s.scalar(sa.select(Image.id).where(Image.sha256 == sha256(data)))
         return AddResult(image_id=image_id, duplicate=not report.image_ids)
@@ -379,8 +377,9 @@ class ImageSearch:
             self.batcher = None
         self.manager.close(save=not self.dropped)  # a deleted collection's index is not snapshotted
 
-    def _ingest(self, items: list[Item], progress: bool = False) -> IngestReport:
-        report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress)
+    def _ingest(self, items: list[Item], progress: bool = False, strict: bool = False) -> IngestReport:
+        report = ingest(self.sessions, items, self.embedder, batch_size=self.batch_size, progress=progress,
+                        strict=strict)
         self._synced(report.image_ids)
         return report
 

@@ -130,6 +130,27 @@ def test_bad_uploads_get_specific_errors(client, request_kwargs, code, message):
     assert response.status_code == code and message in response.json()["detail"]
 
 
+def _unsupported_files() -> dict[str, bytes]:
+    """A small image in each format imsrc does not read, as the tools that make them write it."""
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    files = {fmt: png_bytes(img, fmt) for fmt in ("TGA", "PCX", "SGI", "EPS", "TIFF", "ICO")}
+    files["TGA (RLE, no footer)"] = png_bytes(img, "TGA", compression="tga_rle")[:-26]
+    files["DDS"] = png_bytes(img.convert("RGBA"), "DDS")
+    files["PostScript"] = b"%!PS-Adobe-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    files["CUR"] = files["ICO"][:2] + b"\x02\x00" + files["ICO"][4:]  # a cursor: an icon of type 2
+    return files
+
+
+@pytest.mark.parametrize("name, data", sorted(_unsupported_files().items()))
+def test_every_format_imsrc_does_not_read_is_415_listing_those_it_does(client, name, data):
+    for path in ("/search", "/upload"):
+        response = client.post(path, files={"file": ("x.bin", data, "application/octet-stream")},
+                               data={"category": "red"})
+        detail = response.json()["detail"]
+        assert response.status_code == 415, (path, detail)
+        assert f"unsupported image format {name.split(' ')[0]}" in detail and "JPEG, MPO, PNG, WEBP" in detail
+
+
 def test_out_of_range_parameters_and_unknown_ids(client):
     for query in ("limit=0", "limit=51", "prototype_limit=11", "use_prototypes=maybe"):
         response = client.post(f"/search?{query}", files=_file())

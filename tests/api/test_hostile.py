@@ -4,6 +4,8 @@ invalid one gets a specific 4xx or a skipped-with-reason line."""
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ from tests.hostile_files import corpus
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "hostile-test-key"
 RSS_BUDGET_MIB = 256
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hostile")]
 
 
 def _kib(pid: int, field: str) -> int:
@@ -36,8 +38,10 @@ def files():
     return corpus()
 
 
-@pytest.fixture
-def server(cli_env, tmp_path):
+@pytest.fixture(scope="module")
+def server(new_cli_env, tmp_path_factory):
+    """A real server with API_KEY on 30 Fashion-MNIST images, shared by the module's tests; yields (base, pid)."""
+    cli_env, tmp_path = new_cli_env(), tmp_path_factory.mktemp("hostile-server")
     write_fashion_mnist(tmp_path / "fm", n_per_class=3)
     populate = subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
                                "--data-dir", str(tmp_path / "fm")], cwd=ROOT, env=cli_env, capture_output=True,
@@ -82,6 +86,24 @@ def test_every_hostile_file_through_every_image_endpoint_with_bounded_memory(ser
          "worst_peak_extra_mib": round(worst, 1), "requests_detail": report}, indent=1))
     print(f"\n{len(files)} files x {len(endpoints)} endpoints = {len(report)} requests, 0 5xx, "
           f"worst peak RSS +{worst:.0f} MiB per request")
+
+
+def test_chunk_floods_in_flight_hold_up_no_ordinary_search(server, files):
+    base = server[0]
+    flood = next(f for f in files if f.name == "chunk-flood-700k.png")
+    ordinary = next(f for f in files if f.name == "progressive.jpg")
+
+    def search(data: bytes) -> tuple[int, float]:
+        started = time.monotonic()
+        response = httpx.post(base + "/search", files={"file": ("q", data, "application/octet-stream")}, timeout=60)
+        return response.status_code, time.monotonic() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        floods = [pool.submit(search, flood.data) for _ in range(4)]
+        status, seconds = search(ordinary.data)
+        answers = [f.result() for f in floods]
+    assert status == 200 and seconds < 1, (status, seconds)
+    assert all(code == 400 and took < 1 for code, took in answers), answers
 
 
 def test_populate_folder_skips_each_invalid_file_with_its_reason(cli_env, files, tmp_path):
