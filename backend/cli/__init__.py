@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from backend.cli import collections, index, ops, pipeline
 from backend.cli.arguments import collection_name
+from backend.cli.prompts import Unanswered
 from backend.errors import ImsrcError
 
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: lost PostgreSQL during the command ({reason[:300]}); run it again once the database answers",
               file=sys.stderr)
         return 2
+    except Unanswered as exc:
+        print(exc, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: batches already stored are kept; run the same command again to resume", file=sys.stderr)
         return 130

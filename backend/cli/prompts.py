@@ -35,6 +35,10 @@ def ask_populate(args) -> None:
 POLL_SECONDS = 0.2  # how often a wait for an answer looks for a Ctrl-C that arrived meanwhile
 
 
+class Unanswered(KeyboardInterrupt):
+    """Ctrl-C at a question: the command had not started anything yet."""
+
+
 def read_answer(prompt: str) -> str | None:
     """A line typed after `prompt` (without its newline), or None at end of input.
 
@@ -43,10 +47,14 @@ def read_answer(prompt: str) -> str | None:
     the command. Here the wait wakes up every POLL_SECONDS, and the interpreter raises KeyboardInterrupt there."""
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    if sys.stdin.isatty():
-        while not select.select([sys.stdin], [], [], POLL_SECONDS)[0]:
-            pass
-    line = sys.stdin.readline()
+    try:
+        if sys.stdin.isatty():
+            while not select.select([sys.stdin], [], [], POLL_SECONDS)[0]:
+                pass
+        line = sys.stdin.readline()
+    except KeyboardInterrupt:
+        print()  # off the prompt's line
+        raise Unanswered("interrupted at a question: nothing was started") from None
     return line.rstrip("\n") if line else None
 
 

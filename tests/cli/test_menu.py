@@ -96,6 +96,7 @@ def test_ctrl_c_during_a_step_returns_to_the_menu(menu_env):
     child.sendline("3")
     child.expect(r"Dataset\? \[\d\] ")
     child.sendcontrol("c")
+    child.expect("interrupted at a question: nothing was started")  # not "batches already stored are kept"
     child.expect(r"stopped \(Ctrl-C\)")
     child.expect("Choose: ")
     _quit(child)
