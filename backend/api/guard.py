@@ -86,11 +86,12 @@ class RequestGuard:
             methods = self._methods(scope["path"])
             if methods:
                 return await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
-        if _has_body(headers) and self.bodies_arriving >= settings.bodies_in_flight:
+        arriving = _has_body(headers)
+        if arriving and self.bodies_arriving >= settings.bodies_in_flight:
             return await JSONResponse({"detail": f"busy: {settings.bodies_in_flight} request bodies are arriving "
                                                  "(BODIES_IN_FLIGHT); try again shortly"}, 503,
                                       headers={"Retry-After": RETRY_AFTER_BUSY})(scope, receive, send)
-        limit, received, arriving = settings.max_upload_size + MULTIPART_SLACK, 0, _has_body(headers)
+        limit, received = settings.max_upload_size + MULTIPART_SLACK, 0
         deadline = asyncio.get_running_loop().time() + settings.body_timeout
         self.bodies_arriving += arriving
 
