@@ -35,10 +35,15 @@ class IngestReport:
         return done / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
-        """A few lines for a person."""
-        lines = [f"added {self.added}, embedded {self.embedded_existing} already stored, "
-                 f"skipped {self.duplicates} duplicates, failed {len(self.failed)} "
-                 f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"]
+        """A few lines for a person: what was added, what was already there, what failed; a rate only for work done."""
+        parts = [f"added {self.added}"]
+        if self.embedded_existing:
+            parts.append(f"embedded {self.embedded_existing} stored without a vector for this model")
+        parts += [f"{self.duplicates} already stored", f"failed {len(self.failed)}"]
+        rate = f" ({self.images_per_second:.1f} images/s)" if self.added + self.embedded_existing else ""
+        lines = [", ".join(parts) + f" in {self.seconds:.1f} s{rate}"]
+        if not self.added and not self.embedded_existing and self.duplicates and not self.failed:
+            lines.append(f"  nothing new: all {self.duplicates} were already stored with their vectors")
         lines += [f"  failed: {name}: {reason}" for name, reason in self.failed[:20]]
         if len(self.failed) > 20:
             lines.append(f"  ... and {len(self.failed) - 20} more failures")

@@ -20,7 +20,7 @@ def test_populate_then_status_then_rerun(cli_env, tmp_path):
     first = run(cli_env, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--num-images", "30",
                 "--data-dir", str(tmp_path / "fm"))
     assert first.returncode == 0, first.stderr
-    assert "added 30, embedded 0 already stored, skipped 0 duplicates, failed 0" in first.stdout
+    assert "added 30, 0 already stored, failed 0 in " in first.stdout
     assert "img/s" in first.stderr  # the progress bar
     status = run(cli_env, "-m", "backend", "status")
     assert status.returncode == 0, status.stderr
@@ -28,7 +28,8 @@ def test_populate_then_status_then_rerun(cli_env, tmp_path):
     assert "efficientnet_lite0 (1280-d): 30 embeddings, 10 prototypes" in status.stdout
     again = run(cli_env, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--num-images", "30",
                 "--data-dir", str(tmp_path / "fm"))
-    assert "added 0, embedded 0 already stored, skipped 30 duplicates" in again.stdout
+    assert "added 0, 30 already stored, failed 0" in again.stdout and "images/s" not in again.stdout
+    assert "nothing new: all 30 were already stored with their vectors" in again.stdout
     seed = run(cli_env, "db/init_system.py", "--all")
     assert seed.returncode == 0 and "rebuilt 10 prototypes of 10 categories and the flatip index of 30 efficientnet_lite0 vectors" in seed.stdout
 

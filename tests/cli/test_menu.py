@@ -61,7 +61,7 @@ def test_menu_survives_a_failing_step_populates_shows_status_serves_and_quits(me
     child.sendline("2")
     child.expect(r"How many images\? \[1000\] ")
     child.sendline("20")
-    child.expect("added 20, embedded 0 already stored")
+    child.expect("added 20, 0 already stored")
     child.expect(r"imsrc set-up.{0,12}database: [^|]+ \| 20 images \| model: efficientnet_lite0")
     child.expect("Choose: ")
     child.sendline("8")

@@ -90,6 +90,10 @@ def test_rerun_adds_nothing_and_duplicates_within_a_run_are_skipped(sessions, tm
     again = ingest(sessions, items, PixelEmbedder(), batch_size=5, progress=False)
     assert (again.added, again.duplicates, again.failed) == (0, len(items), [])
     assert _rows(sessions) == before
+    # A person re-running it reads that everything was already there, not a rate of nothing ("0.0 images/s").
+    assert again.summary().startswith(f"added 0, {len(items)} already stored, failed 0 in ")
+    assert "images/s" not in again.summary() and f"nothing new: all {len(items)} were" in again.summary()
+    assert "images/s)" in first.summary()
 
 
 def test_undecodable_files_are_reported_not_stored(sessions):
@@ -157,6 +161,7 @@ def test_an_image_stored_for_one_model_is_embedded_for_another(sessions, tmp_pat
 
     report = ingest(sessions, items, OtherModel(), progress=False)
     assert (report.added, report.embedded_existing) == (0, len(items))
+    assert report.summary().startswith(f"added 0, embedded {len(items)} stored without a vector for this model, 0 ")
     with sessions() as s:
         c = image_store.counts(s)
     assert c["images"] == len(items) and c["embeddings"] == {MODEL: len(items), "test-pixels-2": len(items)}

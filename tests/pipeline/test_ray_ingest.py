@@ -163,7 +163,7 @@ def test_a_ray_run_killed_half_way_and_rerun_ends_with_the_rows_of_an_uninterrup
     second = _populate(cli_env, tmp_path / "fm", *ray_run)
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output
-    assert f"added {240 - stored}," in output and f"skipped {stored} duplicates" in output, output
+    assert f"added {240 - stored}," in output and f"{stored} already stored" in output, output
     _assert_same(_contents(other_db_url), _contents(cli_env["DATABASE_URL"]))
 
 
