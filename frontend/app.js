@@ -5,6 +5,7 @@ let queryFile = null;
 let crop = null; // the region of the query image dragged on its preview: "x,y,w,h" in fractions
 let lastSearch = null; // { query, fetch(offset), label, nextOffset, shown }: what "More results" continues
 const picked = new Set(); // ids of results selected for "Search with these"
+let historyNote = null; // why /status says this page may not read the history (then analytics only), or null
 
 function options() {
   return { limit: $("limit").value, useProtos: $("use-prototypes").checked, protoLimit: $("prototype-limit").value,
@@ -322,6 +323,9 @@ async function loadStatus() {
       .map(([model, n]) => ` · ${model}: ${n} of ${s.images} vectors${n >= s.images ? " (ready to switch to)" : ""}`);
     $("status").textContent = `${where}${s.index_size} images indexed · ${s.categories} categories · model ${s.model}` +
       others.join("");
+    // The history is guarded as writes are; analytics are not: say why the searches will not be listed.
+    historyNote = s.history_note;
+    $("history-note").textContent = historyNote ? `Analytics only: ${historyNote}` : "";
   } catch (err) {
     $("status").textContent = err.message;
   }
@@ -413,9 +417,9 @@ function duplicateGroup(group, n) {
 // per day (a bar chart), latency percentiles, the categories most searched and the images most returned.
 async function loadHistory() {
   guarded(async () => {
-    const [page, stats] = await Promise.all([api.history(), api.analytics()]);
-    $("history-summary").textContent = `${page.total} searches recorded`;
-    $("history").replaceChildren(...page.entries.map(historyEntry));
+    const [page, stats] = await Promise.all([historyNote ? null : api.history(), api.analytics()]);
+    $("history-summary").textContent = page ? `${page.total} searches recorded` : "";
+    $("history").replaceChildren(...(page ? page.entries.map(historyEntry) : []));
     renderAnalytics(stats);
   });
 }

@@ -225,6 +225,9 @@ class StatusOut(BaseModel):
                         "servers, each has its own index")
     sync: SyncOut | None = Field(None, description="live sync with other processes writing to the database")
     history: bool = Field(False, description="whether this process records searches (HISTORY_ENABLED)")
+    history_note: str | None = Field(None, description="why the caller of this request cannot read the search "
+                                     "history (recording is off, or reading it needs write access), or null when "
+                                     "it can; analytics are open to everyone either way")
     collection: str = Field("default", description="the collection these counts and this index are of")
     served_collections: list[ServedCollection] = Field(
         default_factory=list, description="the collections this process has loaded, with their indexes' memory")

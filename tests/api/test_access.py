@@ -74,6 +74,19 @@ def test_a_key_opens_writes_and_a_wrong_one_does_not(keyed):
     assert keyed.post("/admin/refresh", headers={"X-API-Key": f" {KEY} "}).status_code == 200  # header whitespace
 
 
+def test_status_tells_a_caller_of_closed_writes_why_it_cannot_read_the_history(closed):
+    # The page shows the history only when this is null, and says this beside its button otherwise.
+    assert "needs write access: writes are closed" in closed.get("/status").json()["history_note"]
+    assert closed.get("/analytics").status_code == 200 and closed.get("/history").status_code == 403
+
+
+def test_status_tells_each_keyed_caller_whether_it_may_read_the_history(keyed, monkeypatch):
+    assert keyed.get("/status", headers={"X-API-Key": KEY}).json()["history_note"] is None
+    assert "X-API-Key" in keyed.get("/status").json()["history_note"]
+    monkeypatch.setattr(keyed.app.state.collections.default.history, "days", None)  # HISTORY_ENABLED off
+    assert "not recorded" in keyed.get("/status", headers={"X-API-Key": KEY}).json()["history_note"]
+
+
 def test_cross_origin_writes_are_refused_unless_the_origin_is_allowed(open_search, monkeypatch):
     monkeypatch.setattr(settings, "api_key", None)
     monkeypatch.setattr(settings, "open_writes", True)

@@ -147,6 +147,29 @@ def test_docs_and_redoc_list_the_operations_with_no_network(server, page):
     assert all(url.endswith("/logo-mini.svg") for url in outside), outside  # only ReDoc's "by Redocly" badge
 
 
+def test_a_page_that_may_not_read_the_history_says_why_and_still_shows_analytics(server):
+    from playwright.sync_api import sync_playwright
+
+    base = server[0]
+    port = base.rsplit(":", 1)[1]
+    with sync_playwright() as p:
+        # The page under another name than localhost: open writes (and so the history) are refused to it for real.
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--host-resolver-rules=MAP imsrc.test 127.0.0.1"])
+        page = browser.new_page()
+        asked = []
+        page.on("request", lambda request: asked.append(request.url))
+        page.goto(f"http://imsrc.test:{port}/app/")
+        page.wait_for_selector("#history-note:has-text('Analytics only: reading the history needs write access')")
+        assert "taken only on localhost" in page.inner_text("#history-note")
+        page.click("#load-history")
+        page.wait_for_selector("#latency:has-text('searches in 30 days'), #latency:has-text('No searches yet')")
+        assert not any("/history" in url for url in asked) and any("/analytics" in url for url in asked)
+        assert page.locator("#history li").count() == 0 and page.locator("#error").is_hidden()
+        browser.close()
+
+
 def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
     base, _, _ = server
     page.set_viewport_size({"width": 390, "height": 844})

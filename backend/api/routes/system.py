@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.api import telemetry
 from backend.api.deps import SearchDep, ServedDep, require_write_access
+from backend.api.guard import write_refusal
 from backend.api.routes.images import WRITE_ERRORS
 from backend.api.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection, StatusOut
 from backend.service.model_choice import unserved_notice
@@ -46,8 +47,16 @@ def health(request: Request):
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+def _history_note(request: Request, recording: bool) -> str | None:
+    """Why this caller cannot read the history (the page says so beside its button), or None when it can."""
+    if not recording:
+        return "searches are not recorded here (HISTORY_ENABLED is off)"
+    refusal = write_refusal(request.url.scheme, request.headers)
+    return None if refusal is None else f"reading the history needs write access: {refusal[1]}"
+
+
 @router.get("/status", response_model=StatusOut, responses={503: {"model": Problem}})
-def status(search: SearchDep, served: ServedDep):
+def status(request: Request, search: SearchDep, served: ServedDep):
     """What is stored and served in a collection: counts, model, index type and size, which database; and the
     collections this process has loaded, with their memory."""
     c = search.catalog.counts()
@@ -57,6 +66,7 @@ def status(search: SearchDep, served: ServedDep):
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
                      sync=search.sync_status(), history=search.history.days is not None,
+                     history_note=_history_note(request, search.history.days is not None),
                      collection=search.collection,
                      served_collections=[ServedCollection(name=c.collection, model=c.embedder.name,
                                                           index_vectors=len(c.index), memory_bytes=c.memory_bytes())
