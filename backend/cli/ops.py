@@ -115,8 +115,7 @@ def cmd_serve(args) -> int:
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # The workers write their metrics here, and /metrics sums them, whichever worker answers.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imsrc-metrics-")
-    print(f"imsrc: open http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/ "
-          f"(API docs at /docs)", flush=True)
+    _announce_when_ready(host, port)
     if args.workers > 1:
         print(f"imsrc: {args.workers} worker processes, each with its own model and index, kept in step through "
               f"PostgreSQL", flush=True)
@@ -125,6 +124,30 @@ def cmd_serve(args) -> int:
     uvicorn.run("backend.main:app", host=host, port=port, log_level="info", log_config=log_config,
                 workers=args.workers, timeout_worker_healthcheck=60)
     return 0
+
+
+def _announce_when_ready(host: str, port: int) -> None:
+    """Print the page's address once the server answers /health (the model and index loaded), not before: a
+    newcomer who opens it at once finds a page that works. From the supervising process, so once for any workers."""
+    import threading
+    import time
+    import urllib.request
+
+    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"
+    shown = f"http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/"
+
+    def wait():
+        while True:
+            try:
+                with urllib.request.urlopen(probe, timeout=2) as r:
+                    if r.status == 200:
+                        print(f"imsrc: ready: open {shown} (API docs at /docs)", flush=True)
+                        return
+            except OSError:  # not listening yet, or 503 while the model loads
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=wait, name="announce", daemon=True).start()
 
 
 def register(sub) -> None:

@@ -95,5 +95,11 @@ def test_served_logs_show_the_request_id_and_workers_share_metrics(cli_env, tmp_
                                    (("method", "GET"), ("route", "/categories"), ("status", "200")))])
             assert len({k for k in samples if k[0] == "imsrc_index_vectors"}) == 2  # one series per live worker
         assert totals == [6.0] * 4
+        ready = f"imsrc: ready: open http://localhost:{base.rsplit(':', 1)[1]}/app/"
+        while ready not in log.read_text() and time.monotonic() < deadline:  # the supervisor's probe, every 0.5 s
+            time.sleep(0.1)
+    served = log.read_text()
+    # The address is given once, for both workers, and only once a worker answers: a newcomer can open it at once.
+    assert served.count("imsrc: ready: open") == 1 and served.index("Application startup complete") < served.index(ready)
     lines = [line for line in log.read_text().splitlines() if "/categories" in line]
     assert len(lines) == 6 and all("[ops-check-7]" in line for line in lines)
