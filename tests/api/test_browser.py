@@ -170,6 +170,22 @@ def test_a_page_that_may_not_read_the_history_says_why_and_still_shows_analytics
         browser.close()
 
 
+def test_the_shipped_samples_and_the_readmes_curl_find_their_kind(server):
+    import re
+
+    import httpx
+
+    base, data_dir, _ = server
+    used = re.findall(r"-F file=@(\S+)", (ROOT / "README.md").read_text())
+    assert used and all((ROOT / path).is_file() for path in used)
+    for name, kind in {"sneaker": "Sneaker", "bag": "Bag", "trouser": "Trouser", "dress": "Dress", "cat": None}.items():
+        path = next((ROOT / "samples").glob(f"{name}.*"))
+        answer = httpx.post(base + "/search?limit=5", files={"file": (path.name, path.read_bytes())}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 5, answer.text
+        if kind and data_dir == REAL_FASHION_MNIST:  # test images of the real set: their kind is among the top 5
+            assert kind in {hit["category"] for hit in answer.json()["results"]}, (name, answer.json()["results"])
+
+
 def test_page_works_at_phone_width_and_by_keyboard(server, page, output_dir):
     base, _, _ = server
     page.set_viewport_size({"width": 390, "height": 844})
