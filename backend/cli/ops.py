@@ -133,8 +133,9 @@ def _announce_when_ready(host: str, port: int) -> None:
     import time
     import urllib.request
 
-    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"
-    shown = f"http://{'localhost' if host in ('0.0.0.0', '127.0.0.1') else host}:{port}/app/"
+    anywhere = host in ("0.0.0.0", "::")  # every interface: this machine reaches it on loopback
+    probe = f"http://{'127.0.0.1' if anywhere else host}:{port}/health"
+    shown = f"http://{'localhost' if anywhere or host == '127.0.0.1' else host}:{port}/app/"
 
     def wait():
         while True:

@@ -30,9 +30,13 @@ class IngestReport:
     image_ids: list[int] = field(default_factory=list)  # ids of images added or embedded
 
     @property
+    def done(self) -> int:
+        """Images this run embedded: added, or already stored without this model's vector."""
+        return self.added + self.embedded_existing
+
+    @property
     def images_per_second(self) -> float:
-        done = self.added + self.embedded_existing
-        return done / self.seconds if self.seconds else 0.0
+        return self.done / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
         """A few lines for a person: what was added, what was already there, what failed; a rate only for work done."""
@@ -40,9 +44,9 @@ class IngestReport:
         if self.embedded_existing:
             parts.append(f"embedded {self.embedded_existing} stored without a vector for this model")
         parts += [f"{self.duplicates} already stored", f"failed {len(self.failed)}"]
-        rate = f" ({self.images_per_second:.1f} images/s)" if self.added + self.embedded_existing else ""
+        rate = f" ({self.images_per_second:.1f} images/s)" if self.done else ""
         lines = [", ".join(parts) + f" in {self.seconds:.1f} s{rate}"]
-        if not self.added and not self.embedded_existing and self.duplicates and not self.failed:
+        if not self.done and self.duplicates and not self.failed:
             lines.append(f"  nothing new: all {self.duplicates} were already stored with their vectors")
         lines += [f"  failed: {name}: {reason}" for name, reason in self.failed[:20]]
         if len(self.failed) > 20:

@@ -60,13 +60,13 @@ def status(request: Request, search: SearchDep, served: ServedDep):
     """What is stored and served in a collection: counts, model, index type and size, which database; and the
     collections this process has loaded, with their memory."""
     c = search.catalog.counts()
+    recording = search.history.days is not None
     return StatusOut(images=c["images"], categories=c["categories"], embeddings=c["embeddings"],
                      prototypes=c["prototypes"], model=search.embedder.name, dim=search.embedder.dim,
                      index_type=search.index.index_type, index_size=len(search.index),
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
-                     sync=search.sync_status(), history=search.history.days is not None,
-                     history_note=_history_note(request, search.history.days is not None),
+                     sync=search.sync_status(), history=recording, history_note=_history_note(request, recording),
                      collection=search.collection,
                      served_collections=[ServedCollection(name=c.collection, model=c.embedder.name,
                                                           index_vectors=len(c.index), memory_bytes=c.memory_bytes())
