@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     db_user: str = "postgres"
     db_password: str = ""
     db_timeout: float = Field(2.0, gt=0)
+    db_pool_size: int = Field(5, ge=1, le=100)  # connections a process keeps open (one pool for all collections)
+    db_pool_overflow: int = Field(10, ge=0, le=100)  # more it may open under load, closed when returned
     data_dir: Path = PROJECT_ROOT / "data"
     embedded_pg_dir: Path | None = None
     embedded_pg_port: int | None = Field(None, ge=1, le=65535)
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     prototype_limit: int = Field(3, ge=1, le=10)
     prototypes_per_category: int = Field(8, ge=1, le=16)  # at most; fewer in small categories (store.slots_for)
     default_search_limit: int = Field(10, ge=1, le=50)
+    served_collections_max: int = Field(16, ge=1, le=1000)  # collections a server keeps open besides its own
+    served_idle_seconds: float = Field(900.0, gt=0)  # one nobody asked for in this long is closed
     history_enabled: bool = True  # record every search the API answers (backend.storage.history)
     history_retention_days: int = Field(30, ge=1, le=3650)
 

@@ -77,12 +77,10 @@ class _Preprocessor:
 @functools.cache
 def _sessions(database_url: str, schema: str):
     """One small engine per Ray worker process and collection schema, kept across the tasks it runs."""
-    from sqlalchemy.orm import sessionmaker
-
+    from backend.storage.collections import sessions_in
     from backend.storage.engine import create_engine_checked
 
-    return sessionmaker(create_engine_checked(database_url, schema=None if schema == "public" else schema),
-                        expire_on_commit=False)
+    return sessions_in(create_engine_checked(database_url), schema)
 
 
 def _prepare_rows(batch: dict, database_url: str, schema: str, model_name: str, preprocess: Callable,

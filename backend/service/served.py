@@ -1,7 +1,9 @@
-"""The collections a server serves: its own (COLLECTION's) opened at start-up, the others on their first request;
-each opened anew, and swapped in whole, when its model is switched (backend.pipeline.reembed)."""
+"""The collections a server serves: its own (COLLECTION's) opened at start-up, the others on their first request
+and closed again once idle or least recently used (at most SERVED_COLLECTIONS_MAX open); each opened anew, and
+swapped in whole, when its model is switched (backend.pipeline.reembed)."""
 import logging
 import threading
+import time
 from typing import Callable
 
 from backend.config import settings
@@ -12,6 +14,8 @@ from backend.storage.collections import CollectionSessions, check_name, recorded
 
 log = logging.getLogger(__name__)
 RETIRE_SECONDS = 60.0  # how long a replaced ImageSearch stays open: searches that began on it finish on it
+EVICTED_SECONDS = 5.0  # how long an evicted one stays open: requests that took it a moment ago finish on it
+SWEEP_SECONDS = 10.0  # how often collections idle for SERVED_IDLE_SECONDS are looked for
 
 
 def open_collection(name: str, sessions) -> ImageSearch:
@@ -32,10 +36,12 @@ class ServedCollections:
         # One listener for every collection served here, on the registry's engine (LISTEN is per database).
         self.live_sync = LiveSync(self.sessions.engine, settings.db_timeout, switched=self._switch_soon).start()
         self._open: dict[str, ImageSearch] = {}
+        self._used: dict[str, float] = {}  # when each open collection was last asked for (time.monotonic)
         self._retiring: list[tuple[threading.Timer, ImageSearch]] = []
         self._lock = threading.Lock()  # one opening at a time: an index build is heavy, and done once
-        self._closed = False
+        self._closed = threading.Event()
         self._prepare(default, history=False)  # the server starts its history after its warm-up search
+        threading.Thread(target=self._sweep, name="imsrc-idle-collections", daemon=True).start()
 
     @property
     def snapshot_base(self):
@@ -52,19 +58,46 @@ class ServedCollections:
         check_name(name)
         search = self._open.get(name)
         if search is not None and not search.dropped:
+            self._used[name] = time.monotonic()
             return search
         with self._lock:
             search = self._open.get(name)
             if search is not None and search.dropped:
                 self._close(name)
                 search = None
-            if self._closed:
+            if self._closed.is_set():
                 raise ShuttingDown("the server is shutting down: try again shortly")
             if search is None:
+                while len(self._open) >= settings.served_collections_max:
+                    self._evict(min(self._open, key=lambda n: self._used.get(n, 0.0)), "least recently used")
                 search = self._open[name] = self._prepare(self.opener(name, self.sessions.sessions(name)))
                 log.info("serving collection %s: %d images indexed with %s", name, len(search.index),
                          search.embedder.name)
+            self._used[name] = time.monotonic()
         return search
+
+    def _sweep(self) -> None:
+        """Close the collections nobody asked for in SERVED_IDLE_SECONDS (the server's own stays)."""
+        while not self._closed.wait(SWEEP_SECONDS):
+            idle_since = time.monotonic() - settings.served_idle_seconds
+            with self._lock:
+                for name in [n for n in self._open if self._used.get(n, 0.0) < idle_since]:
+                    self._evict(name, f"idle for {settings.served_idle_seconds:g} s")
+
+    def _evict(self, name: str, why: str) -> None:
+        """Stop serving a collection (call with the lock held); it is closed EVICTED_SECONDS later, and its next
+        request opens it again (from its snapshot)."""
+        search = self._open.pop(name)
+        self._used.pop(name, None)
+        self.sessions.forget(name)
+        self._retire_later(search, EVICTED_SECONDS)
+        log.info("collection %s: no longer served (%s)", name, why)
+
+    def _retire_later(self, old: ImageSearch, delay: float) -> None:
+        timer = threading.Timer(delay, self._retire, args=(old,))
+        timer.daemon = True
+        self._retiring.append((timer, old))
+        timer.start()
 
     def _prepare(self, search: ImageSearch, history: bool = True) -> ImageSearch:
         search.start_batching(*self.batching)
@@ -82,7 +115,7 @@ class ServedCollections:
         one served; `old` is closed RETIRE_SECONDS later."""
         with self._lock:
             current = self.default if old is self.default else self._open.get(old.collection)
-            if current is not old or old.dropped or self._closed:
+            if current is not old or old.dropped or self._closed.is_set():
                 return
             try:
                 new = self.opener(old.collection, old.sessions)
@@ -95,10 +128,7 @@ class ServedCollections:
                 self.default = new
             else:
                 self._open[old.collection] = new
-            timer = threading.Timer(RETIRE_SECONDS, self._retire, args=(old,))
-            timer.daemon = True
-            self._retiring.append((timer, old))
-            timer.start()
+            self._retire_later(old, RETIRE_SECONDS)
         log.info("collection %s: switched from %s to %s (%d images indexed)", old.collection, old.embedder.name,
                  new.embedder.name, len(new.index))
         with new.sessions() as s:  # switched again while the new one was opened (it was not listening yet)?
@@ -108,7 +138,7 @@ class ServedCollections:
 
     def _retire(self, old: ImageSearch) -> None:
         with self._lock:
-            if self._closed:  # close() closed it
+            if self._closed.is_set():  # close() closed it
                 return
             self._retiring = [(t, s) for t, s in self._retiring if s is not old]
         old.close()  # snapshots its index: switching back opens it from there
@@ -122,6 +152,7 @@ class ServedCollections:
 
     def _close(self, name: str) -> None:
         search = self._open.pop(name, None)
+        self._used.pop(name, None)
         if search is not None:
             search.close()  # a deleted collection's index is not snapshotted
         self.sessions.forget(name)
@@ -133,13 +164,12 @@ class ServedCollections:
     def close(self) -> None:
         """Close every collection, the server's own included."""
         with self._lock:
-            self._closed = True
+            self._closed.set()
             for timer, old in self._retiring:
                 timer.cancel()
                 old.close()
             self._retiring = []
             for name in list(self._open):
                 self._close(name)
-            self.sessions.close()
         self.default.close()
         self.live_sync.stop()

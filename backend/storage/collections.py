@@ -147,46 +147,43 @@ def recorded_model(session: Session) -> str | None:
 
 
 class CollectionSessions:
-    """Session factories per collection on one database: each on an engine whose connections have the collection's
-    schema first on their search path (the default collection's on `engine` itself)."""
+    """Session factories per collection on one database, all on one engine (one pool for the process however many
+    collections it serves): each session's transactions put the collection's schema first on their search path."""
 
     def __init__(self, engine: sa.Engine):
-        with engine.connect() as conn:
-            in_public = conn.scalar(sa.text("SELECT current_schema()")) == "public"
-        # An engine of another collection's (a server whose COLLECTION is not the default): one of public's instead.
-        self._owned = None if in_public else _engine_for(engine, "public")
-        self.engine = self._owned or engine
+        self.engine = engine
         self._made: dict[str, sessionmaker] = {}
-        self._lock = threading.Lock()  # one engine per collection, however many requests ask at once
+        self._lock = threading.Lock()  # one look-up per collection, however many requests ask at once
 
     def sessions(self, name: str) -> sessionmaker:
         """Sessions of a registered collection; NotFound (404) for another name."""
-        if name == DEFAULT:
-            return self._made.setdefault(DEFAULT, sessionmaker(self.engine, expire_on_commit=False))
         with self._lock:
             made = self._made.get(name)
             if made is None:
-                engine = _engine_for(self.engine, get_collection(self.engine, name).schema)
-                made = self._made[name] = sessionmaker(engine, expire_on_commit=False)
+                schema = "public" if name == DEFAULT else get_collection(self.engine, name).schema
+                made = self._made[name] = sessions_in(self.engine, schema)
             return made
 
     def forget(self, name: str) -> None:
-        """Close the connections of a collection (deleted, or not to be served any more)."""
+        """Stop handing out sessions of a collection (deleted, or not served any more); the pool is shared."""
         with self._lock:
-            made = self._made.pop(name, None)
-        if made is not None and name != DEFAULT:
-            made.kw["bind"].dispose()
-
-    def close(self) -> None:
-        """Close every collection's connections (not those of the engine handed in, which the caller owns)."""
-        for name in list(self._made):
-            self.forget(name)
-        if self._owned is not None:
-            self._owned.dispose()
+            self._made.pop(name, None)
 
 
-def _engine_for(engine: sa.Engine, schema: str) -> sa.Engine:
-    """An engine on `engine`'s database whose connections look up tables in `schema` first, then in `public`."""
-    from backend.storage.engine import create_engine_checked
+def sessions_in(engine: sa.Engine, schema: str) -> sessionmaker:
+    """Sessions on `engine` whose every transaction looks up tables in `schema` first, then in `public`.
 
-    return create_engine_checked(engine.url.render_as_string(hide_password=False), schema=schema)
+    SET LOCAL lasts one transaction, so a pooled connection goes back as it came and any collection may use it next.
+    Once a collection's schema is dropped its search path would fall through to `public` (the default collection's
+    tables), so its transactions refuse to run instead."""
+    made = sessionmaker(engine, expire_on_commit=False)
+    if schema == "public":  # the server's default: no transaction needs telling
+        return made
+
+    @sa.event.listens_for(made, "after_begin")
+    def on_schema(session, transaction, connection):
+        connection.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public'))
+        if connection.scalar(sa.text("SELECT current_schema()")) != schema:
+            raise NotFound(f"collection schema {schema} is gone (the collection was deleted)")
+
+    return made

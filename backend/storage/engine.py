@@ -1,5 +1,6 @@
 """One engine per process for the configured or embedded PostgreSQL, plus migrations."""
 import functools
+import os
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -64,19 +65,18 @@ def create_database_if_missing(server_url, name: str) -> None:
         engine.dispose()
 
 
-def create_engine_checked(url: str, schema: str | None = None) -> sa.Engine:
-    """An engine for `url`, after checking the server answers and offers pgvector; with `schema` (a collection's,
-    backend.storage.collections), every connection looks up tables there first, then in `public`."""
+def create_engine_checked(url: str) -> sa.Engine:
+    """An engine for `url` with the pool of DB_POOL_SIZE (+ DB_POOL_OVERFLOW), after checking the server answers
+    and offers pgvector; backend.storage.collections.sessions_in scopes its sessions to one collection."""
     parsed = make_url(url)
-    connect_args = {"options": f"-csearch_path={schema},public"} if schema else {}
+    connect_args = {"application_name": application_name()}
     # A server that is down or unreachable fails a connection within about DB_TIMEOUT instead of hanging, and
     # pool_pre_ping swaps out connections that died with it, so the engine recovers once the server is back.
     if parsed.get_driver_name() == "psycopg2" and "connect_timeout" not in parsed.query:  # a URL's own value wins
         connect_args["connect_timeout"] = max(1, round(settings.db_timeout))  # libpq takes whole seconds
-    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
+                              max_overflow=settings.db_pool_overflow,
                               pool_timeout=settings.db_timeout + 1, connect_args=connect_args)
-    if schema:
-        _require_schema_on_checkout(engine, schema)
     where = parsed.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
@@ -96,19 +96,9 @@ def create_engine_checked(url: str, schema: str | None = None) -> sa.Engine:
     return engine
 
 
-def _require_schema_on_checkout(engine: sa.Engine, schema: str) -> None:
-    """Every connection handed out must find `schema` first: once a collection's schema is dropped, its search path
-    would fall through to `public` (the default collection's tables), so its connections refuse to serve instead."""
-    from backend.errors import NotFound
-
-    @sa.event.listens_for(engine, "checkout")
-    def schema_still_there(dbapi_connection, record, proxy):
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SELECT current_schema()")
-            found = cursor.fetchone()[0]
-        dbapi_connection.rollback()  # end the transaction the query began: the connection is handed out idle
-        if found != schema:
-            raise NotFound(f"collection schema {schema} is gone (the collection was deleted)")
+def application_name(role: str = "") -> str:
+    """How this process's connections show in pg_stat_activity: `imsrc <pid>`, plus their role if they have one."""
+    return f"imsrc{role} {os.getpid()}"
 
 
 @functools.cache

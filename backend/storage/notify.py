@@ -19,10 +19,11 @@ from typing import Callable
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from backend.storage.engine import application_name
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "imsrc_changes"
-APPLICATION_NAME = "imsrc-listener"  # how the listener's connection shows in pg_stat_activity
 MAX_PAYLOAD = 7000  # PostgreSQL refuses payloads of 8000 bytes; a bigger change is announced as a resync
 WAIT_SECONDS = 0.25  # how long one wait for a notification lasts: bounds how long stop() takes
 PING_SECONDS = 5.0  # a quiet connection is checked this often, so a dead one is noticed
@@ -135,7 +136,7 @@ class ChangeListener:
         # instead of a silent, endless wait (libpq ignores them on a Unix socket).
         cparams = {"connect_timeout": max(1, round(self.connect_timeout)), "keepalives": 1, "keepalives_idle": 5,
                    "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": 10_000, **cparams,
-                   "application_name": APPLICATION_NAME}
+                   "application_name": application_name("-listener")}
         conn = self.engine.dialect.dbapi.connect(*cargs, **cparams)
         conn.autocommit = True
         return conn

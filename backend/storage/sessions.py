@@ -25,8 +25,6 @@ def session_factory(collection: str | None = None) -> sessionmaker:
 
 def close() -> None:
     """Dispose the engines and let go of the embedded server (stopped if no other process uses it)."""
-    if collection_sessions.cache_info().currsize:
-        collection_sessions().close()
     if get_engine.cache_info().currsize:
         get_engine().dispose()
     if embedded_server.cache_info().currsize:

@@ -113,7 +113,6 @@ def test_both_engines_store_the_same_images_vectors_and_prototypes(ray_address, 
     assert (elsewhere.added, elsewhere.duplicates) == (21, 1)
     with registry.sessions("again")() as s:
         assert image_store.counts(s)["embeddings"] == {"efficientnet_lite0": 21}
-    registry.close()
     engine.dispose()
 
 

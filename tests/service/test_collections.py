@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -36,9 +37,7 @@ def _blob_count(engine) -> int:
 
 @pytest.fixture
 def registry(engine):
-    made = CollectionSessions(engine)
-    yield made
-    made.close()
+    return CollectionSessions(engine)
 
 
 def test_collections_keep_their_own_images_models_and_indexes_and_share_bytes(engine, registry, tmp_path):
@@ -104,7 +103,6 @@ def test_create_list_describe_delete_and_refusals(engine, registry, tmp_path):
     with pytest.raises(NotFound, match="c_fashion is gone"):  # not the default collection's images instead
         with elsewhere() as s:
             s.scalar(sa.text("SELECT count(*) FROM images"))
-    elsewhere.kw["bind"].dispose()
     assert _blob_count(engine) == 1 and not (tmp_path / "snap" / "collections" / "fashion").exists()
     assert [c.name for c in collections.list_collections(engine)] == ["default"]
     with engine.connect() as conn:
@@ -141,7 +139,6 @@ def test_existing_data_migrates_into_the_default_collection_and_new_migrations_r
     with engine.connect() as conn:
         assert conn.scalar(sa.text("SELECT count(*) FROM pg_namespace WHERE nspname = 'c_later'")) == 0
     collections.create_collection(engine, "later")
-    registry.close()
     engine.dispose()
 
 
@@ -202,6 +199,34 @@ def test_a_collection_deleted_by_another_process_stops_being_served(client, engi
     while client.get("/categories?collection=gone").status_code != 404 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert client.get("/categories?collection=gone").status_code == 404
+
+
+def test_collections_past_the_served_maximum_or_idle_are_closed_and_open_again(client, monkeypatch):
+    from backend.config import settings
+    from backend.service import served
+
+    monkeypatch.setattr(settings, "served_collections_max", 2)
+    monkeypatch.setattr(served, "EVICTED_SECONDS", 0.0)
+
+    def loaded():
+        return [c["name"] for c in client.get("/status").json()["served_collections"]]
+
+    for name in ("a", "b", "c"):
+        assert client.post("/collections", json={"name": name}).status_code == 201
+    for name in ("a", "b", "a", "c"):  # b is the least recently used when c opens
+        assert client.get(f"/categories?collection={name}").status_code == 200
+    assert loaded() == ["default", "a", "c"]
+    assert client.get("/categories?collection=b").status_code == 200  # opened again: a goes now
+    assert loaded() == ["default", "c", "b"]
+    monkeypatch.setattr(settings, "served_idle_seconds", 0.2)
+    monkeypatch.setattr(served, "SWEEP_SECONDS", 0.1)
+    served_now = client.app.state.collections
+    threading.Thread(target=served_now._sweep, daemon=True).start()  # the server's sweeper waits 10 s between looks
+    deadline = time.monotonic() + 10
+    while loaded() != ["default"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert loaded() == ["default"]  # idle ones closed; the server's own stays
+    assert client.get("/categories?collection=c").status_code == 200
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from PIL import Image
 
 from backend.service.image_search import ImageSearch
 from backend.service.index_manager import IndexManager
-from backend.storage.notify import APPLICATION_NAME, CHANNEL, MAX_PAYLOAD, ChangeListener, announce, parse
+from backend.storage.engine import application_name
+from backend.storage.notify import CHANNEL, MAX_PAYLOAD, ChangeListener, announce, parse
 from tests.helpers import PixelEmbedder, png_bytes, write_folder_dataset
 
 WITHIN = 2.0  # seconds the issue allows from a commit to being found elsewhere
@@ -219,7 +220,7 @@ def _cut_listener(engine) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                     "WHERE application_name = :a AND datname = current_database()"),
-                            {"a": APPLICATION_NAME}).scalar()
+                            {"a": application_name("-listener")}).scalar()
 
 
 def test_a_listener_cut_off_catches_up_when_it_is_back(listening, collection, engine, monkeypatch):

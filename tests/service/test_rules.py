@@ -47,7 +47,6 @@ def test_check_after_rebuild_of_another_collection_looks_in_that_collections_sna
     create_collection(engine, "second")
     registry = CollectionSessions(engine)
     _store_vectors(registry.sessions("second"), {"efficientnet_lite0": 1280})
-    registry.close()
     rebuilt = _run(cli_env, "--collection", "second", "rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     checked = _run(cli_env, "--collection", "second", "check")
