@@ -7,7 +7,7 @@ import sys
 
 import sqlalchemy as sa
 
-from backend.cli import collections, index, ops, pipeline
+from backend.cli import backups, collections, index, ops, pipeline
 from backend.cli.arguments import collection_name
 from backend.cli.prompts import Unanswered
 from backend.errors import ImsrcError
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--collection", type=collection_name, default=None,
                         help="the collection a command works on (default: COLLECTION, else `default`)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (ops, pipeline, index, collections):
+    for module in (ops, pipeline, index, collections, backups):
         module.register(sub)
     return parser
 
