@@ -69,7 +69,7 @@ def backup(url: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def user_tables(engine: sa.Engine) -> int:
+def _user_tables(engine: sa.Engine) -> int:
     """How many tables the database holds outside PostgreSQL's own schemas."""
     with engine.connect() as conn:
         return conn.scalar(sa.text("SELECT count(*) FROM pg_tables "
@@ -81,7 +81,7 @@ def restore(engine: sa.Engine, path: Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise InvalidQuery(f"{path} is not a file: name a file `python -m backend backup` wrote")
-    tables = user_tables(engine)
+    tables = _user_tables(engine)
     if tables:
         raise Conflict(f"restore needs an empty database, and this one holds {tables} tables: restore into a new "
                        "DATA_DIR (the embedded server) or a new database (DATABASE_URL)")

@@ -160,8 +160,7 @@ class CollectionSessions:
         with self._lock:
             made = self._made.get(name)
             if made is None:
-                schema = "public" if name == DEFAULT else get_collection(self.engine, name).schema
-                made = self._made[name] = sessions_in(self.engine, schema)
+                made = self._made[name] = sessions_in(self.engine, get_collection(self.engine, name).schema)
             return made
 
     def forget(self, name: str) -> None:
@@ -182,8 +181,9 @@ def sessions_in(engine: sa.Engine, schema: str) -> sessionmaker:
 
     @sa.event.listens_for(made, "after_begin")
     def on_schema(session, transaction, connection):
-        connection.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public'))
-        if connection.scalar(sa.text("SELECT current_schema()")) != schema:
+        # One round trip on every transaction: both drivers run a parameterless multi-statement query whole.
+        found = connection.execute(sa.text(f'SET LOCAL search_path TO "{schema}", public; SELECT current_schema()'))
+        if found.scalar() != schema:
             raise NotFound(f"collection schema {schema} is gone (the collection was deleted)")
 
     return made
