@@ -23,9 +23,12 @@ from backend.config import PROJECT_ROOT, settings, writes_mode
 from backend.errors import DatabaseError, ImsrcError, http_status
 from backend.service.image_search import ImageSearch
 from backend.service.served import ServedCollections, open_collection
+from backend.storage.engine import DISK_FULL, disk_full
 from backend.storage.sessions import close as close_database
+from backend.storage.sessions import supervise as supervise_database
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_DISK = "30"  # seconds: space comes back when a person frees it, not by itself
 
 
 def warm_up_query() -> bytes:
@@ -69,6 +72,7 @@ def _lifespan(open_search, open_collection):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.collections, app.state.startup_error = None, None
+        supervise_database()  # from the start: a server that dies while the model loads is started again too
         try:  # the model and index load once, off the event loop
             search = await run_in_threadpool(open_search)
             served = ServedCollections(search, open_collection, (settings.query_batch, settings.embed_workers),
@@ -122,6 +126,9 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
     async def database_unreachable(request: Request, exc: Exception):
         # Connection-level failures only: anything else is a bug and stays a 500. What failed, and where the
         # database is (its URL, host or socket path), goes to the log, never to a client.
+        if disk_full(exc):
+            log.warning("database disk full: %s", str(exc).splitlines()[0])
+            return JSONResponse({"detail": DISK_FULL}, status_code=507, headers={"Retry-After": RETRY_AFTER_DISK})
         log.warning("database unreachable: %s", str(exc).splitlines()[0])
         return JSONResponse({"detail": "the database cannot be reached; try again shortly"}, status_code=503,
                             headers={"Retry-After": RETRY_AFTER_STARTING})
@@ -149,7 +156,8 @@ def create_app(open_search=ImageSearch.open, open_collection=open_collection) ->
 
 # Every error body is a Problem; these can come from any operation (the request guard, validation, an outage).
 COMMON_ERRORS = {"400": "malformed request", "413": "body larger than MAX_UPLOAD_SIZE",
-                 "422": "a parameter is missing or out of range", "503": "not ready, busy or database unreachable"}
+                 "422": "a parameter is missing or out of range", "503": "not ready, busy or database unreachable",
+                 "507": "the database's disk is full"}
 
 
 def _openapi(app: FastAPI) -> dict:

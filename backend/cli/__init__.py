@@ -11,6 +11,7 @@ from backend.cli import backups, collections, index, ops, pipeline
 from backend.cli.arguments import collection_name
 from backend.cli.prompts import Unanswered
 from backend.errors import ImsrcError
+from backend.storage.engine import DISK_FULL, disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
-        # The database went away or is out of connections after the command connected: one line, no traceback.
+        # The database went away, is out of connections or out of disk after the command connected: one line.
+        if disk_full(exc):
+            print(f"error: {DISK_FULL}", file=sys.stderr)
+            return 2
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
         print(f"error: lost PostgreSQL during the command ({reason[:300]}); run it again once the database answers",
               file=sys.stderr)

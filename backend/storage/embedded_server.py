@@ -58,6 +58,7 @@ class EmbeddedPostgres:
         self.port = port
         self.password_file = Path(f"{self.pgdata}.password")
         self._users_fd: int | None = None
+        self._reviving = False  # revive() has found it dead and not yet started it
         self.url: str | None = None
 
     # -- public -----------------------------------------------------------------------------------
@@ -105,6 +106,21 @@ class EmbeddedPostgres:
             self.url = None
         atexit.unregister(self.release)
 
+    def revive(self) -> bool:
+        """Start the server again if it died while this process uses it; True when this call started it."""
+        if self._users_fd is None or self._running() is not None:
+            return False
+        with self._start_lock():  # another user may be starting it already: then it is running once we get in
+            if self._users_fd is None or self._running() is not None:
+                return False
+            if not self._reviving:  # once an outage: the first tries fail while its orphaned backends exit
+                log.warning("embedded PostgreSQL in %s is not running; starting it again", self.pgdata)
+                self._reviving = True
+            self._start()
+            self._reviving = False
+            log.warning("embedded PostgreSQL in %s is back", self.pgdata)
+            return True
+
     # -- internals --------------------------------------------------------------------------------
     def _start_lock(self):
         return _FileLock(Path(f"{self.pgdata}.start"))
@@ -114,12 +130,10 @@ class EmbeddedPostgres:
         pid_file = self.pgdata / "postmaster.pid"
         try:
             lines = pid_file.read_text().splitlines()
-            pid = int(lines[0])
-            os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+            if not _alive(int(lines[0])):
+                return None
+        except (FileNotFoundError, ValueError, IndexError):
             return None
-        except PermissionError:
-            pass  # alive, owned by another user
         return (lines[4], int(lines[3])) if len(lines) > 7 and lines[7].strip() == "ready" else None
 
     def _password(self) -> str:
@@ -261,6 +275,20 @@ class EmbeddedPostgres:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/", **self._as_user())
         if proc.returncode != 0:
             raise EmbeddedServerError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (a killed postmaster its parent has not reaped) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    try:  # the state follows the parenthesised name, which may itself hold spaces or parentheses
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here: kill(0) is all there is to go on
 
 
 def _hba_without_trust(text: str, include_local: bool) -> str:

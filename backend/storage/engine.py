@@ -1,12 +1,18 @@
 """One engine per process for the configured or embedded PostgreSQL, plus migrations."""
 import functools
 import os
+import shutil
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from backend.config import settings
 from backend.errors import DatabaseError
+
+DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
+LOW_DISK_BYTES = 16 * 2**20  # one WAL segment: with less free, the embedded server cannot go on writing
+DISK_FULL = ("the database's disk is full, so nothing was written: free space on the disk that holds PostgreSQL's "
+             "data, then try again (searches go on working, and deletes do where PostgreSQL can still write)")
 
 
 @functools.cache
@@ -105,3 +111,17 @@ def application_name(role: str = "") -> str:
 def get_engine() -> sa.Engine:
     """The process-wide engine."""
     return create_engine_checked(database_url())
+
+
+def disk_full(exc: Exception) -> bool:
+    """Whether a database error comes from a full disk: PostgreSQL says so (an ERROR, or the PANIC of a WAL write),
+    or, on the embedded server, its data folder's disk has less than a WAL segment free (it crashed without saying)."""
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(orig, "pgcode", None) == DISK_FULL_SQLSTATE or "No space left on device" in str(orig):
+        return True
+    if not is_embedded():
+        return False
+    try:
+        return shutil.disk_usage(settings.pg_data_dir).free < LOW_DISK_BYTES
+    except OSError:  # not created yet
+        return False

@@ -4,7 +4,7 @@ import functools
 from sqlalchemy.orm import sessionmaker
 
 from backend.config import settings
-from backend.storage.engine import embedded_server, get_engine
+from backend.storage.engine import embedded_server, get_engine, is_embedded
 from backend.storage.migrations import migrate
 
 
@@ -23,11 +23,28 @@ def session_factory(collection: str | None = None) -> sessionmaker:
     return collection_sessions().sessions(collection or settings.collection)
 
 
+@functools.cache
+def supervisor():
+    """The process's backend.storage.supervision.Supervisor of the embedded server (started on first call)."""
+    from backend.storage.supervision import Supervisor
+
+    return Supervisor(embedded_server()).start()
+
+
+def supervise() -> None:
+    """Keep the embedded server running while this process serves; nothing to do on a configured database."""
+    if is_embedded():
+        supervisor()
+
+
 def close() -> None:
-    """Dispose the engines and let go of the embedded server (stopped if no other process uses it)."""
+    """Stop supervising, dispose the engines and let go of the embedded server (stopped if no other process uses
+    it)."""
+    if supervisor.cache_info().currsize:
+        supervisor().stop()
     if get_engine.cache_info().currsize:
         get_engine().dispose()
     if embedded_server.cache_info().currsize:
         embedded_server().release()
-    for cached in (collection_sessions, get_engine, embedded_server):
+    for cached in (supervisor, collection_sessions, get_engine, embedded_server):
         cached.cache_clear()

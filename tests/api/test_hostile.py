@@ -72,7 +72,8 @@ def test_every_hostile_file_through_every_image_endpoint_with_bounded_memory(ser
                 response, extra = _peak_extra_mib(pid, lambda: client.post(
                     path, data=data, files={"file": (f.name, f.data, "application/octet-stream")}))
                 worst = max(worst, extra)
-                report.append({"file": f.name, "endpoint": path, "status": response.status_code,
+                took = response.elapsed.total_seconds()
+                report.append({"file": f.name, "endpoint": path, "status": response.status_code, "seconds": took,
                                "peak_extra_mib": round(extra, 1), "detail": response.json().get("detail")})
                 assert response.status_code < 500, (f.name, path, response.text)
                 if f.valid:
@@ -80,12 +81,14 @@ def test_every_hostile_file_through_every_image_endpoint_with_bounded_memory(ser
                 else:
                     assert response.status_code in (400, 413, 415, 422), (f.name, path, response.text)
                     assert response.json()["detail"], (f.name, path)
+                    assert took < 1, (f.name, path, f"refused after {took:.2f} s")  # the work is bounded first
                 assert extra <= RSS_BUDGET_MIB, (f.name, path, f"+{extra:.0f} MiB")
     (output_dir / "hostile-report.json").write_text(json.dumps(
         {"files": len(files), "valid": sum(f.valid for f in files), "requests": len(report),
          "worst_peak_extra_mib": round(worst, 1), "requests_detail": report}, indent=1))
+    slowest = max(r["seconds"] for r, f in zip(report, (f for f in files for _ in endpoints)) if not f.valid)
     print(f"\n{len(files)} files x {len(endpoints)} endpoints = {len(report)} requests, 0 5xx, "
-          f"worst peak RSS +{worst:.0f} MiB per request")
+          f"worst peak RSS +{worst:.0f} MiB per request, slowest refusal {slowest:.2f} s")
 
 
 def test_chunk_floods_in_flight_hold_up_no_ordinary_search(server, files):
