@@ -168,5 +168,12 @@ def new_cli_env(pg_server, tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "minutes: takes minutes; started first, so that no worker ends on it alone")
     # pytest-xdist's own marker, also known when the suite runs without it (-p no:xdist)
     config.addinivalue_line("markers", "xdist_group(name): tests that run in one worker under --dist loadgroup")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The longest tests first (a stable sort: every module's tests stay together and in order), so that under
+    # pytest-xdist the other worker takes the many short ones meanwhile instead of idling at the end.
+    items.sort(key=lambda item: item.get_closest_marker("minutes") is None)

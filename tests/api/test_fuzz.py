@@ -19,7 +19,7 @@ from tests.hostile_files import corpus
 
 KEY = "fuzz-key"
 EXAMPLES_PER_OPERATION = 60  # for each operation, of valid and of invalid requests
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fuzz")]
+pytestmark = [pytest.mark.slow, pytest.mark.minutes, pytest.mark.xdist_group("fuzz")]
 
 
 def _real_files() -> list[bytes]:

@@ -23,7 +23,7 @@ from backend.storage.engine import create_engine_checked
 from tests.helpers import ROOT, free_port, write_fashion_mnist, write_folder_dataset
 
 # Not imported here: Ray reads its authentication settings when first imported, after the fixture sets them.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray"), pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+pytestmark = [pytest.mark.slow, pytest.mark.minutes, pytest.mark.xdist_group("ray"), pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                                    reason="Ray is installed by requirements-dev.txt")]
 RAY = str(Path(sys.executable).parent / "ray")
 

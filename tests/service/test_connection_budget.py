@@ -14,7 +14,7 @@ from PIL import Image
 from backend.storage.collections import create_collection
 from tests.helpers import ROOT, png_bytes, running_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes]
 
 KEY = "budget-test-key"
 COLLECTIONS = 200
