@@ -140,8 +140,7 @@ exit /b %errorlevel%
 
 :do_test
 if not exist "%PY%" call :do_install || exit /b 1
-rem Two processes by default, or one on a single core: see setup.sh's cmd_test
-if "%TEST_WORKERS%"=="" (if %NUMBER_OF_PROCESSORS% GTR 1 (set "TEST_WORKERS=2") else (set "TEST_WORKERS=1"))
+if "%TEST_WORKERS%"=="" set "TEST_WORKERS=1"
 if %TEST_WORKERS% GTR 1 (
   "%PY%" -m pytest -n %TEST_WORKERS% --dist loadgroup %*
 ) else (
