@@ -196,17 +196,21 @@ def freeze_postgres(ctx: dict) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def fill_disk(ctx: dict) -> None:
-    filler = ctx["disk"] / "filler"
-    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing is left to fail at close
+def fill(path: Path) -> None:
+    """Write `path` until its disk has no byte left (unbuffered: nothing is left to fail at close)."""
+    with open(path, "wb", buffering=0) as f:
         for size in (2**20, 4096, 1):
             try:
                 while f.write(b"\0" * size):
                     pass
             except OSError:
                 pass
+
+
+def fill_disk(ctx: dict) -> None:
+    fill(ctx["disk"] / "filler")
     time.sleep(ctx["full_seconds"])
-    filler.unlink()
+    (ctx["disk"] / "filler").unlink()
 
 
 FAULTS = [("kill -9 PostgreSQL", kill_postgres), ("kill -9 a worker", kill_worker),

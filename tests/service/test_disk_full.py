@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.soak import fill
 from tests.helpers import png_bytes, running_server
 
 pytestmark = pytest.mark.slow
@@ -29,17 +30,6 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def _fill(disk) -> None:
-    """Write a file until the disk has no byte left (unbuffered: nothing is left to fail at close)."""
-    with open(disk / "filler", "wb", buffering=0) as f:
-        for size in (2**20, 4096, 1):
-            try:
-                while f.write(b"\0" * size):
-                    pass
-            except OSError:
-                pass
-
-
 def _noise(seed: int) -> bytes:
     """A PNG that does not compress: each upload needs new pages."""
     return png_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (192, 192, 3), np.uint8)))
@@ -54,7 +44,7 @@ def test_a_full_disk_gets_507_naming_it_while_searches_and_deletes_go_on(cli_env
                   for n in range(6)]
         assert [r.status_code for r in stored] == [200] * 6
         ids = [r.json()["image_id"] for r in stored]
-        _fill(small_disk)
+        fill(small_disk / "filler")
         answers = []
         for n in range(100, 140):  # pages left in the tables' files take a few more; then the disk says no
             answers.append(client.post("/upload", files={"file": ("b.png", _noise(n))}, data={"category": "a"}))
