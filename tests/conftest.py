@@ -2,6 +2,7 @@
 each test that needs a database gets a fresh copy of it."""
 import itertools
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -171,6 +172,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "minutes: takes minutes; started first, so that no worker ends on it alone")
     # pytest-xdist's own marker, also known when the suite runs without it (-p no:xdist)
     config.addinivalue_line("markers", "xdist_group(name): tests that run in one worker under --dist loadgroup")
+    restore_ctrl_c()
+
+
+def restore_ctrl_c() -> None:
+    """Let Ctrl-C interrupt this run and every process it starts, as at a person's terminal.
+
+    A job started in the background by a shell without job control (`(cmd &)`, some CI runners) inherits SIGINT
+    ignored, and an ignored signal stays ignored across exec: the tests that send Ctrl-C to a question or to the
+    menu then wait forever (the menu's Ctrl-C "race"). A handler, unlike SIG_IGN, is reset to the default at exec,
+    so installing Python's own one here gives every child the default too."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
