@@ -11,9 +11,10 @@ For each model, on the same real images (Fashion-MNIST test images, Debian's dat
 - onnxruntime, openvino (where installed: bench/requirements.txt): the naive backbone exported to ONNX, each
   runtime with its own defaults for this CPU.
 resnet50/18 use randomly initialised weights when no ImageNet weights are available: the speed is the same, but
-their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, runtime, ...}}.
+their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, runtime, load_first_s, load_stored_s, ...}}.
 """
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +33,9 @@ from bench.common import machine, write_json  # noqa: E402
 NAIVE_BATCH = 16
 
 
-def embedder_for(name: str, precision: str):
-    """An embedder of `name`; ResNets without ImageNet weights get random ones (same speed)."""
-    embedder = create_embedder(name, device="cpu", precision=precision, batch_size=NAIVE_BATCH)
+def embedder_for(name: str, precision: str, engine_dir: Path | None = None):
+    """An embedder of `name`, loaded; ResNets without ImageNet weights get random ones (same speed)."""
+    embedder = create_embedder(name, device="cpu", precision=precision, batch_size=NAIVE_BATCH, engine_dir=engine_dir)
     if isinstance(embedder, TorchvisionResNet) and embedder.weights_problem():
         import torchvision
 
@@ -121,12 +122,28 @@ def populate_speed(embedder, items) -> float:
     return report.images_per_second
 
 
+LOAD = ("import sys, time; from backend.embedding.models import create_embedder; "
+        "e = create_embedder(sys.argv[1], device='cpu', engine_dir=sys.argv[2]); "
+        "started = time.perf_counter(); e.load(); print(time.perf_counter() - started)")
+
+
+def load_seconds(name: str) -> dict:
+    """Seconds a new process takes to load the model (after its imports) on a machine's first start, when the
+    engine is measured and OpenVINO converts and compiles, and on a later start, which reuses what was stored."""
+    if create_embedder(name).weights_problem():
+        return {"load_first_s": None, "load_stored_s": None}  # random weights are made here, not loaded
+    with tempfile.TemporaryDirectory(prefix="imsrc-engines-") as engines:
+        seconds = [float(subprocess.run([sys.executable, "-c", LOAD, name, engines], check=True, capture_output=True,
+                                        text=True, cwd=Path(__file__).resolve().parent.parent).stdout)
+                   for _ in range(2)]
+    return {"load_first_s": round(seconds[0], 2), "load_stored_s": round(seconds[1], 2)}
+
+
 def run(name: str, items) -> dict:
     from backend.embedding.decode import decode
 
     torch.manual_seed(0)  # random ResNet weights, where used, are the same in both
     naive_backbone = embedder_for(name, "fp32")._loaded[0].to(memory_format=torch.contiguous_format)
-    torch.manual_seed(0)
     chosen = embedder_for(name, "auto")
     preprocess = chosen._loaded[2]
     tensors = torch.stack([preprocess(decode(item.read()).image) for item in items])
@@ -136,9 +153,14 @@ def run(name: str, items) -> dict:
     cosine = (fp32_vectors * chosen_vectors).sum(1)
     return {"naive": round(naive, 1), "imsrc": round(imsrc, 1), "speedup": round(imsrc / naive, 2),
             "populate": round(populate_speed(chosen, items), 1), "precision": chosen.precision,
+            **load_seconds(name),
             "why": chosen.precision_reason, "runtime": chosen.runtime_reason, "cosine_mean": round(float(cosine.mean()), 5),
             "cosine_min": round(float(cosine.min()), 5), "random_weights": getattr(chosen, "random_weights", False),
             "runtimes": other_runtimes(naive_backbone, batches, fp32_vectors)}
+
+
+def _loads(r: dict) -> str:
+    return "n/a" if r["load_first_s"] is None else f"{r['load_first_s']:.1f}/{r['load_stored_s']:.1f}"
 
 
 def main() -> None:
@@ -152,18 +174,21 @@ def main() -> None:
     info = machine()
     print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['threads']} threads, torch {info['torch']}, "
           f"{len(items)} Fashion-MNIST test images")
-    print(f"{'model':<20}{'naive':>8}{'imsrc':>8}{'ratio':>7}{'populate':>10}{'pop/imsrc':>10}  precision  cosine mean/min")
+    print(f"{'model':<20}{'naive':>8}{'imsrc':>8}{'ratio':>7}{'populate':>10}{'pop/imsrc':>10}{'load s':>12}  precision"
+          "  cosine mean/min")
     results = {}
     for name in args.models:
         r = results[name] = run(name, items)
         print(f"{name:<20}{r['naive']:>8.1f}{r['imsrc']:>8.1f}{r['speedup']:>6.2f}x{r['populate']:>10.1f}"
-              f"{r['populate'] / r['imsrc']:>9.0%}  {r['precision']:<9}  {r['cosine_mean']:.4f} / {r['cosine_min']:.4f}"
+              f"{r['populate'] / r['imsrc']:>9.0%}{_loads(r):>12}  {r['precision']:<9}  {r['cosine_mean']:.4f} / {r['cosine_min']:.4f}"
               + ("  (random weights)" if r["random_weights"] else ""), flush=True)
         for runtime, measured in r["runtimes"].items():
             print(f"  {runtime:<18}" + (f"{measured['images_per_s']:>8.1f} images/s, {measured['images_per_s'] / r['naive']:.2f}x "
                                         f"naive, cosine to fp32 {measured['cosine_mean']:.4f} / {measured['cosine_min']:.4f}"
                                         if "images_per_s" in measured else f"  {measured}"), flush=True)
     print("images/s; naive = fp32, default memory format, batch 16; imsrc = EMBED_PRECISION=auto, channels-last;")
+    print("load s: a new process's model load on a machine's first start (engine measured, converted, compiled) / on")
+    print("a later one (the stored engine and OpenVINO's files reused; n/a: random weights);")
     print("onnxruntime/openvino: the naive backbone exported to ONNX, each runtime's defaults for this CPU")
     for name, r in results.items():
         print(f"{name}: {r['runtime']}")

@@ -206,6 +206,12 @@ class ServedCollection(BaseModel):
     memory_bytes: int
 
 
+class EngineOut(BaseModel):
+    runtime: str = Field(description="'openvino' or 'torch': what runs the model's network")
+    precision: str = Field(description="'fp32' or 'bf16'")
+    why: str = Field(description="what was measured on this machine (and when, if it was stored), or the setting")
+
+
 class StatusOut(BaseModel):
     images: int
     categories: int
@@ -229,6 +235,7 @@ class StatusOut(BaseModel):
                                      "history (recording is off, or reading it needs write access), or null when "
                                      "it can; analytics are open to everyone either way")
     collection: str = Field("default", description="the collection these counts and this index are of")
+    engine: EngineOut | None = Field(None, description="the engine the model runs on in this process")
     served_collections: list[ServedCollection] = Field(
         default_factory=list, description="the collections this process has loaded, with their indexes' memory")
 

@@ -1,4 +1,4 @@
-"""Commands that run and describe the system: init-db, status, serve."""
+"""Commands that run and describe the system: init-db, status, serve, calibrate."""
 import os
 
 from backend.cli.arguments import positive_int
@@ -151,6 +151,26 @@ def _announce_when_ready(host: str, port: int) -> None:
     threading.Thread(target=wait, name="announce", daemon=True).start()
 
 
+def cmd_calibrate(args) -> int:
+    """Measure again which engine (precision, PyTorch or OpenVINO) runs the model fastest here, and store it: every
+    process and restart on this machine uses it (it is measured once by itself otherwise)."""
+    from backend.embedding.calibration import EngineChoices
+    from backend.embedding.models import get_embedder
+    from backend.embedding.projection import base_of
+    from backend.service.model_choice import choose_model
+    from backend.storage.sessions import session_factory
+
+    name = base_of(args.model or choose_model(session_factory(), quiet=True).name)
+    embedder = get_embedder(name)
+    if embedder.precision_setting != "auto" and embedder.runtime != "auto":
+        raise ImsrcError("EMBED_PRECISION and EMBED_RUNTIME are both set: there is nothing to measure")
+    EngineChoices(embedder.engine_dir).forget(name)
+    embedder.load()
+    print(f"{name}: {embedder.runtime_in_use}, {embedder.precision} ({embedder.precision_reason}; "
+          f"{embedder.runtime_reason}); stored in {embedder.engine_dir}")
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's commands to the parser's subcommands."""
     sub.add_parser("init-db", help=cmd_init_db.__doc__).set_defaults(func=cmd_init_db)
@@ -163,3 +183,6 @@ def register(sub) -> None:
     p.add_argument("--workers", type=positive_int, default=1,
                    help="worker processes sharing the port (each holds the model and the index: see README)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
+    p.add_argument("--model", default=None, help="default: the model in use")
+    p.set_defaults(func=cmd_calibrate)

@@ -34,15 +34,19 @@ class Embedder(ABC):
     dim: int
 
     def __init__(self, device: str = "auto", batch_size: int = 32, precision: str = "auto",
-                 weights_path: Path | None = None, runtime: str = "auto"):
+                 weights_path: Path | None = None, runtime: str = "auto", engine_dir: Path | None = None):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.batch_size = batch_size
+        self.precision_setting = precision
         self.precision = precision  # "auto" becomes "fp32" or "bf16" when the model loads (backend.embedding.precision)
         self.precision_reason = "set by EMBED_PRECISION" if precision != "auto" else ""
         self.weights_path = Path(weights_path) if weights_path else None
         self.runtime = runtime  # "auto" chooses PyTorch or OpenVINO when the model loads (backend.embedding.runtimes)
         self.runtime_reason = ""
+        # where the engine measured for this machine is stored and reused (backend.embedding.calibration); None:
+        # measured at each load
+        self.engine_dir = Path(engine_dir) if engine_dir else None
         self._loaded: tuple[nn.Module, nn.Module, Callable] | None = None
         self._compiled = None  # the backbone as OpenVINO runs it, when backend.embedding.runtimes chose it
         self._loading, self._ready = threading.RLock(), False
@@ -71,18 +75,44 @@ class Embedder(ABC):
                 backbone = backbone.eval().to(self.device, memory_format=torch.channels_last)
                 head = head.eval().to(self.device)
                 self._loaded = (backbone, head, preprocess)
-                if self.precision == "auto":
-                    from backend.embedding.precision import choose
-
-                    self.precision, self.precision_reason = choose(self)
-                from backend.embedding.runtimes import choose as choose_runtime
-
-                self._compiled, self.runtime_reason = choose_runtime(self, self.runtime)
+                self._choose_engine()
                 self._features([Image.new("RGB", (64, 64))])  # the first pass is slow (kernel set-up): pay it now
                 log.info("loaded %s on %s in %.1f s, %s (%s); %s", self.name, self.device,
                          time.perf_counter() - started, self.precision, self.precision_reason, self.runtime_reason)
                 self._ready = True
         return self
+
+    def _choose_engine(self) -> None:
+        """Set the precision and the runtime: as stored for this machine when a choice is, else measured (and
+        stored, when there is an engine_dir), under a lock that makes a second process reuse the first's."""
+        from backend.embedding.calibration import EngineChoices, key_digest, machine_key
+        from backend.embedding.precision import choose as choose_precision
+        from backend.embedding.runtimes import choose as choose_runtime
+
+        if self.engine_dir is None:
+            if self.precision == "auto":
+                self.precision, self.precision_reason = choose_precision(self)
+            self._compiled, self.runtime_reason = choose_runtime(self, self.runtime)
+            return
+        measured = self.precision == "auto" or self.runtime == "auto"
+        choices = EngineChoices(self.engine_dir)
+        with choices.locked():
+            key = machine_key(self)
+            stored, cache = choices.get(key) if measured else None, choices.openvino_dir / key_digest(key)
+            if stored is not None:
+                self.precision = stored["precision"]
+                self.precision_reason = f"{stored['precision_reason']}; measured {stored['measured_at']}, stored"
+                self._compiled, _ = choose_runtime(self, stored["runtime"], cache)
+                self.runtime_reason = f"{stored['runtime_reason']}; measured {stored['measured_at']}, stored"
+                if self.runtime_in_use == stored["runtime"]:
+                    return
+                log.warning("the stored engine (%s) cannot be used now: measuring again", stored["runtime"])
+                self.precision = self.precision_setting
+            if self.precision == "auto":
+                self.precision, self.precision_reason = choose_precision(self)
+            self._compiled, self.runtime_reason = choose_runtime(self, self.runtime, cache)
+            if measured:
+                choices.put(key, self.precision, self.precision_reason, self.runtime_in_use, self.runtime_reason)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed RGB images; returns float32 (len(images), dim), each row of unit L2 norm."""
@@ -280,6 +310,7 @@ def get_embedder(name: str) -> Embedder:
 
     return create_embedder(name, device=settings.device, batch_size=settings.batch_size,
                            precision=settings.embed_precision, runtime=settings.embed_runtime,
+                           engine_dir=settings.data_dir / "engines",
                            weights_path=settings.model_weights_path
                            if name == base_of(settings.model_name or DEFAULT_MODEL) else None)
 

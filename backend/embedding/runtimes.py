@@ -9,6 +9,7 @@ measured when a model loads, never assumed: the log says what was measured.
 import logging
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,16 +23,32 @@ class OpenVinoBackbone:
     """An embedder's backbone compiled by OpenVINO for this CPU: a preprocessed batch in, features out, like the
     torch module; any batch size; one call at a time."""
 
-    def __init__(self, backbone: torch.nn.Module, example: torch.Tensor, precision: str):
+    def __init__(self, backbone: torch.nn.Module, example: torch.Tensor, precision: str, cache: Path | None = None):
+        """`cache`: the path prefix of this model's converted files; its folder also holds OpenVINO's compiled
+        blobs. With it, a later start reads both instead of converting and compiling again."""
         import openvino
 
-        model = openvino.convert_model(backbone, example_input=example[:1].contiguous())
-        model.reshape([-1, *example.shape[1:]])  # any batch size
+        core = openvino.Core()
         # fp32 asked for (or chosen) stays fp32; else OpenVINO's own choice: bf16 where the CPU has it natively.
         config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "fp32" else {}
-        self.compiled = openvino.Core().compile_model(model, "CPU", config)
+        if cache is None:
+            self.compiled = core.compile_model(self._convert(openvino, backbone, example), "CPU", config)
+        else:
+            converted = cache.with_suffix(".xml")
+            if not converted.is_file() or not converted.with_suffix(".bin").is_file():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                # fp32 as converted: OpenVINO's default fp16 compression would change the vectors
+                openvino.save_model(self._convert(openvino, backbone, example), converted, compress_to_fp16=False)
+            core.set_property({"CACHE_DIR": str(cache.parent / "blobs")})
+            self.compiled = core.compile_model(str(converted), "CPU", config)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._lock = threading.Lock()  # one infer request: the query batcher and an upload may call at once
+
+    @staticmethod
+    def _convert(openvino, backbone: torch.nn.Module, example: torch.Tensor):
+        model = openvino.convert_model(backbone, example_input=example[:1].contiguous())
+        model.reshape([-1, *example.shape[1:]])  # any batch size
+        return model
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -39,8 +56,9 @@ class OpenVinoBackbone:
         return torch.from_numpy(np.array(features, dtype=np.float32))
 
 
-def choose(embedder, setting: str) -> tuple[OpenVinoBackbone | None, str]:
-    """(the OpenVINO backbone to run instead of PyTorch, or None for PyTorch; why) for a loaded embedder."""
+def choose(embedder, setting: str, cache: Path | None = None) -> tuple[OpenVinoBackbone | None, str]:
+    """(the OpenVINO backbone to run instead of PyTorch, or None for PyTorch; why) for a loaded embedder;
+    `cache` as OpenVinoBackbone takes it."""
     if setting == "torch":
         return None, "PyTorch, set by EMBED_RUNTIME"
     if embedder.device.type != "cpu":
@@ -51,7 +69,7 @@ def choose(embedder, setting: str) -> tuple[OpenVinoBackbone | None, str]:
         return None, "PyTorch: OpenVINO is not installed"
     batch = embedder.prepare(calibration_images())
     try:
-        runner = OpenVinoBackbone(embedder._loaded[0], batch, embedder.precision)
+        runner = OpenVinoBackbone(embedder._loaded[0], batch, embedder.precision, cache)
     except Exception as exc:  # a network OpenVINO cannot convert: PyTorch runs it as before
         log.warning("OpenVINO cannot compile %s (%s); using PyTorch", embedder.name, str(exc).splitlines()[0][:200])
         return None, "PyTorch: OpenVINO could not compile the model"

@@ -29,6 +29,8 @@ def test_root_health_status_docs(client):
     status = client.get("/status").json()
     assert status["images"] == 18 and status["index_size"] == 18 and status["model"] == "test-pixels"
     assert status["database"] == "embedded" and status["index_type"] == "flatip"
+    engine = status["engine"]  # which engine runs the model in this process, and why
+    assert engine["runtime"] in ("torch", "openvino") and engine["precision"] in ("fp32", "bf16") and engine["why"]
     spec = client.get("/openapi.json").json()
     for path in ("/search", "/search/prototypes", "/upload", "/images/{image_id}", "/images/{image_id}/info",
                  "/images/{image_id}/similar", "/categories", "/categories/{category_id}/images",

@@ -10,7 +10,8 @@ from backend.api import telemetry
 from backend.api.deps import SearchDep, ServedDep, require_write_access
 from backend.api.guard import write_refusal
 from backend.api.routes.images import WRITE_ERRORS
-from backend.api.schemas import CheckOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection, StatusOut
+from backend.api.schemas import (CheckOut, EngineOut, HealthOut, Problem, RebuildOut, RefreshOut, ServedCollection,
+                                 StatusOut)
 from backend.service.model_choice import unserved_notice
 from backend.storage.engine import is_embedded
 
@@ -67,10 +68,16 @@ def status(request: Request, search: SearchDep, served: ServedDep):
                      index_source=search.index_source, database="embedded" if is_embedded() else "external",
                      notice=unserved_notice(c["embeddings"], search.embedder.name), worker=os.getpid(),
                      sync=search.sync_status(), history=recording, history_note=_history_note(request, recording),
-                     collection=search.collection,
+                     collection=search.collection, engine=_engine(search.embedder),
                      served_collections=[ServedCollection(name=c.collection, model=c.embedder.name,
                                                           index_vectors=len(c.index), memory_bytes=c.memory_bytes())
                                          for c in served.served()])
+
+
+def _engine(embedder) -> EngineOut:
+    source = embedder.source  # a derived model runs its base's network
+    return EngineOut(runtime=source.runtime_in_use, precision=source.precision,
+                     why=f"{source.precision_reason}; {source.runtime_reason}")
 
 
 async def _timed(search, work) -> RebuildOut:
