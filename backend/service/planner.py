@@ -141,7 +141,9 @@ def _collapsed(collection, ids: np.ndarray, ranked: np.ndarray, threshold: float
     order = ids[ranked].tolist()
     stored = lookups.stored_vectors(collection.sessions, collection.embedder.name, order)
     present = [i for i in order if i in stored]
-    vectors = np.array([stored[i] for i in present]).reshape(len(present), -1)
+    if not present:  # nothing ranked (a filter or min_score left nothing): nothing to collapse
+        return ranked[:0]
+    vectors = np.array([stored[i] for i in present])
     kept = set(duplicates.collapse(present, vectors, threshold))
     return np.array([r for r, i in zip(ranked.tolist(), order) if i in kept], np.int64)
 

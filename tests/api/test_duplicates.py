@@ -13,6 +13,7 @@ from backend.api.app import create_app
 from backend.config import settings
 from backend.errors import InvalidQuery
 from backend.service.image_search import ImageSearch
+from backend.storage.filters import Condition
 from tests.helpers import ROOT, PixelEmbedder, png_bytes
 
 THRESHOLD = 0.99  # the stand-in embedder's 4x4 colours: copies of one picture agree to 0.999
@@ -69,6 +70,9 @@ def test_a_search_can_collapse_near_duplicates(collection):
     collapsed = [r.image_id for r in search.search_similar(query, k=4, use_prototypes=False, collapse=THRESHOLD)
                  .results]
     assert len(collapsed) == 4 and len(set(collapsed) & set(copied[0])) == 1 and collapsed[0] == plain[0]
+    # Nothing left to collapse (the fuzzer's find: a reshape of no vectors was a 500)
+    assert search.search_similar(query, k=4, use_prototypes=False, collapse=THRESHOLD, min_score=1.01).results == []
+    assert search.search_similar(query, k=4, collapse=THRESHOLD, where=[Condition("no such key", "eq", "x")]).results == []
 
 
 def test_duplicates_over_the_api(collection, sessions, tmp_path, monkeypatch):
