@@ -137,6 +137,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(host: str, port: int, timeout: float = 180, alive=lambda: True) -> bool:
+    """Poll a TCP connect to host:port until one succeeds (True), `timeout` seconds pass or `alive()` turns False."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 def wait_healthy(base: str, timeout: float = 180, alive=lambda: True) -> bool:
     """Poll base/health until it answers 200 (True), `timeout` seconds pass or `alive()` turns False (False)."""
     import time

@@ -20,7 +20,7 @@ from backend.storage import collections
 from backend.storage import images as image_store
 from backend.storage.collections import CollectionSessions
 from backend.storage.engine import create_engine_checked
-from tests.helpers import ROOT, free_port, write_fashion_mnist, write_folder_dataset
+from tests.helpers import ROOT, free_port, wait_listening, write_fashion_mnist, write_folder_dataset
 
 # Not imported here: Ray reads its authentication settings when first imported, after the fixture sets them.
 pytestmark = [pytest.mark.slow, pytest.mark.minutes, pytest.mark.xdist_group("ray"), pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -29,31 +29,41 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
+def ray_address():
     """A Ray head with 2 CPUs on this machine, as `ray start --head` makes one, with token authentication (Ray's
-    default) on a token of its own that this process and its children are given; stopped afterwards."""
+    default) on a token of its own that this process and its children are given; stopped afterwards.
+
+    Its own temporary folder and its own session, stopped by killing that session's processes: `ray stop` would
+    stop every Ray cluster on the machine, and a process connected to one whose GCS goes away is ended by Ray
+    (under two test workers, one worker's `ray stop` took the other one down)."""
     import secrets
+    import shutil
+    import tempfile
 
     port = free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {key: os.environ.get(key) for key in auth}
     os.environ.update(auth)  # for ray.init here and for the populate processes the tests start
-    env = dict(os.environ)
-    started = subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-                              "--include-dashboard=false", "--disable-usage-stats"],
-                             env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield f"127.0.0.1:{port}"
-    import ray
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert wait_listening("127.0.0.1", port, 180, alive=lambda: head.poll() is None), head.stdout.read()
+        yield f"127.0.0.1:{port}"
+    finally:
+        import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        if ray.is_initialized():
+            ray.shutdown()
+        os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started: nothing of theirs to keep
+        head.wait(60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _sessions(url):
