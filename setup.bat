@@ -140,7 +140,7 @@ exit /b %errorlevel%
 
 :do_test
 if not exist "%PY%" call :do_install || exit /b 1
-if "%TEST_WORKERS%"=="" set "TEST_WORKERS=1"
+if "%TEST_WORKERS%"=="" set "TEST_WORKERS=2"
 if %TEST_WORKERS% GTR 1 (
   "%PY%" -m pytest -n %TEST_WORKERS% --dist loadgroup %*
 ) else (

@@ -11,7 +11,7 @@
 #                                 Fashion-MNIST + efficientnet_lite0 offline
 #   ./setup.sh status             what the database holds
 #   ./setup.sh test [ARGS]        install if needed, then run the whole test suite (pytest ARGS; in
-#                                 TEST_WORKERS processes, default 1)
+#                                 TEST_WORKERS processes, default 2)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -114,9 +114,8 @@ cmd_test() {
   cmd_install
   say "running the test suite"
   # TEST_WORKERS=N shares the tests among N processes (pytest-xdist; groups keep a module's shared fixtures in one
-  # of them, the longest start first). One by default: under two, a worker crashed during the Ray tests on two
-  # cores (not yet understood), and a worker that dies takes its group's tests along.
-  local workers="${TEST_WORKERS:-1}"
+  # of them, the longest start first). Two by default: on two cores the suite takes two thirds of the serial time.
+  local workers="${TEST_WORKERS:-2}"
   if [ "$workers" -gt 1 ]; then set -- -n "$workers" --dist loadgroup "$@"; fi
   "$PY" -m pytest "$@"
 }
