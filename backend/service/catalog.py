@@ -1,5 +1,7 @@
 """What the API shows of a collection without searching: counts, images, categories, the history. Read-only, so
 routes never open a session or write SQL themselves."""
+from collections.abc import Callable
+
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
@@ -12,8 +14,9 @@ from backend.storage.tables import Category, SearchRecord
 class Catalog:
     """Read-only answers about one collection (the one `sessions` lead to)."""
 
-    def __init__(self, sessions: sessionmaker):
+    def __init__(self, sessions: sessionmaker, written: Callable[[], None] = lambda: None):
         self.sessions = sessions
+        self.written = written  # returns once the searches answered so far are in the history
 
     def reachable(self) -> bool:
         """Whether the database answers now."""
@@ -58,11 +61,13 @@ class Catalog:
 
     def history_page(self, offset: int, limit: int) -> tuple[int, list[SearchRecord]]:
         """(searches kept, a page of them, newest first)."""
+        self.written()
         with self.sessions() as s:
             return history.page(s, offset, limit)
 
     def history_thumbnail(self, record_id: int) -> bytes:
         """The thumbnail of a recorded search's uploaded query; NotFound when it has none."""
+        self.written()
         with self.sessions() as s:
             row = s.get(SearchRecord, record_id)
         if row is None or row.query_thumbnail is None:
@@ -71,5 +76,6 @@ class Catalog:
 
     def analytics(self, days: int) -> dict:
         """Searches per day, latency percentiles, top categories and images (backend.storage.history.analytics)."""
+        self.written()
         with self.sessions() as s:
             return history.analytics(s, days)

@@ -64,7 +64,7 @@ class ImageSearch:
         self.confidence = QueryConfidence(sessions, embedder)  # what "no close match" means for this collection
         self.live_sync, self._own_live_sync = None, False  # see start_live_sync
         self.history = SearchHistory(sessions, embedder.name)  # off until start_history
-        self.catalog = Catalog(sessions)  # what routes show without searching
+        self.catalog = Catalog(sessions, self.history.flush)  # what routes show without searching
         self.keys = MetadataKeys(sessions, lambda: self.manager.changes)  # stale after the index changes
         self.manager.load_or_build()
         self._follow_head()
@@ -375,6 +375,7 @@ class ImageSearch:
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
+        self.history.close()
         self.manager.close(save=not self.dropped)  # a deleted collection's index is not snapshotted
 
     def _ingest(self, items: list[Item], progress: bool = False, strict: bool = False) -> IngestReport:

@@ -24,7 +24,11 @@ def category_names(sessions: sessionmaker, ids: list[int]) -> dict[int, str]:
     if not ids:
         return {}
     with sessions() as s:
-        return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
+        return _names(s, ids)
+
+
+def _names(session, ids: list[int]) -> dict[int, str]:
+    return dict(session.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all()) if ids else {}
 
 
 def stored_vectors(sessions: sessionmaker, model_name: str, image_ids: list[int]) -> dict[int, np.ndarray]:
@@ -55,12 +59,12 @@ def stored_bases(sessions: sessionmaker, embedder, image_ids: list[int]) -> tupl
 
 def describe(sessions: sessionmaker, hits: Hits, first_rank: int = 1) -> tuple[list[SearchResult], list[dict]]:
     """The hits as search results (ranked from first_rank), and the categories stage 1 chose with similarities."""
-    ids = hits.ids.tolist()
-    with sessions() as s:
+    ids, ranked = hits.ids.tolist(), [c for c, _ in hits.prototype_ranking]
+    with sessions() as s:  # one checkout for both: each costs a round trip (the pool's liveness check)
         rows = {r.id: r for r in s.execute(
             sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Image.metadata_, Category.name)
             .join(Category, isouter=True).where(Image.id.in_(ids))).all()} if ids else {}
-    names = category_names(sessions, [c for c, _ in hits.prototype_ranking])
+        names = _names(s, ranked)
     # An image deleted by another process since the last refresh is left out.
     results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name,
                             category_id=int(cat), file_name=rows[i].original_name, label=rows[i].label,

@@ -1,5 +1,8 @@
-"""Keeping a collection's searches (backend.storage.history) and reading one back to run it again."""
+"""Keeping a collection's searches (backend.storage.history) off the request path, and reading one back to run it
+again."""
 import logging
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,40 +17,89 @@ from backend.storage import history
 from backend.storage.tables import SearchRecord
 
 log = logging.getLogger(__name__)
+BATCH = 64  # searches written in one statement and one commit
+PENDING = 1024  # searches waiting to be written; a search beyond that waits for room (nothing is dropped)
 
 
 class SearchHistory:
-    """A collection's search history: off until start() (what a server does unless HISTORY_ENABLED is off)."""
+    """A collection's search history: off until start() (what a server does unless HISTORY_ENABLED is off).
+
+    A search is answered without waiting for its record: one writer thread turns what has queued up (the query's
+    thumbnail included) into one multi-row INSERT and one commit. Reads of the history flush() first, so a search is
+    in the history as soon as its answer is out; close() writes what is still queued."""
 
     def __init__(self, sessions: sessionmaker, model_name: str):
         self.sessions, self.model_name = sessions, model_name
         self.days: int | None = None  # retention; None: searches are not recorded
+        self._pending: queue.Queue = queue.Queue(PENDING)
+        self._writer: threading.Thread | None = None
+        self._starting = threading.Lock()
 
     def start(self, retention_days: int) -> None:
         """Record every search from now on, for `retention_days`."""
-        self.days = retention_days
+        with self._starting:
+            self.days = retention_days
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, name="imsrc-history", daemon=True)
+                self._writer.start()
 
     def record(self, kind: str, params: dict, vectors: np.ndarray, uploaded, response: SearchResponse) -> None:
-        """Keep a search (when the history is on); a failure to record is logged, never the search's."""
+        """Queue a search for the history (when it is on); a failure to write it is logged, never the search's."""
         if self.days is None:
             return
-        sha, thumb = None, None
-        if uploaded is not None:
-            data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
-            picture = data if isinstance(data, PILImage.Image) else decode(data).image
-            sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
-        try:
-            with self.sessions() as s, s.begin():
-                history.record(s, kind=kind, model=self.model_name, params=params, vector=vectors,
-                               query_sha256=sha, query_thumbnail=thumb, results=response.results,
-                               timings_ms=response.timings_ms, retention_days=self.days)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("search not recorded in the history: %s", str(exc).splitlines()[0])
+        if isinstance(uploaded, (str, Path)):  # read now: the file may change once the search is answered
+            uploaded = Path(uploaded).read_bytes()
+        self._pending.put((kind, params, vectors, uploaded, response.results, dict(response.timings_ms)))
+
+    def flush(self) -> None:
+        """Return once every search queued so far is written (or its failure logged)."""
+        if self._writer is not None:
+            self._pending.join()
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer."""
+        with self._starting:
+            writer, self._writer, self.days = self._writer, None, None  # searches from now on are not recorded
+        if writer is not None:
+            self._pending.put(None)
+            writer.join()
 
     def recorded(self, record_id: int, dim: int) -> tuple[dict, np.ndarray]:
         """A recorded search's parameters and its query's base vectors (n, dim); NotFound when it is not kept."""
+        self.flush()
         with self.sessions() as s:
             row = s.get(SearchRecord, record_id)
         if row is None or row.query_vector is None:
             raise NotFound(f"search {record_id} not found in the history")
         return row.params, np.frombuffer(row.query_vector, np.float32).reshape(-1, dim)
+
+    def _write(self) -> None:
+        while True:
+            batch, stop = [self._pending.get()], False
+            while len(batch) < BATCH and batch[-1] is not None:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is None:
+                batch.pop()
+                stop = True
+            try:
+                rows = [self._row(*entry) for entry in batch]
+                with self.sessions() as s, s.begin():
+                    history.record(s, rows, self.days)
+            except (sa.exc.SQLAlchemyError, OSError, ValueError) as exc:
+                log.warning("%d searches not recorded in the history: %s", len(batch), str(exc).splitlines()[0])
+            finally:
+                for _ in range(len(batch) + stop):
+                    self._pending.task_done()
+            if stop:
+                return
+
+    def _row(self, kind, params, vectors, uploaded, results, timings_ms) -> dict:
+        sha, thumb = None, None
+        if uploaded is not None:
+            picture = uploaded if isinstance(uploaded, PILImage.Image) else decode(uploaded).image
+            sha, thumb = (sha256(uploaded) if isinstance(uploaded, bytes) else None), history.thumbnail(picture)
+        return history.row(kind=kind, model=self.model_name, params=params, vector=vectors, query_sha256=sha,
+                           query_thumbnail=thumb, results=results, timings_ms=timings_ms)

@@ -26,21 +26,25 @@ def thumbnail(image: PILImage.Image) -> bytes:
     return buffer.getvalue()
 
 
-def record(session, *, kind: str, model: str, params: dict, vector: np.ndarray | None, query_sha256: str | None,
-           query_thumbnail: bytes | None, results: list, timings_ms: dict, retention_days: int) -> int:
-    """Store one search (results: SearchResults, best first); every PRUNE_EVERY recordings, delete what is older than
-    the retention. Returns the record's id."""
-    row = SearchRecord(kind=kind, model_name=model, params=params, query_sha256=query_sha256,
-                       query_vector=vector.astype(np.float32).tobytes() if vector is not None else None,
-                       query_thumbnail=query_thumbnail, result_ids=[r.image_id for r in results],
-                       result_scores=[round(float(r.score), 5) for r in results],
-                       top_category=results[0].category if results else None, timings_ms=timings_ms,
-                       total_ms=round(sum(timings_ms.values()), 2))
-    session.add(row)
-    session.flush()
-    if next(_recorded) % PRUNE_EVERY == 0:
+def row(*, kind: str, model: str, params: dict, vector: np.ndarray | None, query_sha256: str | None,
+        query_thumbnail: bytes | None, results: list, timings_ms: dict) -> dict:
+    """One search as a row of search_history (results: SearchResults, best first)."""
+    return {"kind": kind, "model_name": model, "params": params, "query_sha256": query_sha256,
+            "query_vector": vector.astype(np.float32).tobytes() if vector is not None else None,
+            "query_thumbnail": query_thumbnail, "result_ids": [r.image_id for r in results],
+            "result_scores": [round(float(r.score), 5) for r in results],
+            "top_category": results[0].category if results else None, "timings_ms": timings_ms,
+            "total_ms": round(sum(timings_ms.values()), 2)}
+
+
+def record(session, rows: list[dict], retention_days: int) -> None:
+    """Store searches (rows as row() makes them) in one statement; every PRUNE_EVERY of them, delete what is older
+    than the retention."""
+    if not rows:
+        return
+    session.execute(sa.insert(SearchRecord), rows)
+    if sum(next(_recorded) % PRUNE_EVERY == 0 for _ in rows):
         prune(session, retention_days)
-    return row.id
 
 
 def prune(session, retention_days: int) -> int:

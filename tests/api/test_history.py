@@ -78,6 +78,7 @@ def test_retention_prunes_and_the_switch_turns_recording_off(sessions, tmp_path,
     monkeypatch.setattr(settings, "open_writes", True)
     with TestClient(_app(sessions, tmp_path), base_url="http://localhost") as client:
         client.post("/search", files=_query())
+        assert client.get("/history").json()["total"] == 1  # written off the request path; a read waits for it
         with sessions() as s, s.begin():
             s.execute(sa.update(SearchRecord).values(at=sa.func.now() - sa.text("interval '40 days'")))
         monkeypatch.setattr(history, "PRUNE_EVERY", 1)  # prune at the next recording

@@ -5,8 +5,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import SearchDep, require_write_access
-from backend.api.routes.images import WRITE_ERRORS, image_url
+from backend.api.deps import SearchDep, image_urls, require_write_access
+from backend.api.routes.images import WRITE_ERRORS
 from backend.api.schemas import SearchHit
 from backend.search.duplicates import DEFAULT_THRESHOLD
 from backend.storage.decisions import MAX_GROUP
@@ -39,8 +39,8 @@ async def duplicate_groups(request: Request, search: SearchDep,
                            limit: Annotated[int, Query(ge=1, le=500, description="groups, largest first")] = 100):
     """Groups of near-duplicate images (the same picture re-encoded, resized, lightly cropped or colour-shifted),
     found with the index, leaving out pairs a person already decided about."""
-    found = await run_in_threadpool(search.duplicate_groups, threshold)
-    return [DuplicateGroup(images=[SearchHit(**vars(hit), image_url=image_url(request, hit.image_id))
+    found, url = await run_in_threadpool(search.duplicate_groups, threshold), image_urls(request)
+    return [DuplicateGroup(images=[SearchHit(**vars(hit), image_url=url(hit.image_id))
                                    for hit in group]) for group in found[:limit]]
 
 

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.deps import (MAX_INTEGER, CategoryId, ImageId, ImageJobsDep, SearchDep,
-                              clean_file_name, in_collection, read_upload, require_write_access)
+                              clean_file_name, image_urls, read_upload, require_write_access)
 from backend.api.routes.search import ERRORS
 from backend.api.schemas import CATEGORY_PATTERN, CategoryOut, ImageInfo, ImagePage, MetadataKey, Problem, UploadOut
 from backend.storage.filters import key_problem, load_json
@@ -21,17 +21,12 @@ WRITE_ERRORS = {**ERRORS, 401: {"model": Problem, "description": "missing or wro
                 422: {"model": Problem, "description": "no category given, or a bad parameter"}}
 
 
-def image_url(request: Request, image_id: int) -> str:
-    """Where an image's bytes are, in the request's collection."""
-    return in_collection(request, str(request.url_for("get_image", image_id=image_id).path))
-
-
 def info_out(request: Request, image, category: str | None) -> ImageInfo:
     return ImageInfo(image_id=image.id, sha256=image.sha256, width=image.width, height=image.height, format=image.format,
                      category=category, category_id=image.category_id, label=image.label,
                      original_name=image.original_name, source_dataset=image.source_dataset,
                      source_split=image.source_split, metadata=image.metadata_, created_at=image.created_at,
-                     image_url=image_url(request, image.id))
+                     image_url=image_urls(request)(image.id))
 
 
 def _find(search, image_id: int, with_data: bool = False):
@@ -60,7 +55,7 @@ async def upload(request: Request, search: SearchDep, jobs: ImageJobsDep,
                                         stored_metadata)
     stored_category = _find(search, added.image_id)[1] if added.duplicate else category.strip()
     return UploadOut(image_id=added.image_id, duplicate=added.duplicate, category=stored_category,
-                     image_url=image_url(request, added.image_id))
+                     image_url=image_urls(request)(added.image_id))
 
 
 def _metadata(text: str | None) -> dict | None:

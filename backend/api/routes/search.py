@@ -6,7 +6,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from backend.api import telemetry
-from backend.api.deps import MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, in_collection, query_model, read_upload
+from backend.api.deps import MAX_BIGINT, ImageId, ImageJobsDep, SearchDep, image_urls, query_model, read_upload
 from backend.api.schemas import ExamplesIn, ExportExamplesIn, Problem, QueryOptions, SearchOut
 from backend.embedding.query_edits import CROP_PATTERN, QueryEdit
 from backend.search.examples import MAX_EXAMPLES
@@ -53,9 +53,9 @@ def to_out(request: Request, response: SearchResponse) -> SearchOut:
 
 
 def _with_urls(request: Request, response: SearchResponse) -> dict:
-    body = response.to_dict()
+    body, url = response.to_dict(), image_urls(request)
     for hit in body["results"]:
-        hit["image_url"] = in_collection(request, str(request.url_for("get_image", image_id=hit["image_id"]).path))
+        hit["image_url"] = url(hit["image_id"])
     return body
 
 

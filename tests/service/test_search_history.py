@@ -1,0 +1,61 @@
+"""The search history's writer: searches are answered without waiting for their record, written in batches, and
+none is lost (real PostgreSQL)."""
+import threading
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image
+
+from backend.service.results import SearchResponse, SearchResult
+from backend.service.search_history import BATCH, SearchHistory
+from backend.storage.tables import SearchRecord
+from tests.helpers import png_bytes
+
+
+def _answered(n: int) -> SearchResponse:
+    hit = SearchResult(image_id=n, score=0.5, rank=1, category="c", category_id=1, file_name=None, label=None)
+    return SearchResponse([hit], timings_ms={"search": 1.0})
+
+
+def test_searches_are_answered_while_the_table_is_locked_and_all_written_in_batches(sessions):
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    query = png_bytes(Image.new("RGB", (40, 30), (200, 10, 10)))
+    total = 100
+    with sessions() as blocker, blocker.begin():
+        blocker.execute(sa.text("LOCK TABLE search_history IN EXCLUSIVE MODE"))  # every write waits for this
+        recorders = [threading.Thread(target=lambda i=i: history.record("upload", {"n": i}, np.ones((1, 4), np.float32),
+                                                                       query, _answered(i))) for i in range(total)]
+        for thread in recorders:
+            thread.start()
+        for thread in recorders:
+            thread.join(30)
+        # All were answered (returned) though nothing could be written yet
+        assert not any(thread.is_alive() for thread in recorders)
+        assert blocker.scalar(sa.select(sa.func.count()).select_from(SearchRecord)) == 0
+    history.flush()  # returns once what was queued is written
+    with sessions() as s:
+        rows = s.execute(sa.select(SearchRecord.at, SearchRecord.params, SearchRecord.query_thumbnail,
+                                   SearchRecord.result_ids)).all()
+    assert sorted(r.params["n"] for r in rows) == list(range(total))
+    assert all(r.query_thumbnail[:2] == b"\xff\xd8" and r.result_ids == [r.params["n"]] for r in rows)
+    # One transaction (one now()) per batch: the first alone, the rest as they queued up behind the lock
+    assert len({r.at for r in rows}) <= 1 + -(-(total - 1) // BATCH)
+
+
+def test_close_writes_what_is_queued_and_later_searches_are_not_recorded(sessions):
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    with sessions() as blocker, blocker.begin():
+        blocker.execute(sa.text("LOCK TABLE search_history IN EXCLUSIVE MODE"))
+        for i in range(10):
+            history.record("stored", {"n": i}, np.ones((1, 4), np.float32), None, _answered(i))
+        closing = threading.Thread(target=history.close)
+        closing.start()
+    closing.join(60)
+    assert not closing.is_alive()
+    history.record("stored", {"n": 99}, np.ones((1, 4), np.float32), None, _answered(99))  # after close: dropped
+    history.flush()
+    with sessions() as s:
+        assert sorted(s.scalars(sa.select(SearchRecord.params)).all(), key=lambda p: p["n"]) == \
+            [{"n": i} for i in range(10)]
