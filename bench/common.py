@@ -34,6 +34,14 @@ def rss_mib(pid: int | str = "self") -> float:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
 
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (a server's worker processes), MiB."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += (task / "children").read_text().split()
+    return rss_mib(pid) + sum(tree_rss_mib(int(child)) for child in children)
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now."""
     import socket

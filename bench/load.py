@@ -1,7 +1,7 @@
 """HTTP load on loopback against a real `python -m backend serve`: the first search after start-up, then
 POST /search at several concurrencies, with the server's memory. Bounded in requests and time; loopback only.
 
-Usage: python bench/load.py [--images 2000] [--concurrency 1 4 16 64] [--requests 64] [--json FILE]
+Usage: python bench/load.py [--images 2000] [--concurrency 1 4 16 64] [--requests 64] [--workers 1] [--json FILE]
 
 It populates a throw-away DATA_DIR with Fashion-MNIST train images (MODEL_NAME as configured, default the
 offline choice), starts the server on a free loopback port, and queries with held-out Fashion-MNIST test images.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import free_port, machine, percentile, rss_mib, wait_ready, write_json  # noqa: E402
+from bench.common import free_port, machine, percentile, tree_rss_mib, wait_ready, write_json  # noqa: E402
 
 
 def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
@@ -33,7 +33,7 @@ def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
 
 def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: int) -> dict:
     """`total` searches by `concurrency` clients at once."""
-    before = rss_mib(pid)
+    before = tree_rss_mib(pid)
     with httpx.Client(base_url=base, timeout=60) as client, ThreadPoolExecutor(concurrency) as pool:
         started = time.perf_counter()
         results = list(pool.map(lambda i: search(client, queries[i % len(queries)]), range(total)))
@@ -45,7 +45,7 @@ def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: in
             "p99_ms": round(percentile(ok, 0.99), 1) if ok else None,
             "busy_503": sum(code == 503 for code, _ in results),
             "errors": sum(code not in (200, 503) for code, _ in results),
-            "rss_before_mib": round(before), "rss_after_mib": round(rss_mib(pid))}
+            "rss_before_mib": round(before), "rss_after_mib": round(tree_rss_mib(pid))}
 
 
 def model_only_one_image_ms(model: str, query: bytes) -> float:
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST train images to index")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=64, help="searches per concurrency level (at least 4x it)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (serve --workers)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     queries = [item.read() for item in select_balanced(load_dataset("fashion-mnist", "test"), 50)]
@@ -80,11 +81,11 @@ def main() -> None:
                         "--num-images", str(args.images)], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{env['API_PORT']}"
-        server = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--workers", str(args.workers)], cwd=ROOT,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(base, server)
-            idle = rss_mib(server.pid)
+            idle = tree_rss_mib(server.pid)
             with httpx.Client(base_url=base, timeout=60) as client:
                 model = client.get("/status").json()["model"]
                 _, first = search(client, queries[0])
@@ -94,12 +95,13 @@ def main() -> None:
             server.terminate()
             server.wait(60)
     model_ms = model_only_one_image_ms(model, queries[0])
-    report = {"machine": machine(), "indexed_images": args.images, "idle_rss_mib": round(idle),
+    report = {"machine": machine(), "indexed_images": args.images, "workers": args.workers, "idle_rss_mib": round(idle),
               "model_only_one_image_ms": round(model_ms, 1),
               "first_search_ms": round(first, 1), "warm_search_p50_ms": round(statistics.median(warm), 1),
               "levels": rows}
     info = report["machine"]
     print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['cores']} cores; {args.images} images indexed; "
+          f"{args.workers} server worker(s); "
           f"idle server RSS {report['idle_rss_mib']} MiB")
     print(f"first search after /health 200: {report['first_search_ms']} ms; warm p50 {report['warm_search_p50_ms']} ms "
           f"({first / report['warm_search_p50_ms']:.2f}x)")

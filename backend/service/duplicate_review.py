@@ -6,7 +6,6 @@ from sqlalchemy.orm import sessionmaker
 from backend.errors import InvalidQuery, NotFound
 from backend.search import duplicates
 from backend.search.hits import Hits
-from backend.service import lookups
 from backend.service.results import SearchResult
 from backend.storage import decisions
 from backend.storage.tables import Image
@@ -28,7 +27,7 @@ def find_groups(collection, threshold: float) -> list[list[SearchResult]]:
     for group in found:
         scores = np.array([best[i] for i in group], np.float32)
         hits = Hits(np.array(group, np.int64), scores, np.array([category_of.get(i, -1) for i in group], np.int64))
-        results, _ = lookups.describe(collection.sessions, hits)
+        results, _ = collection.rows.describe(hits)
         if len(results) > 1:
             described.append(results)
     return described

@@ -29,6 +29,7 @@ from backend.service.live_sync import LiveSync
 from backend.service.requests import SearchRequest, default_top_categories
 from backend.service.results import AddResult, SearchResponse, SearchResult
 from backend.service.metadata_keys import MetadataKeys
+from backend.service.result_rows import ResultRows
 from backend.service.search_history import SearchHistory
 from backend.storage import images as image_store
 from backend.storage import prototypes as prototype_store
@@ -66,6 +67,7 @@ class ImageSearch:
         self.history = SearchHistory(sessions, embedder.name)  # off until start_history
         self.catalog = Catalog(sessions, self.history.flush)  # what routes show without searching
         self.keys = MetadataKeys(sessions, lambda: self.manager.changes)  # stale after the index changes
+        self.rows = ResultRows(sessions, lambda: self.manager.changes)  # what results show, as of the index
         self.manager.load_or_build()
         self._follow_head()
 

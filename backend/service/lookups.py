@@ -1,12 +1,11 @@
-"""What a search looks up in PostgreSQL around the index: categories by name, stored vectors, and the hits' rows."""
+"""What a search looks up in PostgreSQL around the index: categories by name or id, and stored vectors (the hits' rows:
+backend.service.result_rows)."""
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 from backend.errors import NotFound
-from backend.search.hits import Hits
-from backend.service.results import SearchResult
-from backend.storage.tables import Category, Embedding, Image
+from backend.storage.tables import Category, Embedding
 
 
 def category_id(sessions: sessionmaker, category: str | int) -> int:
@@ -24,11 +23,9 @@ def category_names(sessions: sessionmaker, ids: list[int]) -> dict[int, str]:
     if not ids:
         return {}
     with sessions() as s:
-        return _names(s, ids)
+        return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
 
 
-def _names(session, ids: list[int]) -> dict[int, str]:
-    return dict(session.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all()) if ids else {}
 
 
 def stored_vectors(sessions: sessionmaker, model_name: str, image_ids: list[int]) -> dict[int, np.ndarray]:
@@ -55,24 +52,3 @@ def stored_bases(sessions: sessionmaker, embedder, image_ids: list[int]) -> tupl
     if missing:
         raise NotFound(f"image {missing[0]} not found (or has no {embedder.name} vector)")
     return wanted, [found[i] for i in wanted]
-
-
-def describe(sessions: sessionmaker, hits: Hits, first_rank: int = 1) -> tuple[list[SearchResult], list[dict]]:
-    """The hits as search results (ranked from first_rank), and the categories stage 1 chose with similarities."""
-    ids, ranked = hits.ids.tolist(), [c for c, _ in hits.prototype_ranking]
-    with sessions() as s:  # one checkout for both: each costs a round trip (the pool's liveness check)
-        rows = {r.id: r for r in s.execute(
-            sa.select(Image.id, Image.original_name, Image.label, Image.category_id, Image.metadata_, Category.name)
-            .join(Category, isouter=True).where(Image.id.in_(ids))).all()} if ids else {}
-        names = _names(s, ranked)
-    # An image deleted by another process since the last refresh is left out.
-    results = [SearchResult(image_id=i, score=float(score), rank=rank, category=rows[i].name,
-                            category_id=int(cat), file_name=rows[i].original_name, label=rows[i].label,
-                            metadata=rows[i].metadata_)
-               for rank, (i, score, cat) in enumerate(zip(ids, hits.scores.tolist(), hits.categories.tolist()),
-                                                      first_rank)
-               if i in rows]
-    chosen = set(hits.searched_categories)
-    prototypes = [{"category_id": c, "category": names.get(c), "similarity": float(sim)}
-                  for c, sim in hits.prototype_ranking if c in chosen]
-    return results, prototypes

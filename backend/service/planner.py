@@ -102,7 +102,7 @@ def _page(collection, request: SearchRequest, hits, ranked: np.ndarray, search_m
     offset, k = request.offset, request.k
     page = ranked[offset:offset + k]
     hits.ids, hits.scores, hits.categories = hits.ids[page], hits.scores[page], hits.categories[page]
-    results, prototypes = lookups.describe(collection.sessions, hits, first_rank=offset + 1)
+    results, prototypes = collection.rows.describe(hits, first_rank=offset + 1)
     return SearchResponse(results, prototypes, {"search": round(search_ms, 2),
                                                 "lookup": round((time.perf_counter() - t1) * 1000, 2)},
                           request.use_prototypes, confidence.as_dict() if confidence is not None else None,
