@@ -1,7 +1,8 @@
 """HTTP load on loopback against a real `python -m backend serve`: the first search after start-up, then
 POST /search at several concurrencies, with the server's memory. Bounded in requests and time; loopback only.
 
-Usage: python bench/load.py [--images 2000] [--concurrency 1 4 16 64] [--requests 64] [--workers 1] [--json FILE]
+Usage: python bench/load.py [--images 2000] [--concurrency 1 4 16 64] [--requests 64] [--workers 1]
+                            [--baseline REV] [--json FILE]
 
 It populates a throw-away DATA_DIR with Fashion-MNIST train images (MODEL_NAME as configured, default the
 offline choice), starts the server on a free loopback port, and queries with held-out Fashion-MNIST test images.
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -64,15 +66,71 @@ def model_only_one_image_ms(model: str, query: bytes) -> float:
     return statistics.median(times[5:])
 
 
+def serve_and_load(root: Path, env: dict, queries: list[bytes], args) -> dict:
+    """Start `python -m backend serve` from the checkout at `root`, then the first search and every level."""
+    base = f"http://127.0.0.1:{env['API_PORT']}"
+    server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--workers", str(args.workers)], cwd=root,
+                              env={**env, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(base, server)
+        idle = tree_rss_mib(server.pid)
+        with httpx.Client(base_url=base, timeout=60) as client:
+            model = client.get("/status").json()["model"]
+            _, first = search(client, queries[0])
+            warm = [search(client, queries[i % len(queries)])[1] for i in range(1, 21)]
+        rows = [level(base, queries, c, max(args.requests, 4 * c), server.pid) for c in args.concurrency]
+    finally:
+        server.terminate()
+        server.wait(60)
+    return {"model": model, "idle_rss_mib": round(idle), "first_search_ms": round(first, 1),
+            "warm_search_p50_ms": round(statistics.median(warm), 1), "levels": rows}
+
+
+@contextmanager
+def checkout(revision: str | None):
+    """This checkout (None), or `revision` of it in a temporary git worktree."""
+    if revision is None:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="imsrc-baseline-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
+                       stdout=subprocess.DEVNULL)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def print_table(title: str, run: dict, model_ms: float) -> None:
+    print(f"{title}: first search after /health 200: {run['first_search_ms']} ms; warm p50 "
+          f"{run['warm_search_p50_ms']} ms ({run['first_search_ms'] / run['warm_search_p50_ms']:.2f}x); idle server "
+          f"RSS {run['idle_rss_mib']} MiB")
+    print(f"{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'503':>6}{'errors':>7}{'RSS MiB':>14}")
+    for r in run["levels"]:
+        print(f"{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}"
+              f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}")
+    one = next((r for r in run["levels"] if r["concurrency"] == 1), None)
+    many = next((r for r in run["levels"] if r["concurrency"] == 16), None)
+    if one and one["p50_ms"]:
+        print(f"concurrency 1: p50 {one['p50_ms']} ms = {one['p50_ms'] / model_ms:.2f}x the model alone on one image "
+              f"({model_ms:.1f} ms)" + (f"; concurrency 16: {many['req_per_s'] / one['req_per_s']:.2f}x the "
+                                        f"throughput of 1" if many else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST train images to index")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=64, help="searches per concurrency level (at least 4x it)")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (serve --workers)")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="also serve the same data from this git revision first, as the 'before' table")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     queries = [item.read() for item in select_balanced(load_dataset("fashion-mnist", "test"), 50)]
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="imsrc-load-") as data_dir:
         # The defaults, whatever a local .env says; only the data folder and port are the benchmark's own.
         env = {**os.environ, "IMSRC_ENV_FILE": os.devnull, "DATA_DIR": data_dir, "API_PORT": str(free_port()),
@@ -80,41 +138,20 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist",
                         "--num-images", str(args.images)], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{env['API_PORT']}"
-        server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--workers", str(args.workers)], cwd=ROOT,
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_ready(base, server)
-            idle = tree_rss_mib(server.pid)
-            with httpx.Client(base_url=base, timeout=60) as client:
-                model = client.get("/status").json()["model"]
-                _, first = search(client, queries[0])
-                warm = [search(client, queries[i % len(queries)])[1] for i in range(1, 21)]
-            rows = [level(base, queries, c, max(args.requests, 4 * c), server.pid) for c in args.concurrency]
-        finally:
-            server.terminate()
-            server.wait(60)
-    model_ms = model_only_one_image_ms(model, queries[0])
-    report = {"machine": machine(), "indexed_images": args.images, "workers": args.workers, "idle_rss_mib": round(idle),
-              "model_only_one_image_ms": round(model_ms, 1),
-              "first_search_ms": round(first, 1), "warm_search_p50_ms": round(statistics.median(warm), 1),
-              "levels": rows}
+        for name, revision in ([("before", args.baseline)] if args.baseline else []) + [("now", None)]:
+            with checkout(revision) as root:
+                runs[name] = serve_and_load(root, env, queries, args)
+    model_ms = model_only_one_image_ms(runs["now"]["model"], queries[0])
+    report = {"machine": machine(), "indexed_images": args.images, "workers": args.workers,
+              "model_only_one_image_ms": round(model_ms, 1), "baseline": args.baseline, **runs["now"]}
+    if args.baseline:
+        report["before"] = runs["before"]
     info = report["machine"]
     print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['cores']} cores; {args.images} images indexed; "
-          f"{args.workers} server worker(s); "
-          f"idle server RSS {report['idle_rss_mib']} MiB")
-    print(f"first search after /health 200: {report['first_search_ms']} ms; warm p50 {report['warm_search_p50_ms']} ms "
-          f"({first / report['warm_search_p50_ms']:.2f}x)")
-    print(f"{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'503':>6}{'errors':>7}{'RSS MiB':>14}")
-    for r in rows:
-        print(f"{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}"
-              f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}")
-    one = next((r for r in rows if r["concurrency"] == 1), None)
-    many = next((r for r in rows if r["concurrency"] == 16), None)
-    if one and one["p50_ms"]:
-        print(f"concurrency 1: p50 {one['p50_ms']} ms = {one['p50_ms'] / model_ms:.2f}x the model alone on one image "
-              f"({model_ms:.1f} ms)" + (f"; concurrency 16: {many['req_per_s'] / one['req_per_s']:.2f}x the "
-                                        f"throughput of 1" if many else ""))
+          f"{args.workers} server worker(s)")
+    if args.baseline:
+        print_table(f"before ({args.baseline})", runs["before"], model_ms)
+    print_table("now", runs["now"], model_ms)
     write_json(args.json, report)
 
 

@@ -19,7 +19,7 @@ TINY = {
     "ingest.py": ["--images", "24"],
     "duplicates.py": ["--fashion", "10"],
     "sync.py": ["--repeats", "1"],
-    "load.py": ["--images", "40", "--concurrency", "1", "2", "--requests", "8", "--workers", "2"],
+    "load.py": ["--images", "40", "--concurrency", "1", "2", "--requests", "8", "--workers", "2", "--baseline", "HEAD"],
     "reembed.py": ["--images", "12", "--phase-seconds", "2"],
     "examples.py": ["--trials", "4", "--positives", "2", "--weights", "0.25"],
 }
