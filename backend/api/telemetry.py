@@ -31,6 +31,10 @@ QUEUE_DEPTH = Gauge("imsrc_image_jobs", "image requests (searches, uploads) unde
                     multiprocess_mode="livesum")
 
 
+SIZES_EVERY = 1.0  # seconds between two settings of the index-size gauges by requests
+_sizes_set = [-float("inf")]  # when this process last set them (time.monotonic)
+
+
 class RequestIdFilter(logging.Filter):
     """Gives every log record the id of the request it was logged for ("-" outside a request)."""
 
@@ -45,9 +49,15 @@ def observe_stages(timings_ms: dict[str, float]) -> None:
         STAGES.labels(stage).observe(ms / 1000)
 
 
-def update_gauges(app_state) -> None:
-    """Set this process's index sizes (per collection loaded) and image requests under way (cheap: after every
-    request, and at start-up)."""
+def update_gauges(app_state, every: float = 0.0) -> None:
+    """Set this process's image requests under way and its index sizes per collection loaded; the sizes only if
+    `every` seconds passed since they were last set (they walk the index: after every request they were a tenth of
+    a search's time on the event loop, so requests set them once a second and a scrape of /metrics every time)."""
+    QUEUE_DEPTH.set(app_state.image_jobs.under_way)
+    now = time.monotonic()
+    if now - _sizes_set[0] < every:
+        return
+    _sizes_set[0] = now
     served = getattr(app_state, "collections", None)
     searches = served.served() if served is not None else []
     # Only what is served now: a deleted collection's series, or those of a model switched away from, go.
@@ -56,7 +66,6 @@ def update_gauges(app_state) -> None:
     for search in searches:
         INDEX_VECTORS.labels(search.collection, search.embedder.name, search.manager.index_type).set(len(search.index))
         INDEX_BYTES.labels(search.collection).set(search.memory_bytes())
-    QUEUE_DEPTH.set(app_state.image_jobs.under_way)
 
 
 def exposition(app_state) -> tuple[bytes, str]:
@@ -104,5 +113,5 @@ class RequestTelemetry:
             template = getattr(route, "path", None) or ("/app" if scope["path"].startswith("/app") else "unmatched")
             REQUESTS.labels(scope["method"], template, str(status[0])).inc()
             LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
-            update_gauges(scope["app"].state)
+            update_gauges(scope["app"].state, every=SIZES_EVERY)
             request_id.reset(token)
