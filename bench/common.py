@@ -35,11 +35,16 @@ def rss_mib(pid: int | str = "self") -> float:
 
 
 def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (a server's worker processes), MiB."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += (task / "children").read_text().split()
-    return rss_mib(pid) + sum(tree_rss_mib(int(child)) for child in children)
+    """Resident memory of a process and all its descendants (a server's worker processes), MiB; one that ends
+    meanwhile, or has ended (a zombie has no memory), counts 0."""
+    try:
+        children = [child for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    own = int(status.split("VmRSS:")[1].split()[0]) / 1024 if "VmRSS:" in status else 0.0
+    return own + sum(tree_rss_mib(int(child)) for child in children)
 
 
 def free_port() -> int:
