@@ -1,9 +1,13 @@
-"""What every benchmark shares: the machine it ran on, percentiles, process memory, JSON output."""
+"""What every benchmark shares: the machine it ran on, percentiles, process memory, JSON output, an older
+revision to compare with."""
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +105,19 @@ def write_json(path: Path | None, report) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+@contextmanager
+def checkout(revision: str | None):
+    """This checkout (None), or `revision` of it in a temporary git worktree."""
+    if revision is None:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="imsrc-baseline-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
+                       stdout=subprocess.DEVNULL)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)

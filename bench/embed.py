@@ -1,6 +1,6 @@
 """Embedding speed per model on this machine: the naive baseline, imsrc's chosen configuration, and populate.
 
-Usage: python bench/embed.py [--models efficientnet_lite0 resnet50] [--images 256] [--json FILE]
+Usage: python bench/embed.py [--models efficientnet_lite0 resnet50] [--images 256] [--baseline REV] [--json FILE]
 
 For each model, on the same real images (Fashion-MNIST test images, Debian's dataset-fashion-mnist):
 - naive: fp32, default memory format, batch 16, model only (preprocessed tensors in, features out);
@@ -14,6 +14,8 @@ resnet50/18 use randomly initialised weights when no ImageNet weights are availa
 their cosines then say little. Prints a table; --json writes {model: {naive, imsrc, populate, precision, runtime, load_first_s, load_stored_s, ...}}.
 """
 import argparse
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.embedding.models import TorchvisionResNet, create_embedder
 from backend.embedding.vectors import l2_normalize  # noqa: E402
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import machine, write_json  # noqa: E402
+from bench.common import checkout, machine, write_json  # noqa: E402
 
 NAIVE_BATCH = 16
 
@@ -163,13 +165,30 @@ def _loads(r: dict) -> str:
     return "n/a" if r["load_first_s"] is None else f"{r['load_first_s']:.1f}/{r['load_stored_s']:.1f}"
 
 
+def baseline(args) -> dict:
+    """This benchmark as it is at revision args.baseline (in a git worktree), with the same arguments: it prints its
+    own table; returns its JSON report."""
+    print(f"before ({args.baseline}):", flush=True)
+    with checkout(args.baseline) as tree, tempfile.TemporaryDirectory(prefix="imsrc-embed-") as folder:
+        out = Path(folder) / "before.json"
+        command = [sys.executable, str(tree / "bench" / "embed.py"), "--models", *args.models, "--images",
+                   str(args.images), "--json", str(out)] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+        subprocess.run(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+        report = json.loads(out.read_text())
+    print("now:", flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX files (default FASHION_MNIST_DIR)")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="first run this benchmark as it is at this git revision, as the 'before' table")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    before = baseline(args) if args.baseline else None
     items = select_balanced(load_dataset("fashion-mnist", "test", args.data_dir), args.images)
     info = machine()
     print(f"{info['cpu']} ({', '.join(info['flags'])}), {info['threads']} threads, torch {info['torch']}, "
@@ -192,7 +211,7 @@ def main() -> None:
     print("onnxruntime/openvino: the naive backbone exported to ONNX, each runtime's defaults for this CPU")
     for name, r in results.items():
         print(f"{name}: {r['runtime']}")
-    write_json(args.json, {"machine": info, **results})
+    write_json(args.json, {"machine": info, **results, **({"before": before} if before else {})})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import free_port, machine, percentile, tree_rss_mib, wait_ready, write_json  # noqa: E402
+from bench.common import checkout, free_port, machine, percentile, tree_rss_mib, wait_ready, write_json  # noqa: E402
 
 
 def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
@@ -85,22 +84,6 @@ def serve_and_load(root: Path, env: dict, queries: list[bytes], args) -> dict:
         server.wait(60)
     return {"model": model, "idle_rss_mib": round(idle), "first_search_ms": round(first, 1),
             "warm_search_p50_ms": round(statistics.median(warm), 1), "levels": rows}
-
-
-@contextmanager
-def checkout(revision: str | None):
-    """This checkout (None), or `revision` of it in a temporary git worktree."""
-    if revision is None:
-        yield ROOT
-        return
-    with tempfile.TemporaryDirectory(prefix="imsrc-baseline-") as folder:
-        tree = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
-                       stdout=subprocess.DEVNULL)
-        try:
-            yield tree
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def print_table(title: str, run: dict, model_ms: float) -> None:
