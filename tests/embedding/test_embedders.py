@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from backend.embedding.decode import decode
-from backend.embedding.models import MODELS, create_embedder, model_dim
+from backend.embedding.models import MODELS, create_embedder, model_dim, stack_inputs
 from backend.embedding.vectors import l2_normalize
 from backend.errors import ModelUnavailable
 from tests.helpers import messy_image_bytes
@@ -100,3 +100,18 @@ def test_l2_normalize_keeps_zero_rows_zero():
     out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
     assert out.dtype == np.float32
+
+
+def test_a_preset_preprocessing_batched_gives_exactly_the_per_image_values():
+    from torchvision.transforms._presets import ImageClassification
+
+    preset = ImageClassification(crop_size=224, resize_size=256, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((28, 28), (500, 300))]
+    images += [Image.new("L", (64, 40), 77), Image.new("RGBA", (90, 90), (10, 20, 30, 40))]
+    expected = torch.stack([preset(image.convert("RGB")) for image in images])
+    assert torch.equal(stack_inputs(preset, images), expected)
+    # Any other preprocessing runs per image, as given
+    assert torch.equal(stack_inputs(lambda image: torch.full((1,), float(image.width)), images),
+                       torch.tensor([[28.0], [300.0], [64.0], [90.0]]))
+
