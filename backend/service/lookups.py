@@ -1,5 +1,5 @@
-"""What a search looks up in PostgreSQL around the index: a category by name or id, and stored vectors (the hits'
-rows and category names: backend.service.result_rows)."""
+"""What a search looks up in PostgreSQL around the index: categories by name or id, and stored vectors (the hits' rows:
+backend.service.result_rows)."""
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
@@ -16,6 +16,16 @@ def category_id(sessions: sessionmaker, category: str | int) -> int:
     if found is None:
         raise NotFound(f"category {category!r} not found")
     return found
+
+
+def category_names(sessions: sessionmaker, ids: list[int]) -> dict[int, str]:
+    """The names of categories by id."""
+    if not ids:
+        return {}
+    with sessions() as s:
+        return dict(s.execute(sa.select(Category.id, Category.name).where(Category.id.in_(ids))).all())
+
+
 
 
 def stored_vectors(sessions: sessionmaker, model_name: str, image_ids: list[int]) -> dict[int, np.ndarray]:

@@ -155,7 +155,7 @@ def rank_categories(collection, base: np.ndarray, top_categories: int) -> Search
         vector = collection.to_index_space(base)
         cats, sims = collection.index.rank_prototypes(vector[None, :])
         confidence = collection.confidence_of(vector, base, list(zip(cats[0].tolist(), sims[0].tolist())))
-    names = collection.rows.category_names(cats[0].tolist())
+    names = lookups.category_names(collection.sessions, cats[0].tolist())
     protos = [{"category_id": c, "category": names.get(c), "similarity": float(s)}
               for c, s in zip(cats[0][:top_categories].tolist(), sims[0][:top_categories].tolist())]
     return SearchResponse([], protos, {"prototypes": round((time.perf_counter() - started) * 1000, 2)},

@@ -46,10 +46,6 @@ class ResultRows:
                       for c, sim in hits.prototype_ranking if c in chosen]
         return results, prototypes
 
-    def category_names(self, ids: list[int]) -> dict[int, str]:
-        """The names of categories by id (from the same cache)."""
-        return self._rows_and_names([], ids)[1]
-
     def _rows_and_names(self, ids: list[int], categories: list[int]) -> tuple[dict, dict]:
         change = self.changes()
         with self._lock:
