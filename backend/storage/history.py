@@ -43,6 +43,7 @@ def record(session, rows: list[dict], retention_days: int) -> None:
     if not rows:
         return
     session.execute(sa.insert(SearchRecord), rows)
+    # Counts every row (sum, not any: any would stop counting at the first multiple of PRUNE_EVERY).
     if sum(next(_recorded) % PRUNE_EVERY == 0 for _ in rows):
         prune(session, retention_days)
 
