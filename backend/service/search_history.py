@@ -24,8 +24,8 @@ PENDING = 1024  # searches waiting to be written; a search beyond that waits for
 class SearchHistory:
     """A collection's search history: off until start() (what a server does unless HISTORY_ENABLED is off).
 
-    A search is answered without waiting for its record: one writer thread turns what has queued up (the query's
-    thumbnail included) into one multi-row INSERT and one commit. Reads of the history flush() first, so a search is
+    A search is answered without waiting for its record to be stored: one writer thread turns what has queued up
+    into one multi-row INSERT and one commit. Reads of the history flush() first, so a search is
     in the history as soon as its answer is out; close() writes what is still queued."""
 
     def __init__(self, sessions: sessionmaker, model_name: str):
@@ -47,9 +47,16 @@ class SearchHistory:
         """Queue a search for the history (when it is on); a failure to write it is logged, never the search's."""
         if self.days is None:
             return
-        if isinstance(uploaded, (str, Path)):  # read now: the file may change once the search is answered
-            uploaded = Path(uploaded).read_bytes()
-        self._pending.put((kind, params, vectors, uploaded, response.results, dict(response.timings_ms)))
+        # The query's hash and thumbnail are made here, so the queue holds only small rows and a big upload is
+        # decoded within its own request's memory (a writer decoding it later overlapped the next request's peak).
+        sha, thumb = None, None
+        if uploaded is not None:
+            data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
+            picture = data if isinstance(data, PILImage.Image) else decode(data).image
+            sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
+        self._pending.put(history.row(kind=kind, model=self.model_name, params=params, vector=vectors,
+                                      query_sha256=sha, query_thumbnail=thumb, results=response.results,
+                                      timings_ms=dict(response.timings_ms)))
 
     def flush(self) -> None:
         """Return once every search queued so far is written (or its failure logged)."""
@@ -85,21 +92,12 @@ class SearchHistory:
                 batch.pop()
                 stop = True
             try:
-                rows = [self._row(*entry) for entry in batch]
                 with self.sessions() as s, s.begin():
-                    history.record(s, rows, self.days)
-            except (sa.exc.SQLAlchemyError, OSError, ValueError) as exc:
+                    history.record(s, batch, self.days)
+            except sa.exc.SQLAlchemyError as exc:
                 log.warning("%d searches not recorded in the history: %s", len(batch), str(exc).splitlines()[0])
             finally:
                 for _ in range(len(batch) + stop):
                     self._pending.task_done()
             if stop:
                 return
-
-    def _row(self, kind, params, vectors, uploaded, results, timings_ms) -> dict:
-        sha, thumb = None, None
-        if uploaded is not None:
-            picture = uploaded if isinstance(uploaded, PILImage.Image) else decode(uploaded).image
-            sha, thumb = (sha256(uploaded) if isinstance(uploaded, bytes) else None), history.thumbnail(picture)
-        return history.row(kind=kind, model=self.model_name, params=params, vector=vectors, query_sha256=sha,
-                           query_thumbnail=thumb, results=results, timings_ms=timings_ms)

@@ -59,3 +59,22 @@ def test_close_writes_what_is_queued_and_later_searches_are_not_recorded(session
     with sessions() as s:
         assert sorted(s.scalars(sa.select(SearchRecord.params)).all(), key=lambda p: p["n"]) == \
             [{"n": i} for i in range(10)]
+
+
+def test_the_query_is_decoded_for_its_thumbnail_by_the_search_not_later_by_the_writer(sessions, monkeypatch):
+    """A big upload decoded later by the writer would add to the next request's peak memory, and a queue of raw
+    uploads could hold gigabytes: the search makes its thumbnail itself and queues only the small row."""
+    from backend.service import search_history
+
+    decoded_in = []
+    real_decode = search_history.decode
+    monkeypatch.setattr(search_history, "decode",
+                        lambda data: decoded_in.append(threading.current_thread().name) or real_decode(data))
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    query = png_bytes(Image.new("RGB", (40, 30), (10, 200, 10)))
+    history.record("upload", {"n": 1}, np.ones((1, 4), np.float32), query, _answered(1))
+    history.close()
+    assert decoded_in == [threading.current_thread().name]
+    with sessions() as s:
+        assert s.scalar(sa.select(SearchRecord.query_thumbnail))[:2] == b"\xff\xd8"
