@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, undefer
 
 from backend.storage import heads as head_store
 from backend.storage.notify import announce
+from backend.storage.members import copy_vectors_in
 from backend.storage.prototypes import add_to_prototypes, lock_prototypes, member_sums
 from backend.storage.tables import Category, Collection, Embedding, EmbeddingModel, Image, ImageBlob, Prototype
 
@@ -68,17 +69,20 @@ def insert_images(session: Session, images: list[NewImage]) -> dict[str, int]:
         return {}
     ids = category_ids(session, {im.category for im in images if im.category})
     blobs = {im.sha256: im.data for im in images}
-    session.execute(insert(ImageBlob).values([dict(sha256=sha, data=data) for sha, data in sorted(blobs.items())])
-                    .on_conflict_do_nothing())
+    # Statements with parameter lists (executemany): compiled once and cached, where one VALUES row per image made
+    # a new statement to compile for every batch.
+    session.execute(insert(ImageBlob.__table__).on_conflict_do_nothing(),
+                    [dict(sha256=sha, data=data) for sha, data in sorted(blobs.items())])
     # Held to commit: bytes another collection's deletion finds unreferenced meanwhile are not deleted under us.
     session.execute(sa.select(ImageBlob.sha256).where(ImageBlob.sha256.in_(sorted(blobs)))
                     .with_for_update(key_share=True))
     rows = [dict(sha256=im.sha256, width=im.width, height=im.height, format=im.format,
                  original_name=im.original_name, source_dataset=im.source_dataset, source_split=im.source_split,
-                 label=im.label, category_id=ids.get(im.category), metadata_=im.metadata or {})
+                 label=im.label, category_id=ids.get(im.category), metadata=im.metadata or {})
             for im in images]
-    stmt = insert(Image).values(rows).on_conflict_do_nothing(index_elements=["sha256"]).returning(Image.sha256, Image.id)
-    return dict(session.execute(stmt).all())
+    table = Image.__table__
+    stmt = insert(table).on_conflict_do_nothing(index_elements=["sha256"]).returning(table.c.sha256, table.c.id)
+    return dict(session.execute(stmt, rows).all())
 
 
 def insert_embeddings(session: Session, model_name: str, image_ids: list[int], vectors: np.ndarray,
@@ -91,9 +95,11 @@ def insert_embeddings(session: Session, model_name: str, image_ids: list[int], v
     if derive:
         head_store.lock_base(session, model_name)  # held to commit: a new head version waits for this write
     ensure_model(session, model_name, vectors.shape[1])
-    rows = [dict(image_id=i, model_name=model_name, dim=vectors.shape[1], vector=v) for i, v in zip(image_ids, vectors)]
-    stmt = insert(Embedding).values(rows).on_conflict_do_nothing().returning(Embedding.image_id)
-    stored = list(session.scalars(stmt))
+    copy_vectors_in(session, image_ids, vectors)
+    stored = list(session.scalars(sa.text(
+        "WITH incoming AS (DELETE FROM incoming_vectors RETURNING image_id, vector) "
+        "INSERT INTO embeddings (image_id, model_name, dim, vector) SELECT image_id, :m, :d, vector FROM incoming "
+        "ON CONFLICT DO NOTHING RETURNING image_id"), {"m": model_name, "d": vectors.shape[1]}))
     add_to_prototypes(session, model_name, stored)
     if stored:
         announce(session, model_name, stored)
