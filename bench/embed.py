@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.embedding.models import TorchvisionResNet, create_embedder
+from backend.embedding.pixels import network_input  # noqa: E402
 from backend.embedding.vectors import l2_normalize  # noqa: E402
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
 from bench.common import checkout, machine, write_json  # noqa: E402
@@ -147,11 +148,12 @@ def run(name: str, items) -> dict:
     torch.manual_seed(0)  # random ResNet weights, where used, are the same in both
     naive_backbone = embedder_for(name, "fp32")._loaded[0].to(memory_format=torch.contiguous_format)
     chosen = embedder_for(name, "auto")
-    preprocess = chosen._loaded[2]
-    tensors = torch.stack([preprocess(decode(item.read()).image) for item in items])
-    batches = list(torch.split(tensors, NAIVE_BATCH))
+    # imsrc's input is what its preprocessing gives (uint8 pixels, normalised in the network: embedding.pixels); the
+    # naive baseline's is the preset's float tensors
+    prepared = chosen.prepare([decode(item.read()).image for item in items])
+    batches = list(torch.split(network_input(chosen._loaded[2], prepared), NAIVE_BATCH))
     naive, fp32_vectors = model_only(naive_backbone, batches)
-    imsrc, chosen_vectors = model_only(chosen.embed_prepared, batches)
+    imsrc, chosen_vectors = model_only(chosen.embed_prepared, list(torch.split(prepared, NAIVE_BATCH)))
     cosine = (fp32_vectors * chosen_vectors).sum(1)
     return {"naive": round(naive, 1), "imsrc": round(imsrc, 1), "speedup": round(imsrc / naive, 2),
             "populate": round(populate_speed(chosen, items), 1), "precision": chosen.precision,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backend.embedding.pixels import network_input, stack_inputs
 from backend.embedding.vectors import l2_normalize
 from backend.errors import ModelUnavailable
 from backend.network import unreachable
@@ -128,7 +129,8 @@ class Embedder(ABC):
             return head(self._features(images)).float().cpu().numpy()
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The model's input for RGB images: (n, 3, H, W), preprocessed as its weights expect; thread-safe."""
+        """The model's input for RGB images: (n, 3, H, W), preprocessed as its weights expect (uint8 pixels for the
+        presets: backend.embedding.pixels); thread-safe."""
         return stack_inputs(self.preprocessor(), images)
 
     def preprocessor(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -156,8 +158,10 @@ class Embedder(ABC):
         """The backbone's features; through OpenVINO when it was chosen, unless a precision is asked for."""
         if self._compiled is not None and precision is None:
             return self._compiled(batch)
-        backbone, _, _ = self.load()._loaded
-        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        backbone, _, preprocess = self.load()._loaded
+        if self.device.type == "cuda":  # one copy of the whole batch, still uint8, from pinned memory
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = network_input(preprocess, batch).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=(precision or self.precision) == "bf16"):
             return backbone(batch).float()
@@ -172,23 +176,6 @@ class Embedder(ABC):
         except Exception as exc:  # torch raises many types for a bad file
             raise ModelUnavailable(f"cannot read weights for {self.name} from {path}: {exc}") from None
         return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
-def stack_inputs(preprocess: Callable[[Image.Image], torch.Tensor], images: Sequence[Image.Image]) -> torch.Tensor:
-    """Images preprocessed and stacked into one batch (n, 3, H, W). torchvision's ImageClassification presets run
-    in two halves: resizing and cropping per image, the conversion to float and the normalisation once for the
-    batch (the same operations, so the same values; per image those two were a third of populate's preprocessing)."""
-    from torchvision.transforms import functional as F  # loaded with the model's weights already
-    from torchvision.transforms._presets import ImageClassification
-
-    rgb = [img.convert("RGB") if img.mode != "RGB" else img for img in images]
-    if type(preprocess) is not ImageClassification:
-        return torch.stack([preprocess(img) for img in rgb])
-    p = preprocess
-    pixels = torch.stack([F.pil_to_tensor(F.center_crop(F.resize(img, p.resize_size, interpolation=p.interpolation,
-                                                                 antialias=p.antialias), p.crop_size))
-                          for img in rgb])
-    return F.normalize(F.convert_image_dtype(pixels, torch.float), mean=p.mean, std=p.std)
 
 
 class _Pooled(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backend.embedding.pixels import network_input, normalisation
 from backend.embedding.precision import FAITHFUL_MEAN, FAITHFUL_MIN, MIN_SPEEDUP, calibration_images
 
 log = logging.getLogger(__name__)
@@ -23,36 +24,49 @@ class OpenVinoBackbone:
     """An embedder's backbone compiled by OpenVINO for this CPU: a preprocessed batch in, features out, like the
     torch module; any batch size; one call at a time."""
 
-    def __init__(self, backbone: torch.nn.Module, example: torch.Tensor, precision: str, cache: Path | None = None):
-        """`cache`: the path prefix of this model's converted files; its folder also holds OpenVINO's compiled
-        blobs. With it, a later start reads both instead of converting and compiling again."""
+    def __init__(self, backbone: torch.nn.Module, example: torch.Tensor, precision: str, preprocess,
+                 cache: Path | None = None):
+        """`example`: a prepared batch (backend.embedding.pixels); when it is uint8 pixels, the graph takes them and
+        normalises them itself, as `preprocess` says. `cache`: the path prefix of this model's converted files; its
+        folder also holds OpenVINO's compiled blobs. With it, a later start reads both instead of converting and
+        compiling again."""
         import openvino
 
         core = openvino.Core()
         # fp32 asked for (or chosen) stays fp32; else OpenVINO's own choice: bf16 where the CPU has it natively.
         config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "fp32" else {}
+        convert = lambda: self._convert(openvino, backbone, example, preprocess)  # noqa: E731
         if cache is None:
-            self.compiled = core.compile_model(self._convert(openvino, backbone, example), "CPU", config)
+            self.compiled = core.compile_model(convert(), "CPU", config)
         else:
             converted = cache.with_suffix(".xml")
             if not converted.is_file() or not converted.with_suffix(".bin").is_file():
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 # fp32 as converted: OpenVINO's default fp16 compression would change the vectors
-                openvino.save_model(self._convert(openvino, backbone, example), converted, compress_to_fp16=False)
+                openvino.save_model(convert(), converted, compress_to_fp16=False)
             core.set_property({"CACHE_DIR": str(cache.parent / "blobs")})
             self.compiled = core.compile_model(str(converted), "CPU", config)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._lock = threading.Lock()  # one infer request: the query batcher and an upload may call at once
 
     @staticmethod
-    def _convert(openvino, backbone: torch.nn.Module, example: torch.Tensor):
-        model = openvino.convert_model(backbone, example_input=example[:1].contiguous())
+    def _convert(openvino, backbone: torch.nn.Module, example: torch.Tensor, preprocess):
+        from openvino.preprocess import PrePostProcessor
+
+        model = openvino.convert_model(backbone, example_input=network_input(preprocess, example[:1]).contiguous())
         model.reshape([-1, *example.shape[1:]])  # any batch size
+        if (scaling := normalisation(preprocess, example)) is not None:
+            # uint8 pixels in: the conversion and normalisation run in the compiled graph, fused with its first layer
+            steps = PrePostProcessor(model)
+            steps.input().tensor().set_element_type(openvino.Type.u8)
+            steps.input().model().set_layout(openvino.Layout("NCHW"))
+            steps.input().preprocess().convert_element_type(openvino.Type.f32).mean(scaling[0]).scale(scaling[1])
+            model = steps.build()
         return model
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            features = self.compiled(np.ascontiguousarray(batch.numpy(), dtype=np.float32))[0]
+            features = self.compiled(np.ascontiguousarray(batch.numpy()))[0]
         return torch.from_numpy(np.array(features, dtype=np.float32))
 
 
@@ -69,7 +83,7 @@ def choose(embedder, setting: str, cache: Path | None = None) -> tuple[OpenVinoB
         return None, "PyTorch: OpenVINO is not installed"
     batch = embedder.prepare(calibration_images())
     try:
-        runner = OpenVinoBackbone(embedder._loaded[0], batch, embedder.precision, cache)
+        runner = OpenVinoBackbone(embedder._loaded[0], batch, embedder.precision, embedder._loaded[2], cache)
     except Exception as exc:  # a network OpenVINO cannot convert: PyTorch runs it as before
         log.warning("OpenVINO cannot compile %s (%s); using PyTorch", embedder.name, str(exc).splitlines()[0][:200])
         return None, "PyTorch: OpenVINO could not compile the model"

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from backend.config import PROJECT_ROOT
-from backend.embedding.models import Embedder, create_embedder, stack_inputs
+from backend.embedding.models import Embedder, create_embedder
+from backend.embedding.pixels import stack_inputs
 from backend.errors import ImsrcError
 from backend.network import unreachable
 from backend.pipeline.datasets import Item
@@ -84,17 +85,18 @@ def _sessions(database_url: str, schema: str):
 
 
 def _prepare_rows(batch: dict, database_url: str, schema: str, model_name: str, preprocess: Callable,
-                  shape: tuple) -> dict:
+                  blank: np.ndarray) -> dict:
     """Ray stage 1: prepare_batch on a batch of pickled items (against the collection of `schema`: what it holds
     already is skipped); one row per image to embed, failure or skip."""
     items = [cloudpickle.loads(blob) for blob in batch["item"]]
     ready = prepare_batch(_sessions(database_url, schema), items, _Preprocessor(model_name, preprocess))
-    return _rows(ready, shape)
+    return _rows(ready, blank)
 
 
-def _rows(ready: Prepared, shape: tuple) -> dict:
+def _rows(ready: Prepared, blank: np.ndarray) -> dict:
     """A Prepared batch as Ray Data columns: images to embed carry their pixels (the model's input) and what is
-    stored with them; failures carry their reason; one 'skipped' row carries the batch's duplicates."""
+    stored with them; failures carry their reason; one 'skipped' row carries the batch's duplicates. `blank`: one
+    image's input of zeros, for the rows with nothing to embed (a column has one shape and type)."""
     new = {image.sha256: image for image in ready.new_images}
     rows = []
     for k, digest in enumerate(ready.to_embed):
@@ -106,12 +108,11 @@ def _rows(ready: Prepared, shape: tuple) -> dict:
              for name, reason in ready.failed]
     if ready.duplicates:
         rows.append({"status": SKIPPED, "sha256": "", "existing_id": ready.duplicates, "pixels": None, "image": b""})
-    blank = np.zeros(shape, np.float32)  # rows with nothing to embed still need a tensor of the column's shape
     return {"status": np.array([r["status"] for r in rows], dtype=object),
             "sha256": np.array([r["sha256"] for r in rows], dtype=object),
             "existing_id": np.array([r["existing_id"] for r in rows], dtype=np.int64),
             "pixels": np.stack([r["pixels"] if r["pixels"] is not None else blank for r in rows]) if rows
-            else np.zeros((0, *shape), np.float32),
+            else np.zeros((0, *blank.shape), blank.dtype),
             "image": np.array([r["image"] for r in rows], dtype=object)}
 
 
@@ -147,7 +148,7 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     preprocess = embedder.preprocessor()
     with session_factory() as s:  # the collection stored into: the workers look up what it holds, not another's
         schema = s.scalar(sa.text("SELECT current_schema()"))
-    shape = tuple(embedder.prepare([PILImage.new("RGB", (8, 8))]).shape[1:])  # the model's input, per image
+    blank = np.zeros_like(embedder.prepare([PILImage.new("RGB", (8, 8))])[0].numpy())  # the model's input, per image
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the first of identical files wins, as in a single process
     context.enable_progress_bars = False  # ours counts what was stored
@@ -155,7 +156,7 @@ def ingest_on_ray(session_factory: Callable[[], Session], items: list[Item], emb
     dataset = (ray.data.from_items(records, override_num_blocks=max(1, min(len(items) // (batch_size * 4), 1000)))
                .map_batches(_prepare_rows, batch_size=batch_size, batch_format="numpy", num_cpus=PREPARE_CPUS,
                             fn_kwargs={"database_url": database_url, "schema": schema, "model_name": embedder.name,
-                                       "preprocess": preprocess, "shape": shape})
+                                       "preprocess": preprocess, "blank": blank})
                .map_batches(_Embed, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             fn_constructor_kwargs={"model_name": embedder.name, "settings": settings},

@@ -8,7 +8,8 @@ import torchvision
 from PIL import Image
 
 from backend.embedding.decode import decode
-from backend.embedding.models import MODELS, create_embedder, model_dim, stack_inputs
+from backend.embedding.models import MODELS, create_embedder, model_dim
+from backend.embedding.pixels import network_input, stack_inputs
 from backend.embedding.vectors import l2_normalize
 from backend.errors import ModelUnavailable
 from tests.helpers import messy_image_bytes
@@ -110,7 +111,9 @@ def test_a_preset_preprocessing_batched_gives_exactly_the_per_image_values():
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((28, 28), (500, 300))]
     images += [Image.new("L", (64, 40), 77), Image.new("RGBA", (90, 90), (10, 20, 30, 40))]
     expected = torch.stack([preset(image.convert("RGB")) for image in images])
-    assert torch.equal(stack_inputs(preset, images), expected)
+    pixels = stack_inputs(preset, images)
+    assert pixels.dtype == torch.uint8  # a quarter of the bytes; the network's first step makes the floats
+    assert torch.equal(network_input(preset, pixels), expected)
     # Any other preprocessing runs per image, as given
     assert torch.equal(stack_inputs(lambda image: torch.full((1,), float(image.width)), images),
                        torch.tensor([[28.0], [300.0], [64.0], [90.0]]))
