@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import sessionmaker
 
 from backend.embedding.decode import decode, sha256
-from backend.errors import NotFound
+from backend.errors import ImsrcError, NotFound
 from backend.service.results import SearchResponse
 from backend.storage import history
 from backend.storage.tables import SearchRecord
@@ -51,9 +51,12 @@ class SearchHistory:
         # decoded within its own request's memory (a writer decoding it later overlapped the next request's peak).
         sha, thumb = None, None
         if uploaded is not None:
-            data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
-            picture = data if isinstance(data, PILImage.Image) else decode(data).image
-            sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
+            try:
+                data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
+                picture = data if isinstance(data, PILImage.Image) else decode(data).image
+                sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
+            except (OSError, ImsrcError) as exc:  # a query file removed or changed since it was searched
+                log.warning("search recorded without its query's thumbnail: %s", exc)
         self._pending.put(history.row(kind=kind, model=self.model_name, params=params, vector=vectors,
                                       query_sha256=sha, query_thumbnail=thumb, results=response.results,
                                       timings_ms=dict(response.timings_ms)))

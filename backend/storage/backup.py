@@ -69,11 +69,13 @@ def backup(url: str, path: Path) -> int:
     return path.stat().st_size
 
 
-def _user_tables(engine: sa.Engine) -> int:
-    """How many tables the database holds outside PostgreSQL's own schemas."""
-    with engine.connect() as conn:
-        return conn.scalar(sa.text("SELECT count(*) FROM pg_tables "
-                                   "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"))
+def user_tables(conn: sa.Connection) -> list[tuple[str, str]]:
+    """The (schema, table) of every table the database holds outside PostgreSQL's own schemas."""
+    # Other sessions' temporary tables (ingestion's COPY target) are listed too, yet belong to no backup, and
+    # reading them fails.
+    return [tuple(row) for row in conn.execute(sa.text(
+        "SELECT schemaname, tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
+        "AND schemaname !~ '^pg_(toast_)?temp_' ORDER BY 1, 2"))]
 
 
 def restore(engine: sa.Engine, path: Path) -> None:
@@ -81,7 +83,8 @@ def restore(engine: sa.Engine, path: Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise InvalidQuery(f"{path} is not a file: name a file `python -m backend backup` wrote")
-    tables = _user_tables(engine)
+    with engine.connect() as conn:
+        tables = len(user_tables(conn))
     if tables:
         raise Conflict(f"restore needs an empty database, and this one holds {tables} tables: restore into a new "
                        "DATA_DIR (the embedded server) or a new database (DATABASE_URL)")

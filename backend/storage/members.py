@@ -5,10 +5,11 @@ of rows is one numpy structured array over the bytes PostgreSQL sent: a million 
 about a minute, where an ORM object per row took nine. Writing goes the same way (copy_vectors_in): pgvector's
 text form, a decimal per float made in Python, was most of ingestion's writer.
 """
+import contextlib
 import io
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import sqlalchemy as sa
@@ -20,6 +21,25 @@ TRAILER = b"\xff\xff"  # a field count of -1
 BATCH_ROWS = 4096
 
 Consumer = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (ids (n,), category ids (n,), vectors (n, dim))
+
+
+@contextlib.contextmanager
+def copy_cursor(session: Session, statement: str) -> Iterator:
+    """A psycopg2 cursor on the session's connection for a COPY, whose driver errors reach the caller as
+    SQLAlchemy's, as every other statement's do (so that a full disk answers 507, a lost server 503 and the pool
+    drops the dead connection)."""
+    connection = session.connection()
+    cursor = connection.connection.driver_connection.cursor()
+    dbapi = connection.dialect.loaded_dbapi
+    try:
+        yield cursor
+    except dbapi.Error as exc:
+        lost = connection.dialect.is_disconnect(exc, connection.connection, cursor)
+        if lost:
+            connection.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi.Error, connection_invalidated=lost) from exc
+    finally:
+        cursor.close()
 
 
 def _row_layout(dim: int) -> np.dtype:
@@ -113,12 +133,9 @@ def copy_vectors_in(session: Session, image_ids, vectors: np.ndarray) -> None:
     # Emptied at each commit (only when used: PostgreSQL skips untouched ones), kept for the connection's next batch.
     session.execute(sa.text("CREATE TEMP TABLE IF NOT EXISTS incoming_vectors (image_id bigint, vector vector) "
                             "ON COMMIT DELETE ROWS"))
-    cursor = session.connection().connection.driver_connection.cursor()
-    try:
-        cursor.copy_expert("COPY incoming_vectors FROM STDIN (FORMAT binary)",
-                           io.BytesIO(SIGNATURE + bytes(8) + rows.tobytes() + TRAILER))
-    finally:
-        cursor.close()
+    statement = "COPY incoming_vectors FROM STDIN (FORMAT binary)"
+    with copy_cursor(session, statement) as cursor:
+        cursor.copy_expert(statement, io.BytesIO(SIGNATURE + bytes(8) + rows.tobytes() + TRAILER))
 
 
 def copy_members(session: Session, model_name: str, dim: int, consume: Consumer, image_ids=None,
@@ -127,23 +144,21 @@ def copy_members(session: Session, model_name: str, dim: int, consume: Consumer,
     among `image_ids`; with `uncategorised`, images without a category too, as category 0) to consume(), in
     batches; by image id if `ordered`. Runs in the session's transaction, so it sees what the session's other reads
     see. Returns the rows read."""
-    cursor = session.connection().connection.driver_connection.cursor()
     where = "e.model_name = %(model)s" + ("" if uncategorised else " AND i.category_id IS NOT NULL")
     if image_ids is not None:
         where += " AND e.image_id = ANY(%(ids)s)"
-    query = cursor.mogrify(
-        "COPY (SELECT e.image_id, coalesce(i.category_id, 0), e.vector FROM embeddings e JOIN images i ON i.id = "
-        f"e.image_id "
-        f"WHERE {where}{' ORDER BY e.image_id' if ordered else ''}) TO STDOUT (FORMAT binary)",
-        {"model": model_name, "ids": [int(i) for i in image_ids] if image_ids is not None else None}).decode()
+    order = " ORDER BY e.image_id" if ordered else ""
+    statement = ("COPY (SELECT e.image_id, coalesce(i.category_id, 0), e.vector FROM embeddings e JOIN images i ON "
+                 f"i.id = e.image_id WHERE {where}{order}) TO STDOUT (FORMAT binary)")
     parser = _RowParser(dim, consume)
-    try:
-        cursor.copy_expert(query, parser)
-    except BaseException:
-        parser.finish(completed=False)  # stop the parser thread; the COPY's own error is the one to report
-        raise
-    finally:
-        cursor.close()
+    with copy_cursor(session, statement) as cursor:
+        try:
+            cursor.copy_expert(cursor.mogrify(statement, {
+                "model": model_name,
+                "ids": [int(i) for i in image_ids] if image_ids is not None else None}).decode(), parser)
+        except BaseException:
+            parser.finish(completed=False)  # stop the parser thread; the COPY's own error is the one to report
+            raise
     return parser.finish()
 
 

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from backend.storage.members import HEADER, TRAILER
+from backend.storage.members import HEADER, TRAILER, copy_cursor
 from backend.storage.notify import announce
 from backend.storage.tables import Embedding, EmbeddingModel, Image, Prototype
 
@@ -124,16 +124,13 @@ def load_prototypes(session: Session, model_name: str,
     """(category ids, prototype vectors (p, d) float32, member counts) of a model (of `categories` only, when given),
     by category id then slot: a category with several prototypes appears once per prototype. Read as binary COPY
     (pgvector's text form would be parsed number by number)."""
-    cursor = session.connection().connection.driver_connection.cursor()
     buffer = io.BytesIO()
     only = " AND category_id = ANY(%s)" if categories is not None else ""
-    try:
-        cursor.copy_expert(cursor.mogrify(
-            f"COPY (SELECT category_id, member_count, vector FROM prototypes WHERE model_name = %s{only} "
-            "ORDER BY category_id, slot) TO STDOUT (FORMAT binary)",
-            (model_name, list(categories)) if only else (model_name,)).decode(), buffer)
-    finally:
-        cursor.close()
+    statement = (f"COPY (SELECT category_id, member_count, vector FROM prototypes WHERE model_name = %s{only} "
+                 "ORDER BY category_id, slot) TO STDOUT (FORMAT binary)")
+    with copy_cursor(session, statement) as cursor:
+        cursor.copy_expert(cursor.mogrify(statement, (model_name, list(categories)) if only else (model_name,))
+                           .decode(), buffer)
     data = buffer.getvalue()[HEADER:-len(TRAILER)]
     if not data:
         return [], np.zeros((0, 0), np.float32), []

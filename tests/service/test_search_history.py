@@ -78,3 +78,16 @@ def test_the_query_is_decoded_for_its_thumbnail_by_the_search_not_later_by_the_w
     assert decoded_in == [threading.current_thread().name]
     with sessions() as s:
         assert s.scalar(sa.select(SearchRecord.query_thumbnail))[:2] == b"\xff\xd8"
+
+
+def test_a_query_file_gone_before_its_record_is_made_leaves_the_search_answered_and_recorded(sessions, tmp_path):
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    gone, broken = tmp_path / "gone.png", tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but no longer a picture")
+    for n, query in enumerate((gone, broken)):
+        history.record("path", {"n": n}, np.ones((1, 4), np.float32), query, _answered(n))  # must not raise
+    history.close()
+    with sessions() as s:
+        rows = s.execute(sa.select(SearchRecord.params, SearchRecord.query_thumbnail, SearchRecord.result_ids)).all()
+    assert sorted((r.params["n"], r.query_thumbnail, r.result_ids) for r in rows) == [(0, None, [0]), (1, None, [1])]

@@ -9,6 +9,7 @@ from sqlalchemy.engine import make_url
 
 from backend.config import settings
 from backend.service.image_search import ImageSearch
+from backend.storage.backup import user_tables
 from backend.storage.collections import CollectionSessions, create_collection
 from backend.storage.embedded_server import EmbeddedPostgres
 from backend.storage.engine import create_engine_checked
@@ -25,9 +26,7 @@ def _run(env, *args):
 def _rows(engine) -> dict[str, int]:
     """Every table of every schema imsrc made, with its row count and, for image bytes, their checksum."""
     with engine.connect() as conn:
-        tables = conn.execute(sa.text("SELECT schemaname, tablename FROM pg_tables WHERE schemaname "
-                                      "NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2")).all()
-        rows = {f"{s}.{t}": conn.scalar(sa.text(f'SELECT count(*) FROM "{s}"."{t}"')) for s, t in tables}
+        rows = {f"{s}.{t}": conn.scalar(sa.text(f'SELECT count(*) FROM "{s}"."{t}"')) for s, t in user_tables(conn)}
         rows["bytes"] = conn.scalar(sa.text("SELECT md5(string_agg(data, ''::bytea ORDER BY sha256)) "
                                             "FROM public.image_blobs"))
     return rows
@@ -95,3 +94,14 @@ def test_backup_and_restore_refuse_what_they_cannot_use(cli_env, empty_db_url, t
     (tmp_path / "junk.backup").write_bytes(b"not a dump")
     junk = _run({**cli_env, "DATABASE_URL": empty_db_url}, "restore", str(tmp_path / "junk.backup"))
     assert junk.returncode == 2 and "error: pg_restore failed" in junk.stderr and "Traceback" not in junk.stderr
+
+
+def test_an_empty_database_stays_empty_to_restore_while_another_session_holds_a_temporary_table(empty_db_url):
+    engine = create_engine_checked(empty_db_url)
+    try:
+        with engine.connect() as other, engine.connect() as conn:
+            other.execute(sa.text("CREATE TEMP TABLE incoming_vectors (image_id bigint)"))
+            other.commit()
+            assert user_tables(conn) == []  # restore would refuse the empty database, and backup's count fail
+    finally:
+        engine.dispose()

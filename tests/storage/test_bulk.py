@@ -5,7 +5,7 @@ import pytest
 import sqlalchemy as sa
 
 from backend.storage import images as image_store
-from backend.storage.members import copy_members, fetch_members
+from backend.storage.members import copy_members, copy_vectors_in, fetch_members
 from backend.storage.tables import Embedding, Image
 
 DIM = 7
@@ -80,3 +80,16 @@ def test_an_error_while_consuming_stops_the_copy_and_is_raised(sessions, stored,
     assert len(seen) == 2  # nothing handed over after the failure
     with sessions() as s:  # and the connection is fit for use again
         assert fetch_members(s, "m", DIM)[0].size == 23
+
+
+def test_a_copy_that_fails_raises_sqlalchemys_error_and_a_lost_connection_is_dropped(sessions, engine):
+    with sessions() as s:
+        with pytest.raises(sa.exc.DataError):  # pgvector refuses a vector of no dimensions
+            copy_vectors_in(s, [1], np.zeros((1, 0), np.float32))
+    with sessions() as s:
+        pid = s.scalar(sa.text("SELECT pg_backend_pid()"))
+        with engine.connect() as other:  # what a restart of PostgreSQL does to the session's connection
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(sa.exc.OperationalError) as lost:
+            fetch_members(s, "m", DIM)
+        assert lost.value.connection_invalidated  # the pool opens a new one instead of handing this out again
