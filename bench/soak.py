@@ -217,21 +217,29 @@ FAULTS = [("kill -9 PostgreSQL", kill_postgres), ("kill -9 a worker", kill_worke
           ("SIGSTOP PostgreSQL", freeze_postgres), ("disk full", fill_disk)]
 
 
-def recovery(base: str, queries: list[bytes], since: float, limit: float = 120) -> float | None:
-    """Seconds from `since` until /health, a search and an upload all answer 200 (None: not within `limit`)."""
+def recovery(base: str, queries: list[bytes], since: float, limit: float = 120) -> tuple[float | None, str]:
+    """Seconds from `since` until /health, a search and an upload all answer 200 (None: not within `limit`), and
+    what the last probe that did not answer 200 got (for the report when it never recovered)."""
+    last = ""
     with httpx.Client(base_url=base, timeout=10, headers={"X-API-Key": KEY}) as client:
         while time.monotonic() - since < limit:
             try:
-                ok = (client.get("/health").status_code == 200
-                      and client.post("/search", files={"file": ("q.png", queries[0])}).status_code == 200
-                      and client.post("/upload", files={"file": ("p.png", png(int(time.time() * 1e6)))},
-                                      data={"category": "probe"}).status_code == 200)
-            except httpx.TransportError:
-                ok = False
-            if ok:
-                return round(time.monotonic() - since, 2)
+                for name, probe in (("GET /health", lambda: client.get("/health")),
+                                    ("POST /search", lambda: client.post("/search", files={"file": ("q.png",
+                                                                                                     queries[0])})),
+                                    ("POST /upload", lambda: client.post(
+                                        "/upload", files={"file": ("p.png", png(int(time.time() * 1e6)))},
+                                        data={"category": "probe"}))):
+                    answer = probe()
+                    if answer.status_code != 200:
+                        last = f"{name}: {answer.status_code} {answer.text[:200]}"
+                        break
+                else:
+                    return round(time.monotonic() - since, 2), ""
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)
-    return None
+    return None, last
 
 
 def inject(ctx: dict, args, queries: list[bytes]) -> list[dict]:
@@ -245,8 +253,10 @@ def inject(ctx: dict, args, queries: list[bytes]) -> list[dict]:
             faults.append({"fault": name, "at_s": at, "recovery_s": None, "skipped": "cannot mount a tmpfs here"})
         else:
             fault(ctx)
-            faults.append({"fault": name, "at_s": at, "recovery_s": recovery(ctx["base"], queries, time.monotonic())})
-        print(f"  {at:>5} s  {name:<20} recovered in {faults[-1]['recovery_s']} s", flush=True)
+            seconds, last = recovery(ctx["base"], queries, time.monotonic())
+            faults.append({"fault": name, "at_s": at, "recovery_s": seconds} | ({"last_failure": last} if last else {}))
+        print(f"  {at:>5} s  {name:<20} recovered in {faults[-1]['recovery_s']} s {faults[-1].get('last_failure', '')}",
+              flush=True)
     return faults
 
 
@@ -280,7 +290,7 @@ def soak(args, work: Path) -> dict:
     subprocess.run([sys.executable, "-m", "backend", "populate", "--dataset", "fashion-mnist", "--num-images",
                     str(args.images)], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     queries = [item.read() for item in select_balanced(load_dataset("fashion-mnist", "test"), 20)]
-    base, log = f"http://127.0.0.1:{free_port()}", work / "serve.log"
+    base, log = f"http://127.0.0.1:{free_port()}", args.log or work / "serve.log"
     with open(log, "w") as out:  # the log beside the disk, not on it: it must outlive the disk fault
         server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--workers", "2", "--port",
                                    base.rsplit(":", 1)[1]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -318,6 +328,7 @@ def main() -> None:
     parser.add_argument("--full-seconds", type=float, default=30.0, help="how long the disk stays full")
     parser.add_argument("--images", type=int, default=300, help="Fashion-MNIST images populated first")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="keep the server's log in this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imsrc-soak-") as work:
         info = machine()

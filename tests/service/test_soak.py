@@ -17,15 +17,23 @@ def test_two_minutes_of_mixed_load_and_four_faults(cli_env, tmp_path):
     env["FASHION_MNIST_DIR"] = str(tmp_path / "fm")
     out = tmp_path / "soak.json"
     done = subprocess.run([sys.executable, "bench/soak.py", "--minutes", "2", "--fault-every", "25",
-                           "--stop-seconds", "8", "--full-seconds", "8", "--images", "40", "--json", str(out)],
+                           "--stop-seconds", "8", "--full-seconds", "8", "--images", "40", "--json", str(out),
+                           "--log", str(tmp_path / "serve.log")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [f["fault"] for f in report["faults"]] == ["kill -9 PostgreSQL", "kill -9 a worker", "SIGSTOP PostgreSQL",
                                                      "disk full"]
     recovered = [f["recovery_s"] for f in report["faults"] if "skipped" not in f]
-    assert recovered and all(s is not None and s < 10 for s in recovered), report["faults"]
-    assert report["unexpected_5xx"] == 0, report["unexpected_samples"]
+    assert recovered and all(s is not None and s < 10 for s in recovered), (report["faults"], _warnings(tmp_path))
+    assert report["unexpected_5xx"] == 0, (report["unexpected_samples"], _warnings(tmp_path))
     assert report["acknowledged_uploads"] > 20 and report["lost_writes"] == 0
     assert report["by_route"]["POST /search"].get("200", 0) > 100  # JSON keys are strings
     assert report["check_exit"] == 0 and report["server_tracebacks"] == 0, report
+
+
+def _warnings(tmp_path) -> list[str]:
+    """The server log's last distinct warnings and errors, for a failure's message."""
+    lines = (tmp_path / "serve.log").read_text(errors="replace").splitlines()
+    seen = dict.fromkeys(line.split("] ", 1)[-1][:300] for line in lines if not line.startswith("INFO"))
+    return list(seen)[-40:]
