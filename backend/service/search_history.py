@@ -3,6 +3,7 @@ again."""
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,19 @@ from backend.storage.tables import SearchRecord
 
 log = logging.getLogger(__name__)
 BATCH = 64  # searches written in one statement and one commit
+# How long the writer waits for more searches after the first of a batch: alone, each search paid a connection
+# check, an INSERT and a commit, more CPU than its model on two cores (profiled under bench/load.py).
+LINGER_S = 0.25
+_FLUSH = object()  # queued by flush(): write what came before it now
 PENDING = 1024  # searches waiting to be written; a search beyond that waits for room (nothing is dropped)
 
 
 class SearchHistory:
     """A collection's search history: off until start() (what a server does unless HISTORY_ENABLED is off).
 
-    A search is answered without waiting for its record to be stored: one writer thread turns what has queued up
-    into one multi-row INSERT and one commit. Reads of the history flush() first, so a search is
-    in the history as soon as its answer is out; close() writes what is still queued."""
+    A search is answered without waiting for its record to be stored: one writer thread turns what queues up
+    within LINGER_S into one multi-row INSERT and one commit. Reads of the history flush() first (which writes at
+    once), so a search is in the history as soon as its answer is out; close() writes what is still queued."""
 
     def __init__(self, sessions: sessionmaker, model_name: str):
         self.sessions, self.model_name = sessions, model_name
@@ -64,6 +69,7 @@ class SearchHistory:
     def flush(self) -> None:
         """Return once every search queued so far is written (or its failure logged)."""
         if self._writer is not None:
+            self._pending.put(_FLUSH)  # the writer stops lingering when it reaches this
             self._pending.join()
 
     def close(self) -> None:
@@ -85,22 +91,22 @@ class SearchHistory:
 
     def _write(self) -> None:
         while True:
-            batch, stop = [self._pending.get()], False
-            while len(batch) < BATCH and batch[-1] is not None:
+            items = [self._pending.get()]
+            deadline = time.monotonic() + LINGER_S
+            while len(items) < BATCH and items[-1] is not None and items[-1] is not _FLUSH:
                 try:
-                    batch.append(self._pending.get_nowait())
+                    items.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            if batch[-1] is None:
-                batch.pop()
-                stop = True
+            stop = items[-1] is None
+            batch = [item for item in items if item is not None and item is not _FLUSH]
             try:
                 with self.sessions() as s, s.begin():
                     history.record(s, batch, self.days)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("%d searches not recorded in the history: %s", len(batch), str(exc).splitlines()[0])
             finally:
-                for _ in range(len(batch) + stop):
+                for _ in items:
                     self._pending.task_done()
             if stop:
                 return

@@ -1,12 +1,14 @@
 """The search history's writer: searches are answered without waiting for their record, written in batches, and
 none is lost (real PostgreSQL)."""
 import threading
+import time
 
 import numpy as np
 import sqlalchemy as sa
 from PIL import Image
 
 from backend.service.results import SearchResponse, SearchResult
+from backend.service import search_history
 from backend.service.search_history import BATCH, SearchHistory
 from backend.storage.tables import SearchRecord
 from tests.helpers import png_bytes
@@ -91,3 +93,20 @@ def test_a_query_file_gone_before_its_record_is_made_leaves_the_search_answered_
     with sessions() as s:
         rows = s.execute(sa.select(SearchRecord.params, SearchRecord.query_thumbnail, SearchRecord.result_ids)).all()
     assert sorted((r.params["n"], r.query_thumbnail, r.result_ids) for r in rows) == [(0, None, [0]), (1, None, [1])]
+
+
+def test_searches_a_slow_client_sends_one_by_one_are_written_together_and_a_read_does_not_wait_for_more(
+        sessions, monkeypatch):
+    monkeypatch.setattr(search_history, "LINGER_S", 30.0)  # a flush must cut this short
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    for n in range(5):
+        history.record("stored", {"n": n}, np.ones((1, 4), np.float32), None, _answered(n))
+        time.sleep(0.02)  # each alone in the queue for a moment: without lingering, each its own commit
+    started = time.monotonic()
+    history.flush()
+    assert time.monotonic() - started < 20
+    with sessions() as s:
+        rows = s.execute(sa.select(SearchRecord.at, SearchRecord.params)).all()
+    assert sorted(r.params["n"] for r in rows) == list(range(5)) and len({r.at for r in rows}) == 1
+    history.close()
