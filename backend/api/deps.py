@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, Header, HTTPException, Path, Query, Request, UploadFile
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from backend.api.guard import ImageJobs, body_too_large, write_refusal
 from backend.api.schemas import CONTROL_CHARACTERS, MAX_BIGINT, MAX_INTEGER
@@ -20,7 +21,9 @@ MAX_FILE_NAME = 255
 COLLECTION_PATTERN = NAME.pattern
 
 
-def get_served(request: Request) -> ServedCollections:
+# Dependencies are `async def` where they do not block: FastAPI runs a plain `def` one in its thread pool, a hand-off
+# to another thread and back for each, which took more of a search's time than its index on two cores.
+async def get_served(request: Request) -> ServedCollections:
     """The collections served (the default's opened at start-up); 503 until the server is ready."""
     if getattr(request.app.state, "collections", None) is None:
         error = getattr(request.app.state, "startup_error", None)
@@ -32,12 +35,13 @@ def get_served(request: Request) -> ServedCollections:
 ServedDep = Annotated[ServedCollections, Depends(get_served)]
 
 
-def get_search(served: ServedDep, collection: Annotated[str | None, Query(
+async def get_search(served: ServedDep, collection: Annotated[str | None, Query(
         description="the collection to use (default: the server's, COLLECTION, which is `default` unless set); "
                     "see GET /collections",
         pattern=COLLECTION_PATTERN, max_length=40)] = None) -> ImageSearch:
     """The collection's ImageSearch (opened on its first request); 404 for a collection that does not exist."""
-    return served.get(collection)
+    search = served.opened(collection)
+    return search if search is not None else await run_in_threadpool(served.get, collection)  # opening reads
 
 
 SearchDep = Annotated[ImageSearch, Depends(get_search)]
@@ -62,7 +66,7 @@ def _images_path(app) -> str:
     return str(app.url_path_for("get_image", image_id=0))[:-1]  # /images/ : the route's path ends in the id
 
 
-def require_write_access(request: Request, x_api_key: Annotated[
+async def require_write_access(request: Request, x_api_key: Annotated[
         str | None, Header(description="required when the server has API_KEY set")] = None) -> None:
     """Writes need X-API-Key to match API_KEY (or OPEN_WRITES without a key), and no foreign Origin.
 
@@ -73,7 +77,7 @@ def require_write_access(request: Request, x_api_key: Annotated[
         raise HTTPException(*refusal)
 
 
-def image_jobs(request: Request) -> ImageJobs:
+async def image_jobs(request: Request) -> ImageJobs:
     """The app's bounded queue for image decoding and embedding."""
     return request.app.state.image_jobs
 
@@ -109,7 +113,7 @@ def query_model(model: type[BaseModel]):
                                             annotation=Annotated[(field.annotation, *field.metadata, query)],
                                             **({} if extra else {"default": field.default})))
 
-    def from_query(**values) -> BaseModel:
+    async def from_query(**values) -> BaseModel:
         return model.model_validate({model.model_fields[name].alias or name: value for name, value in values.items()})
 
     from_query.__signature__ = inspect.Signature(parameters, return_annotation=model)

@@ -48,9 +48,9 @@ class ServedCollections:
         """The SNAPSHOT_DIR the collections' snapshots are kept under (backend.storage.collections.snapshot_dir_of)."""
         return self.default.snapshot_base
 
-    def get(self, name: str | None) -> ImageSearch:
-        """The ImageSearch of collection `name` (None: the server's own), opened now if it was not; NotFound (404)
-        for a collection that does not exist (any more)."""
+    def opened(self, name: str | None) -> ImageSearch | None:
+        """The ImageSearch of collection `name` (None: the server's own) if it is open, else None; never blocks
+        (the API's event loop asks this first); NotFound for the server's own collection once deleted."""
         if name is None or name == self.default.collection:
             if self.default.dropped:
                 raise NotFound(f"collection {self.default.collection!r} was deleted: serve another (COLLECTION)")
@@ -59,6 +59,13 @@ class ServedCollections:
         search = self._open.get(name)
         if search is not None and not search.dropped:
             self._used[name] = time.monotonic()
+            return search
+        return None
+
+    def get(self, name: str | None) -> ImageSearch:
+        """The ImageSearch of collection `name` (None: the server's own), opened now if it was not; NotFound (404)
+        for a collection that does not exist (any more)."""
+        if (search := self.opened(name)) is not None:
             return search
         with self._lock:
             search = self._open.get(name)

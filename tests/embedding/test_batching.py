@@ -16,10 +16,11 @@ class RecordingPixels(PixelEmbedder):
 
     def __init__(self, pause: float = 0.0, fail: bool = False):
         super().__init__()
-        self.pause, self.fail, self.sizes = pause, fail, []
+        self.pause, self.fail, self.sizes, self.threads = pause, fail, [], []
 
     def _forward(self, batch, precision=None):
         self.sizes.append(len(batch))
+        self.threads.append(threading.current_thread())
         time.sleep(self.pause)
         if self.fail:
             raise RuntimeError("the model broke")
@@ -60,7 +61,7 @@ def test_concurrent_queries_share_passes_and_get_their_own_vectors():
     assert batcher.batches < 12 and max(embedder.sizes[warm_up:]) > 1  # queries that waited went together
 
 
-def test_a_lone_query_runs_at_once_as_a_batch_of_one():
+def test_a_lone_query_runs_at_once_as_a_batch_of_one_on_its_own_thread():
     embedder = RecordingPixels().load()
     batcher = QueryBatcher(embedder, max_batch=16, preparing=1)
     try:
@@ -70,6 +71,7 @@ def test_a_lone_query_runs_at_once_as_a_batch_of_one():
     finally:
         batcher.close()
     assert embedder.sizes[-1] == 1 and batcher.batches == 1
+    assert embedder.threads[-1] is threading.current_thread()  # no hand-off to the model thread and back
     assert vector.shape == (PixelEmbedder.dim,) and abs(np.linalg.norm(vector) - 1) < 1e-5
 
 
