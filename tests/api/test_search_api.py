@@ -1,6 +1,7 @@
 """The REST API's search features against a real PostgreSQL: metadata filters, several examples, a region of the
 query, and exports (stand-in embedder)."""
 import csv
+import inspect
 import io
 import json
 import zipfile
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from backend.api.app import create_app
+from backend.api.routes import search as search_routes
 from backend.config import settings
 from backend.errors import DatasetUnavailable
 from backend.pipeline.datasets import load_dataset
@@ -210,3 +212,17 @@ def test_zip_export_stops_at_its_byte_limit(client, monkeypatch):
     manifest = json.loads(zipfile.ZipFile(io.BytesIO(as_zip.content)).read("manifest.json"))
     included = [r for r in manifest["results"] if r["file"]]
     assert 1 <= len(included) <= 3 and manifest["images_left_out"] == 10 - len(included)
+
+
+def test_the_search_routes_dependencies_run_on_the_event_loop():
+    """FastAPI runs a plain `def` dependency in its thread pool: a hand-off to another thread and back per
+    dependency per search. Those of the search routes never block, so none may be a plain def."""
+    def calls(dependant):
+        for dependency in dependant.dependencies:
+            yield dependency.call
+            yield from calls(dependency)
+
+    routes = {route.path: route for route in search_routes.router.routes}
+    for path in ("/search", "/search/examples", "/search/prototypes"):
+        plain = [call.__name__ for call in calls(routes[path].dependant) if not inspect.iscoroutinefunction(call)]
+        assert plain == [], f"{path}: {plain}"
