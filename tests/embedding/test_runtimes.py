@@ -1,4 +1,6 @@
 """EMBED_RUNTIME: OpenVINO only where it is installed, measured faster and faithful to fp32; PyTorch otherwise."""
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +12,7 @@ from backend.embedding import runtimes
 from backend.embedding.models import create_embedder
 from backend.embedding.precision import calibration_images
 from backend.embedding.vectors import l2_normalize
-from tests.helpers import PixelEmbedder
+from tests.helpers import ROOT, PixelEmbedder
 
 pytestmark = pytest.mark.xdist_group("runtimes")  # its module-scoped fixtures are built once
 
@@ -62,3 +64,12 @@ def test_openvino_is_refused_when_unfaithful_or_not_faster(monkeypatch, limit, w
     assert embedder._compiled is None and why in embedder.runtime_reason
     assert torch.equal(embedder._forward(embedder.prepare(calibration_images(2))),
                        embedder._forward(embedder.prepare(calibration_images(2)), "fp32"))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "10000"), ("5", "5")])
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env |= {"GOMP_SPINCOUNT": preset} if preset else {}
+    done = subprocess.run([sys.executable, "-c", "import backend, os; print(os.environ['GOMP_SPINCOUNT'])"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == expected, done.stderr
