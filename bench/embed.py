@@ -42,6 +42,7 @@ def embedder_for(name: str, precision: str, engine_dir: Path | None = None):
     if isinstance(embedder, TorchvisionResNet) and embedder.weights_problem():
         import torchvision
 
+        torch.manual_seed(0)  # the same random weights in every embedder made here: cosines compare like with like
         network = getattr(torchvision.models, embedder.arch)(weights=None)
         transforms = getattr(torchvision.models, embedder.weights_enum).IMAGENET1K_V1.transforms()
         embedder._load = lambda: (torch.nn.Sequential(*list(network.children())[:-1], torch.nn.Flatten(1)),
@@ -145,7 +146,6 @@ def load_seconds(name: str) -> dict:
 def run(name: str, items) -> dict:
     from backend.embedding.decode import decode
 
-    torch.manual_seed(0)  # random ResNet weights, where used, are the same in both
     naive_backbone = embedder_for(name, "fp32")._loaded[0].to(memory_format=torch.contiguous_format)
     chosen = embedder_for(name, "auto")
     # imsrc's input is what its preprocessing gives (uint8 pixels, normalised in the network: embedding.pixels); the
