@@ -124,14 +124,16 @@ class ImageSearch:
         with self.manager.lock:
             return self.to_index_space(base), base
 
-    def _embed_base(self, image: ImageInput, edit: QueryEdit | None = None) -> np.ndarray:
+    def _embed_base(self, image: ImageInput, edit: QueryEdit | None = None, keep: list | None = None) -> np.ndarray:
         """The query's base model vector, edited first (a derived model's head is applied under the lock:
-        _to_index_space)."""
+        _to_index_space); the decoded, unedited picture is appended to `keep` when given (for the history)."""
         def picture() -> PILImage.Image:
             if isinstance(image, PILImage.Image):
                 decoded = DecodedImage(image.convert("RGB"), image.width, image.height, "PIL")
             else:
                 decoded = decode(Path(image).read_bytes() if isinstance(image, (str, Path)) else image)
+            if keep is not None:
+                keep.append(decoded.image)
             return edit.apply(decoded) if edit is not None else decoded.image
 
         batcher = self.batcher  # close() may set it to None meanwhile
@@ -214,17 +216,19 @@ class ImageSearch:
         stored_ids = [e for e in (*positives, *negatives) if _is_id(e)]
         started = time.perf_counter()
         stored = dict(zip(*lookups.stored_bases(self.sessions, self.embedder, stored_ids)))
-        bases = [stored[e] if _is_id(e) else self._embed_base(e, request.edit if n < len(positives) else None)
+        uploaded = next((e for e in positives if not _is_id(e)), None)
+        seen: list[PILImage.Image] = []  # the history's thumbnail is made from it: the query is decoded once
+        bases = [stored[e] if _is_id(e) else self._embed_base(e, request.edit if n < len(positives) else None,
+                                                              seen if e is uploaded else None)
                  for n, e in enumerate((*positives, *negatives))]
         embed_ms = (time.perf_counter() - started) * 1000
         negative = np.stack(bases[len(positives):]) if negatives else np.zeros((0, len(bases[0])), np.float32)
         response = planner.execute(self, request, np.stack(bases[:len(positives)]), negative, exclude=set(stored))
         if len(stored) < len(bases):  # some example was embedded here
             response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
-        uploaded = next((e for e in positives if not _is_id(e)), None)
         params = {**request.to_params(), "positives": len(positives), "stored_ids": stored_ids}
         self.history.record("upload" if uploaded is not None else "stored", params, np.stack(bases), uploaded,
-                            response)
+                            response, picture=seen[0] if seen else None)
         return response
 
     def start_history(self, retention_days: int) -> None:

@@ -48,8 +48,11 @@ class SearchHistory:
                 self._writer = threading.Thread(target=self._write, name="imsrc-history", daemon=True)
                 self._writer.start()
 
-    def record(self, kind: str, params: dict, vectors: np.ndarray, uploaded, response: SearchResponse) -> None:
-        """Queue a search for the history (when it is on); a failure to write it is logged, never the search's."""
+    def record(self, kind: str, params: dict, vectors: np.ndarray, uploaded, response: SearchResponse,
+               picture: PILImage.Image | None = None) -> None:
+        """Queue a search for the history (when it is on); a failure to write it is logged, never the search's.
+        `picture`: the upload as the search decoded it, which the thumbnail is made from instead of decoding it
+        again."""
         if self.days is None:
             return
         # The query's hash and thumbnail are made here, so the queue holds only small rows and a big upload is
@@ -58,7 +61,8 @@ class SearchHistory:
         if uploaded is not None:
             try:
                 data = Path(uploaded).read_bytes() if isinstance(uploaded, (str, Path)) else uploaded
-                picture = data if isinstance(data, PILImage.Image) else decode(data).image
+                if picture is None:
+                    picture = data if isinstance(data, PILImage.Image) else decode(data).image
                 sha, thumb = (sha256(data) if isinstance(data, bytes) else None), history.thumbnail(picture)
             except (OSError, ImsrcError) as exc:  # a query file removed or changed since it was searched
                 log.warning("search recorded without its query's thumbnail: %s", exc)

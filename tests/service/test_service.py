@@ -1,4 +1,5 @@
 """The Python API and the index life cycle against a real PostgreSQL (stand-in embedder)."""
+import io
 import logging
 
 import numpy as np
@@ -143,3 +144,22 @@ def test_add_image_stores_metadata_with_the_image(sessions, tmp_path):
     assert again.duplicate
     with sessions() as s:
         assert image_store.get_image(s, added.image_id)[0].metadata_ == {"photographer": "ada"}  # a duplicate changes nothing
+
+
+def test_a_search_decodes_its_query_once_and_records_its_thumbnail(sessions, tmp_path, collection, monkeypatch):
+    from backend.service import image_search, search_history
+    from backend.storage.tables import SearchRecord
+
+    search = _open(sessions, tmp_path)
+    search.build_database("folder", collection, progress=False)
+    search.start_history(30)
+    decodes = []
+    for module in (image_search, search_history):  # the search's decode, and the one the history had of its own
+        monkeypatch.setattr(module, "decode", lambda data, real=module.decode: decodes.append(1) or real(data))
+    search.search_similar(_colour((10, 10, 230)), k=3)
+    search.history.flush()
+    assert len(decodes) == 1
+    with sessions() as s:
+        thumbnail = s.scalar(SearchRecord.__table__.select().with_only_columns(SearchRecord.query_thumbnail))
+    assert Image.open(io.BytesIO(thumbnail)).getpixel((0, 0))[2] > 200  # the blue query's
+    search.close()
