@@ -38,17 +38,39 @@ def rss_mib(pid: int | str = "self") -> float:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (a server's worker processes), MiB; one that ends
-    meanwhile, or has ended (a zombie has no memory), counts 0."""
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (a server's worker processes); [] when it has ended."""
     try:
         children = [child for task in Path(f"/proc/{pid}/task").iterdir()
                     for child in (task / "children").read_text().split()]
-        status = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    own = int(status.split("VmRSS:")[1].split()[0]) / 1024 if "VmRSS:" in status else 0.0
-    return own + sum(tree_rss_mib(int(child)) for child in children)
+        return []
+    return [pid] + [p for child in children for p in _tree(int(child))]
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, MiB; one that ends meanwhile, or has ended (a zombie
+    has no memory), counts 0."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(status.split("VmRSS:")[1].split()[0]) / 1024 if "VmRSS:" in status else 0.0
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process and its live descendants have used so far, seconds."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def free_port() -> int:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pipeline.datasets import load_dataset, select_balanced  # noqa: E402
-from bench.common import checkout, free_port, machine, percentile, tree_rss_mib, wait_ready, write_json  # noqa: E402
+from bench.common import (checkout, free_port, machine, percentile, tree_cpu_seconds, tree_rss_mib, wait_ready,
+                          write_json)  # noqa: E402
 
 
 def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
@@ -34,11 +35,13 @@ def search(client: httpx.Client, image: bytes) -> tuple[int, float]:
 
 def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: int) -> dict:
     """`total` searches by `concurrency` clients at once."""
-    before = tree_rss_mib(pid)
+    before, server_cpu, client_cpu = tree_rss_mib(pid), tree_cpu_seconds(pid), time.process_time()
     with httpx.Client(base_url=base, timeout=60) as client, ThreadPoolExecutor(concurrency) as pool:
         started = time.perf_counter()
         results = list(pool.map(lambda i: search(client, queries[i % len(queries)]), range(total)))
         seconds = time.perf_counter() - started
+    # CPU per search: on a machine the client shares, what the server saves is what the others get
+    server_cpu, client_cpu = tree_cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
     ok = [ms for code, ms in results if code == 200]
     return {"concurrency": concurrency, "requests": total, "req_per_s": round(len(ok) / seconds, 1),
             "p50_ms": round(percentile(ok, 0.5), 1) if ok else None,
@@ -46,6 +49,8 @@ def level(base: str, queries: list[bytes], concurrency: int, total: int, pid: in
             "p99_ms": round(percentile(ok, 0.99), 1) if ok else None,
             "busy_503": sum(code == 503 for code, _ in results),
             "errors": sum(code not in (200, 503) for code, _ in results),
+            "server_cpu_ms_per_request": round(server_cpu / total * 1000, 2),
+            "client_cpu_ms_per_request": round(client_cpu / total * 1000, 2),
             "rss_before_mib": round(before), "rss_after_mib": round(tree_rss_mib(pid))}
 
 
@@ -90,10 +95,12 @@ def print_table(title: str, run: dict, model_ms: float) -> None:
     print(f"{title}: first search after /health 200: {run['first_search_ms']} ms; warm p50 "
           f"{run['warm_search_p50_ms']} ms ({run['first_search_ms'] / run['warm_search_p50_ms']:.2f}x); idle server "
           f"RSS {run['idle_rss_mib']} MiB")
-    print(f"{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'503':>6}{'errors':>7}{'RSS MiB':>14}")
+    print(f"{'conc':>5}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'503':>6}{'errors':>7}{'RSS MiB':>14}"
+          f"{'CPU ms/req server client':>26}")
     for r in run["levels"]:
         print(f"{r['concurrency']:>5}{r['req_per_s']:>8}{r['p50_ms']!s:>9}{r['p95_ms']!s:>9}{r['p99_ms']!s:>9}"
-              f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}")
+              f"{r['busy_503']:>6}{r['errors']:>7}{r['rss_before_mib']:>7}->{r['rss_after_mib']:<6}"
+              f"{r.get('server_cpu_ms_per_request', '')!s:>13}{r.get('client_cpu_ms_per_request', '')!s:>7}")
     one = next((r for r in run["levels"] if r["concurrency"] == 1), None)
     many = next((r for r in run["levels"] if r["concurrency"] == 16), None)
     if one and one["p50_ms"]:
