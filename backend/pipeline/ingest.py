@@ -16,6 +16,7 @@ from backend.embedding.models import Embedder
 from backend.errors import InvalidImage
 from backend.pipeline.datasets import Item
 from backend.storage import images as image_store
+from backend.storage.retry import run_transaction
 
 PREPARE_THREADS = 2  # reading and decoding are a fraction of the model's time: two keep ahead of it
 LOOKAHEAD = 2  # batches prepared ahead of the model: bounds the memory held by decoded images
@@ -242,12 +243,15 @@ def store_batch(session_factory, ready: Prepared, vectors, model_name: str, repo
     if not ready.to_embed:
         return
     # Embedded outside the transaction so that it stays short; conflicts are settled by ON CONFLICT below.
-    with session_factory() as session, session.begin():
+    def store(session) -> tuple[dict, list[int]]:
         inserted = image_store.insert_images(session, ready.new_images)
         ids = {**ready.existing_ids, **inserted}
         # An image another process inserted meanwhile is not in `ids`: it is that process's to embed.
         keep = [k for k, digest in enumerate(ready.to_embed) if digest in ids]
-        stored = image_store.insert_embeddings(session, model_name, [ids[ready.to_embed[k]] for k in keep], vectors[keep])
+        return inserted, image_store.insert_embeddings(session, model_name, [ids[ready.to_embed[k]] for k in keep],
+                                                       vectors[keep])
+
+    inserted, stored = run_transaction(session_factory, store)
     report.added += len(set(inserted.values()) & set(stored))
     report.embedded_existing += len(set(ready.existing_ids.values()) & set(stored))
     report.duplicates += len(ready.to_embed) - len(stored)

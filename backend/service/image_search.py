@@ -34,6 +34,7 @@ from backend.service.search_history import SearchHistory
 from backend.storage import images as image_store
 from backend.storage import prototypes as prototype_store
 from backend.storage.collections import DEFAULT, snapshot_dir_of
+from backend.storage.retry import run_transaction
 from backend.storage.tables import Collection, Image
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,7 @@ class ImageSearch:
 
     @property
     def index_source(self) -> str:
-        """How the index came to be: 'snapshot', 'rebuilt', or after a snapshot that could not be trusted,
-        'rebuilt: snapshot was <what was wrong>, moved to <file>'."""
+        """How the index came to be: 'snapshot', 'rebuilt', or 'rebuilt: snapshot was <why>, moved to <file>'."""
         return self.manager.source
 
     # -- search -----------------------------------------------------------------------------------
@@ -216,8 +216,7 @@ class ImageSearch:
         stored_ids = [e for e in (*positives, *negatives) if _is_id(e)]
         started = time.perf_counter()
         stored = dict(zip(*lookups.stored_bases(self.sessions, self.embedder, stored_ids)))
-        uploaded = next((e for e in positives if not _is_id(e)), None)
-        seen: list[PILImage.Image] = []  # the history's thumbnail is made from it: the query is decoded once
+        uploaded, seen = next((e for e in positives if not _is_id(e)), None), []  # seen: for the history's thumbnail
         bases = [stored[e] if _is_id(e) else self._embed_base(e, request.edit if n < len(positives) else None,
                                                               seen if e is uploaded else None)
                  for n, e in enumerate((*positives, *negatives))]
@@ -228,7 +227,7 @@ class ImageSearch:
             response.timings_ms = {"embedding": round(embed_ms, 2), **response.timings_ms}
         params = {**request.to_params(), "positives": len(positives), "stored_ids": stored_ids}
         self.history.record("upload" if uploaded is not None else "stored", params, np.stack(bases), uploaded,
-                            response, picture=seen[0] if seen else None)
+                            response, picture=(seen or [None])[0])
         return response
 
     def start_history(self, retention_days: int) -> None:
@@ -314,8 +313,7 @@ class ImageSearch:
 
     def delete_images(self, image_ids: list[int]) -> int:
         """Delete images (those stored), their vectors and their shares of prototypes; returns how many."""
-        with self.sessions() as s, s.begin():
-            deleted = image_store.delete_images(s, image_ids)
+        deleted = run_transaction(self.sessions, lambda s: image_store.delete_images(s, image_ids))
         self._synced(image_ids)
         return deleted
 
