@@ -107,7 +107,7 @@ class SearchHistory:
             try:
                 with self.sessions() as s, s.begin():
                     history.record(s, batch, self.days)
-            except sa.exc.SQLAlchemyError as exc:
+            except (sa.exc.SQLAlchemyError, ImsrcError) as exc:  # ImsrcError: the collection was deleted meanwhile
                 log.warning("%d searches not recorded in the history: %s", len(batch), str(exc).splitlines()[0])
             finally:
                 for _ in items:

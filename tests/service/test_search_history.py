@@ -110,3 +110,19 @@ def test_searches_a_slow_client_sends_one_by_one_are_written_together_and_a_read
         rows = s.execute(sa.select(SearchRecord.at, SearchRecord.params)).all()
     assert sorted(r.params["n"] for r in rows) == list(range(5)) and len({r.at for r in rows}) == 1
     history.close()
+
+
+def test_searches_of_a_collection_deleted_before_they_are_written_are_dropped_and_the_writer_goes_on(engine):
+    from backend.storage.collections import CollectionSessions, create_collection, delete_collection
+
+    create_collection(engine, "gone")
+    history = SearchHistory(CollectionSessions(engine).sessions("gone"), "m")
+    history.start(30)
+    delete_collection(engine, "gone")  # while its searches were lingering in the writer's queue
+    for n in range(2):  # the second shows the writer is still there: a dead one would never take it
+        history.record("stored", {"n": n}, np.ones((1, 4), np.float32), None, _answered(n))
+        flushed = threading.Thread(target=history.flush, daemon=True)
+        flushed.start()
+        flushed.join(20)
+        assert not flushed.is_alive()
+    history.close()
