@@ -22,7 +22,6 @@ BATCH = 64  # searches written in one statement and one commit
 # How long the writer waits for more searches after the first of a batch: alone, each search paid a connection
 # check, an INSERT and a commit, more CPU than its model on two cores (profiled under bench/load.py).
 LINGER_S = 0.25
-_FLUSH = object()  # queued by flush(): write what came before it now
 PENDING = 1024  # searches waiting to be written; a search beyond that waits for room (nothing is dropped)
 
 
@@ -72,9 +71,12 @@ class SearchHistory:
 
     def flush(self) -> None:
         """Return once every search queued so far is written (or its failure logged)."""
-        if self._writer is not None:
-            self._pending.put(_FLUSH)  # the writer stops lingering when it reaches this
-            self._pending.join()
+        written = threading.Event()  # queued: the writer stops lingering at it, and sets it once its batch is in
+        with self._starting:  # close() cannot stop the writer between this check and the put
+            if self._writer is None:
+                return
+            self._pending.put(written)
+        written.wait()
 
     def close(self) -> None:
         """Write what is queued and stop the writer."""
@@ -97,20 +99,21 @@ class SearchHistory:
         while True:
             items = [self._pending.get()]
             deadline = time.monotonic() + LINGER_S
-            while len(items) < BATCH and items[-1] is not None and items[-1] is not _FLUSH:
+            while len(items) < BATCH and isinstance(items[-1], dict):
                 try:
                     items.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            stop = items[-1] is None
-            batch = [item for item in items if item is not None and item is not _FLUSH]
+            batch = [item for item in items if isinstance(item, dict)]
             try:
                 with self.sessions() as s, s.begin():
                     history.record(s, batch, self.days)
             except (sa.exc.SQLAlchemyError, ImsrcError) as exc:  # ImsrcError: the collection was deleted meanwhile
                 log.warning("%d searches not recorded in the history: %s", len(batch), str(exc).splitlines()[0])
+            except Exception:  # a bug must not stop the writer: every later flush() would wait for it forever
+                log.exception("%d searches not recorded in the history", len(batch))
             finally:
-                for _ in items:
-                    self._pending.task_done()
-            if stop:
+                for flushed in (item for item in items if isinstance(item, threading.Event)):
+                    flushed.set()
+            if items[-1] is None:
                 return

@@ -126,3 +126,26 @@ def test_searches_of_a_collection_deleted_before_they_are_written_are_dropped_an
         flushed.join(20)
         assert not flushed.is_alive()
     history.close()
+
+
+def test_a_writer_that_hits_an_unexpected_error_goes_on_and_flush_returns(sessions, monkeypatch):
+    real_record, calls = search_history.history.record, []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the writer")
+        return real_record(*args)
+
+    monkeypatch.setattr(search_history.history, "record", failing_once)
+    history = SearchHistory(sessions, "m")
+    history.start(30)
+    for n in range(2):  # the first batch is lost to the bug; the second is written by the same writer
+        history.record("stored", {"n": n}, np.ones((1, 4), np.float32), None, _answered(n))
+        flushed = threading.Thread(target=history.flush, daemon=True)
+        flushed.start()
+        flushed.join(20)
+        assert not flushed.is_alive()
+    history.close()
+    with sessions() as s:
+        assert [r.params["n"] for r in s.execute(sa.select(SearchRecord.params))] == [1]
