@@ -1,4 +1,4 @@
-"""Decoding messy real-world image bytes into RGB PIL images, and hashing them."""
+"""Decoding messy real-world image bytes into 8-bit RGB or grayscale PIL images, and hashing them."""
 import hashlib
 import io
 import re
@@ -53,7 +53,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 class DecodedImage:
     """An image ready to embed (short side under 2 x WORKING_SIDE px), with what imsrc stores about the original."""
 
-    image: Image.Image  # RGB, EXIF orientation applied, centre-cropped and reduced for the model
+    image: Image.Image  # RGB or L (8-bit grayscale), EXIF orientation applied, centre-cropped and reduced for the model
     width: int  # the original's, upright
     height: int
     format: str
@@ -65,7 +65,7 @@ def sha256(data: bytes) -> str:
 
 
 def decode(data: bytes) -> DecodedImage:
-    """Decode bytes to a small RGB image for the model; raises InvalidImage with the reason when they are not
+    """Decode bytes to a small 8-bit RGB or grayscale image for the model; raises InvalidImage with the reason when they are not
     a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced scale."""
     if not data:
         raise InvalidImage("the file is empty")
@@ -109,7 +109,7 @@ def decode(data: bytes) -> DecodedImage:
         small = small.transpose(method)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return DecodedImage(image=to_rgb(small), width=width, height=height, format=fmt)
+    return DecodedImage(image=to_8bit(small), width=width, height=height, format=fmt)
 
 
 def unsupported_format(data: bytes) -> str | None:
@@ -242,8 +242,10 @@ def _averageable(img: Image.Image) -> Image.Image:
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: 16-bit and float scaled, transparency flattened onto white, CMYK converted."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, or 8-bit grayscale (L) where it has no colour: 16-bit and float scaled,
+    transparency flattened onto white, CMYK converted. Grayscale stays one band so that resizing it for the model
+    costs a third (backend.embedding.pixels makes the three equal channels)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.nan_to_num(np.asarray(img, dtype=np.float32))  # float32, in place: one copy of the image at most
         lo, hi = float(arr.min()), float(arr.max())
@@ -256,7 +258,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -20,18 +20,38 @@ def _preset(preprocess) -> bool:
 
 def stack_inputs(preprocess: Callable[[Image.Image], torch.Tensor], images: Sequence[Image.Image]) -> torch.Tensor:
     """Images preprocessed and stacked into one batch (n, 3, H, W): a preset's resized and cropped pixels (uint8),
-    any other preprocessing's output as it gives it."""
+    any other preprocessing's output as it gives it. Grayscale (L) images are resized as one band and become three
+    equal channels only here."""
+    if not _preset(preprocess):
+        return torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
+    height, width = preprocess.crop_size * 2 if len(preprocess.crop_size) == 1 else preprocess.crop_size
+    # Filled in place by numpy, not stacked by torch: a torch copy this size runs on torch's OpenMP threads,
+    # which then spin for a while, on a 2-core server a core's worth of CPU per query taken from everything else.
+    batch = np.empty((len(images), 3, height, width), np.uint8)
+    for k, img in enumerate(images):
+        pixels = np.asarray(resized_crop(preprocess, img if img.mode in ("RGB", "L") else img.convert("RGB")))
+        batch[k] = pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # one band is broadcast to three
+    return torch.from_numpy(batch)
+
+
+def resized_crop(preset, img: Image.Image) -> Image.Image:
+    """The preset's resize then centre crop, as one PIL resize of the crop's source box: only the crop's pixels are
+    computed (half the time on photos), each within one level of the two steps' value."""
     from torchvision.transforms import functional as F
 
-    rgb = [img.convert("RGB") if img.mode != "RGB" else img for img in images]
-    if not _preset(preprocess):
-        return torch.stack([preprocess(img) for img in rgb])
-    p = preprocess
-    # Stacked and made channels-first by numpy, not torch: a torch copy this size runs on torch's OpenMP threads,
-    # which then spin for a while, on a 2-core server a core's worth of CPU per query taken from everything else.
-    pixels = np.stack([np.asarray(F.center_crop(F.resize(img, p.resize_size, interpolation=p.interpolation,
-                                                         antialias=p.antialias), p.crop_size)) for img in rgb])
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    w, h = img.size
+    crop_h, crop_w = preset.crop_size * 2 if len(preset.crop_size) == 1 else preset.crop_size
+    # torchvision's own rule for the resized size (the short side to resize_size, the long one truncated)
+    new_h, new_w = F._compute_resized_output_size((h, w), list(preset.resize_size), None)
+    if crop_h > new_h or crop_w > new_w:  # the preset would pad: its own two steps
+        return F.center_crop(F.resize(img, preset.resize_size, interpolation=preset.interpolation,
+                                      antialias=preset.antialias), preset.crop_size)
+    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))  # as F.center_crop
+    if (new_h, new_w) == (h, w):  # F.resize leaves it as it is
+        return img.crop((left, top, left + crop_w, top + crop_h))
+    sx, sy = w / new_w, h / new_h
+    return img.resize((crop_w, crop_h), F.pil_modes_mapping[preset.interpolation],
+                      box=(left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy))
 
 
 def network_input(preprocess, batch: torch.Tensor) -> torch.Tensor:

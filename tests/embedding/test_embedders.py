@@ -103,18 +103,25 @@ def test_l2_normalize_keeps_zero_rows_zero():
     assert out.dtype == np.float32
 
 
-def test_a_preset_preprocessing_batched_gives_exactly_the_per_image_values():
+def test_a_preset_preprocessing_batched_gives_the_per_image_values():
     from torchvision.transforms._presets import ImageClassification
 
     preset = ImageClassification(crop_size=224, resize_size=256, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((28, 28), (500, 300))]
-    images += [Image.new("L", (64, 40), 77), Image.new("RGBA", (90, 90), (10, 20, 30, 40))]
+    images += [Image.new("L", (64, 40), 77), Image.new("RGBA", (90, 90), (10, 20, 30, 40)),
+               Image.fromarray(rng.integers(0, 256, (256, 300, 3), dtype=np.uint8))]  # already at the resize size
     expected = torch.stack([preset(image.convert("RGB")) for image in images])
     pixels = stack_inputs(preset, images)
     assert pixels.dtype == torch.uint8  # a quarter of the bytes; the network's first step makes the floats
-    assert torch.equal(network_input(preset, pixels), expected)
+    # One resize of the crop's box instead of a resize and a crop: within one level of 255 of the two steps
+    unnormalised = expected * torch.tensor(preset.std)[:, None, None] + torch.tensor(preset.mean)[:, None, None]
+    assert (pixels.float() / 255 - unnormalised).abs().max() <= 1 / 255 + 1e-6
+    assert torch.equal(network_input(preset, pixels)[-1], expected[-1])  # no resize: exactly the crop
+    # A grayscale picture is resized as one band: exactly the values of its RGB form
+    gray = Image.fromarray(rng.integers(0, 256, (120, 90), dtype=np.uint8))
+    assert torch.equal(stack_inputs(preset, [gray]), stack_inputs(preset, [gray.convert("RGB")]))
     # Any other preprocessing runs per image, as given
     assert torch.equal(stack_inputs(lambda image: torch.full((1,), float(image.width)), images),
-                       torch.tensor([[28.0], [300.0], [64.0], [90.0]]))
+                       torch.tensor([[28.0], [300.0], [64.0], [90.0], [300.0]]))
 

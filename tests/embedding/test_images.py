@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.embedding.decode import MAX_ASPECT, WORKING_SIDE, decode, jpeg_scans, to_rgb
+from backend.embedding.decode import MAX_ASPECT, WORKING_SIDE, decode, jpeg_scans, to_8bit
 from backend.errors import InvalidImage
 from tests.helpers import png_bytes
 
@@ -37,9 +37,10 @@ MESSY = {
 
 
 @pytest.mark.parametrize("kind", MESSY)
-def test_messy_images_decode_to_rgb(kind):
+def test_messy_images_decode_to_8bit_rgb_or_grayscale(kind):
     decoded = decode(MESSY[kind]())
-    assert decoded.image.mode == "RGB"
+    # Grayscale stays one band (a third of the resizing); everything with colour or transparency becomes RGB
+    assert decoded.image.mode == ("L" if kind in ("grayscale", "tiny", "16-bit") else "RGB")
     if kind == "large":  # reduced for the model; the stored size stays the original's
         assert (decoded.width, decoded.height) == (4000, 3000) and min(decoded.image.size) < 2 * WORKING_SIDE
     else:
@@ -58,7 +59,8 @@ def test_extreme_aspect_ratios_are_centre_cropped_not_stretched(size):
 def test_large_images_of_every_mode_shrink(mode):
     img = Image.new(mode, (2100, 1500))
     decoded = decode(png_bytes(img))
-    assert decoded.image.mode == "RGB" and min(decoded.image.size) == 1500 // (1500 // WORKING_SIDE)
+    assert decoded.image.mode == ("L" if mode in ("I;16", "1") else "RGB")
+    assert min(decoded.image.size) == 1500 // (1500 // WORKING_SIDE)
 
 
 @pytest.mark.slow
@@ -82,8 +84,8 @@ def test_transparent_pixels_become_white_and_cmyk_keeps_its_colour():
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
-    arr = np.asarray(decode(_sixteen_bit_png()).image)[..., 0]
-    assert arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
+    arr = np.asarray(decode(_sixteen_bit_png()).image)  # one band, 8-bit
+    assert arr.ndim == 2 and arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
 
 
 def test_exif_orientation_is_applied():
@@ -102,10 +104,10 @@ def test_bad_bytes_raise_a_specific_error(data, reason):
         decode(data)
 
 
-def test_to_rgb_handles_float_images():
+def test_to_8bit_handles_float_images():
     img = Image.fromarray(np.linspace(-1, 1, 100, dtype=np.float32).reshape(10, 10), )  # float32 -> mode F
-    out = np.asarray(to_rgb(img))
-    assert out.shape == (10, 10, 3) and out.min() == 0 and out.max() == 255
+    out = np.asarray(to_8bit(img))
+    assert out.shape == (10, 10) and out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
 
 
 def test_jpeg_scans_are_counted_by_segments_not_by_bytes():
