@@ -48,7 +48,8 @@ def category_ids(session: Session, names: set[str]) -> dict[str, int]:
     """Ids of the named categories, creating the missing ones."""
     if not names:
         return {}
-    session.execute(insert(Category).values([{"name": n} for n in sorted(names)]).on_conflict_do_nothing())
+    # A parameter list (executemany): one statement compiled once, where a VALUES list made a new one per batch
+    session.execute(insert(Category.__table__).on_conflict_do_nothing(), [{"name": n} for n in sorted(names)])
     rows = session.execute(sa.select(Category.name, Category.id).where(Category.name.in_(names)))
     return dict(rows.all())
 
