@@ -28,6 +28,7 @@ class QueryBatcher:
         self.preparing = threading.BoundedSemaphore(preparing)
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, Future] | None] = queue.SimpleQueue()
         self._running = threading.Lock()  # held by whoever runs a pass: the model thread or a lone query's own
+        self._taken = False  # the model thread holds queries it took from the queue: a lone query is not alone
         self.batches = self.queries = 0  # passes run and queries embedded, for /status and the tests
         self._closed = False
         self._closing = threading.Lock()  # close() and a query's put never interleave
@@ -39,9 +40,9 @@ class QueryBatcher:
         batch with whatever other queries are waiting."""
         with self.preparing:
             tensor = self.embedder.prepare([picture()])
-        if self._queue.empty() and self._running.acquire(blocking=False):
+        if not self._taken and self._queue.empty() and self._running.acquire(blocking=False):
             try:
-                if self._queue.empty() and not self._closed:  # alone: no hand-off (see the module docstring)
+                if not self._taken and self._queue.empty() and not self._closed:  # alone: no hand-off (see above)
                     return self._pass([tensor])[0]
             finally:
                 self._running.release()
@@ -70,25 +71,33 @@ class QueryBatcher:
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
+            self._taken = True
+            # The batch is gathered once the pass is ours: queries that arrive while a lone query's pass runs
+            # join this one instead of waiting for the next.
+            with self._running:
+                batch, stop = self._gather(first)
                 try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            try:
-                with self._running:
                     vectors = self._pass([tensor for tensor, _ in batch])
-            except BaseException as exc:  # every waiting query gets the error, and the thread carries on
-                for _, done in batch:
-                    done.set_exception(exc)
-            else:
-                for (_, done), vector in zip(batch, vectors):
-                    done.set_result(vector)
+                except BaseException as exc:  # every waiting query gets the error, and the thread carries on
+                    for _, done in batch:
+                        done.set_exception(exc)
+                else:
+                    for (_, done), vector in zip(batch, vectors):
+                        done.set_result(vector)
+                finally:
+                    self._taken = False
             if stop:
                 return
+
+    def _gather(self, first) -> tuple[list, bool]:
+        """The queries waiting, after `first`, up to max_batch; and whether close() was among them."""
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False

@@ -75,6 +75,47 @@ def test_a_lone_query_runs_at_once_as_a_batch_of_one_on_its_own_thread():
     assert vector.shape == (PixelEmbedder.dim,) and abs(np.linalg.norm(vector) - 1) < 1e-5
 
 
+def test_queries_that_wait_behind_a_lone_query_share_the_next_pass():
+    """The model thread gathers its batch once the pass is its own: queries arriving while a lone query's pass
+    runs all go together in the next, not one in a pass of its own and the rest after it."""
+    class Gated(RecordingPixels):
+        entered, gate = threading.Event(), threading.Event()
+
+        def _forward(self, batch, precision=None):
+            if threading.current_thread().name == "lone":
+                self.entered.set()
+                assert self.gate.wait(20)
+            return super()._forward(batch, precision)
+
+    embedder = Gated().load()
+    batcher = QueryBatcher(embedder, max_batch=16, preparing=4)
+    pictures = _pictures(4)
+    lone = threading.Thread(target=batcher.embed, args=(lambda: pictures[0],), name="lone")
+    try:
+        lone.start()
+        assert Gated.entered.wait(20)  # the lone query's pass runs (and waits)
+        followers = [threading.Thread(target=batcher.embed, args=(lambda k=k: pictures[k],)) for k in (1, 2, 3)]
+        followers[0].start()
+        _wait_for(lambda: batcher._queue.empty() and followers[0].is_alive())  # taken by the model thread
+        for t in followers[1:]:
+            t.start()
+        _wait_for(lambda: batcher._queue.qsize() == 2)
+        Gated.gate.set()
+        for t in [lone, *followers]:
+            t.join(20)
+    finally:
+        Gated.gate.set()
+        batcher.close()
+    assert embedder.sizes[1:] == [1, 3] and batcher.batches == 2
+
+
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def test_batches_never_exceed_the_limit():
     embedder = RecordingPixels(pause=0.1).load()
     batcher = QueryBatcher(embedder, max_batch=3, preparing=4)
