@@ -29,9 +29,10 @@ def copy_cursor(session: Session, statement: str) -> Iterator:
     SQLAlchemy's, as every other statement's do (so that a full disk answers 507, a lost server 503 and the pool
     drops the dead connection)."""
     connection = session.connection()
-    cursor = connection.connection.driver_connection.cursor()
     dbapi = connection.dialect.loaded_dbapi
+    cursor = None
     try:
+        cursor = connection.connection.driver_connection.cursor()
         yield cursor
     except dbapi.Error as exc:
         lost = connection.dialect.is_disconnect(exc, connection.connection, cursor)
@@ -39,14 +40,17 @@ def copy_cursor(session: Session, statement: str) -> Iterator:
             connection.invalidate(exc)
         raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi.Error, connection_invalidated=lost) from exc
     finally:
-        cursor.close()
+        if cursor is not None:
+            with contextlib.suppress(dbapi.Error):  # a closed connection's cursor: the error above is the one
+                cursor.close()
 
 
-def _row_layout(dim: int) -> np.dtype:
-    """One COPY row: field count, then each field's length and value, big-endian (pgvector sends its dimension,
-    an unused int16 and the floats)."""
-    return np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("cat_len", ">i4"), ("cat", ">i4"),
-                     ("vec_len", ">i4"), ("vec_dim", ">i2"), ("vec_unused", ">i2"), ("vec", ">f4", (dim,))])
+def _row_layout(dim: int, category: bool = True) -> np.dtype:
+    """One COPY row of (bigint, [integer,] vector): field count, then each field's length and value, big-endian
+    (pgvector sends its dimension, an unused int16 and the floats)."""
+    return np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8")]
+                    + ([("cat_len", ">i4"), ("cat", ">i4")] if category else [])
+                    + [("vec_len", ">i4"), ("vec_dim", ">i2"), ("vec_unused", ">i2"), ("vec", ">f4", (dim,))])
 
 
 class _RowParser:
@@ -116,18 +120,12 @@ class _RowParser:
         return self.rows
 
 
-def _incoming_layout(dim: int) -> np.dtype:
-    """One COPY row of (bigint, vector) as PostgreSQL reads it, big-endian."""
-    return np.dtype([("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("vec_len", ">i4"), ("vec_dim", ">i2"),
-                     ("vec_unused", ">i2"), ("vec", ">f4", (dim,))])
-
-
 def copy_vectors_in(session: Session, image_ids, vectors: np.ndarray) -> None:
     """Load (image id, vector) rows into the temporary table incoming_vectors of the session's connection by one
     binary COPY; the caller moves them on in the same transaction by DELETE ... RETURNING, which leaves it empty."""
     vectors = np.asarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
-    rows = np.zeros(len(vectors), _incoming_layout(dim))
+    rows = np.zeros(len(vectors), _row_layout(dim, category=False))
     rows["fields"], rows["id_len"], rows["vec_len"], rows["vec_dim"] = 2, 8, 4 + 4 * dim, dim
     rows["id"], rows["vec"] = np.asarray(image_ids, dtype=np.int64), vectors
     # Emptied at each commit (only when used: PostgreSQL skips untouched ones), kept for the connection's next batch.
