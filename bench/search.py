@@ -2,7 +2,7 @@
 
 Usage: python bench/search.py [--size 1000000] [--dim 2048] [--categories 100] [--overlap 0.1] [--queries 200]
        [--types flatip fp16 ivfflat ivffp16] [--hnsw-size 100000] [--hnsw-minutes 20] [--exact-queries 10]
-       [--real] [--fresh] [--json FILE]
+       [--real] [--fashion COPIES] [--no-baselines] [--fresh] [--json FILE] [--plot FILE]
 
 Datasets, each written through imsrc's schema into a throw-away database of its own on the configured PostgreSQL
 (the embedded one, or DATABASE_URL's server), named after its parameters and kept between runs (--fresh drops it):
@@ -14,13 +14,19 @@ Datasets, each written through imsrc's schema into a throw-away database of its 
   Fashion-MNIST collection shows. Queries are new draws from the same mixture.
 - real (--real): the vectors of the configured database's model (e.g. the demo's Fashion-MNIST), --queries of
   them held out as queries.
+- fashion (--fashion COPIES): realistic vectors at scale, made offline: Fashion-MNIST's 60,000 training images in
+  COPIES seeded versions each (crops, mirrors, rotations, zoom, colour), embedded by efficientnet_lite0 and cached
+  on disk (bench/fashion_vectors.py), categories from the labels; the test images, never in the collection, as
+  queries.
 
 Per dataset: the rebuild from PostgreSQL (bulk read) per index type, with its time and memory; the snapshot's
 write and load; then per method p50/p95 latency of single queries (as a server makes them) and recall@10 against
-exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5 per index type, pgvector exact (`<=>`, a few
+exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5 per index type, the strongest FAISS indexes
+(bench/ann.py: HNSW32 over efSearch, a global IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact (`<=>`, a few
 queries: each reads every vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
 vectors within --hnsw-minutes and compared with imsrc at that same size; and adding and deleting one image at a
-time in the full index. Prints a table per dataset; --json writes every row.
+time in the full index. Prints a table per dataset and the p50 each method family needs for recall@10 0.95 and
+0.99; --json writes every row, and the curves go to a PNG beside it (matplotlib).
 """
 import argparse
 import ctypes
@@ -51,10 +57,11 @@ from backend.storage.engine import database_url
 from backend.storage.members import fetch_members  # noqa: E402
 from backend.storage.migrations import migrated_engine
 from backend.storage.sessions import session_factory  # noqa: E402
+from bench import fashion_vectors  # noqa: E402
+from bench.ann import K, at_recall, faiss_baselines, plot, print_at_recall, row, timed_searches  # noqa: E402
 from bench.common import drop_database, machine, percentile, rss_mib, write_json  # noqa: E402
 
 MODEL = "bench"
-K = 10
 CHUNK = 8192
 SUBCLUSTERS = 50  # styles per category
 # Norms of the parts of a synthetic vector: what all share, its category's centre, its style's offset, its own noise.
@@ -167,34 +174,12 @@ def bench_engine(name: str, fresh: bool) -> tuple[sa.Engine, bool]:
 
 
 # -- measuring -------------------------------------------------------------------------------------------
-def timed_searches(search_one, queries: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
-    """(top-k ids per query, milliseconds per query)."""
-    found, ms = [], []
-    for q in queries:
-        started = time.perf_counter()
-        found.append(np.asarray(search_one(q)))
-        ms.append((time.perf_counter() - started) * 1000)
-    return found, ms
-
-
-def recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
-
-
-def row(dataset: str, method: str, size: int, ms: list[float], found, truth, **extra) -> dict:
-    r = {"dataset": dataset, "method": method, "vectors": size, "queries": len(ms),
-         "p50_ms": round(percentile(ms, 0.5), 3), "p95_ms": round(percentile(ms, 0.95), 3),
-         "recall_at_10": round(recall(found, truth), 4), **extra}
-    print(f"  {method:<34}{r['p50_ms']:>10.2f}{r['p95_ms']:>10.2f}{r['recall_at_10']:>9.3f}"
-          + "".join(f"  {k}={v}" for k, v in extra.items()))
-    return r
-
-
 def two_stage_rows(dataset: str, index: CategoryIndex, queries, truth, label: str, probes=PROBES, where: str = ""):
     rows = []
     for p in probes:
         found, ms = timed_searches(lambda q: index.search(q[None], K, top_categories=p)[0].ids, queries)
-        rows.append(row(dataset, f"imsrc {label} P={p}{where}", len(index), ms, found, truth))
+        rows.append(row(dataset, f"imsrc {label} P={p}{where}", len(index), ms, found, truth,
+                        family=f"imsrc {label}{where}"))
     return rows
 
 
@@ -229,7 +214,7 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
     snapshots = Path(tempfile.mkdtemp(prefix="imsrc-bench-"))
     report = {"dataset": dataset, "vectors": size, "dim": dim, "builds": [], "rows": []}
     print(f"\n{dataset}: {size:,} {dim}-d vectors, {len(queries)} queries")
-    print(f"  {'method':<34}{'p50 ms':>10}{'p95 ms':>10}{'recall':>9}")
+    print(f"  {'method':<40}{'p50 ms':>10}{'p95 ms':>10}{'recall':>9}")
     truth = None
     try:
         for index_type in args.types:
@@ -255,6 +240,14 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
             report["builds"].append(build)
             print("  build " + json.dumps(build))
             del manager
+        if args.baselines:
+            gc.collect()
+            with sessions() as s:
+                ids, _, vectors = fetch_members(s, MODEL, dim)
+            rows, builds = faiss_baselines(dataset, vectors, ids, queries, truth, rss_mib)
+            report["rows"] += rows
+            report["builds"] += builds
+            del vectors
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # the memory our indexes held goes to PostgreSQL's page cache
         report["rows"] += pgvector_exact(dataset, engine, queries[:args.exact_queries], truth, size)
@@ -346,7 +339,8 @@ def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: 
 
             timed_searches(search_one, queries[:WARM_UP])  # as imsrc's index, pgvector's starts warm
             found, ms = timed_searches(search_one, queries)
-            rows.append(row(dataset, f"pgvector HNSW halfvec ef={ef} @{n:,}", n, ms, found, truth, build_s=build_s))
+            rows.append(row(dataset, f"pgvector HNSW halfvec ef={ef} @{n:,}", n, ms, found, truth,
+                            family=f"pgvector HNSW halfvec @{n:,}", build_s=build_s))
     return rows
 
 
@@ -392,6 +386,30 @@ def real(args) -> dict:
         engine.dispose()
 
 
+def fashion(args) -> dict:
+    """Fashion-MNIST's training images in --fashion versions each, embedded (bench/fashion_vectors.py, cached),
+    categories from the labels; --queries of the test images (held out: never in the collection) as queries."""
+    folder = fashion_vectors.build(args.fashion, args.fashion_model, args.seed, args.fashion_cache,
+                                   args.fashion_limit)
+    chunks, labels, queries, _ = fashion_vectors.load(folder)
+    dim, total = chunks[0].shape[1], int(sum(len(c) for c in chunks))
+    engine, complete = bench_engine(f"imsrc_bench_{folder.name}".replace("-", "_").lower(), args.fresh)
+    if not complete:
+        def rows():
+            start = 0
+            for vectors in chunks:
+                n = len(vectors)
+                yield (np.arange(start + 1, start + n + 1, dtype=np.int64), labels[start:start + n],
+                       np.asarray(vectors, dtype=np.float32))
+                start += n
+        load_dataset(engine, rows(), dim, int(labels.max()) + 1, total)
+    chosen = np.random.default_rng(args.seed).choice(len(queries), min(args.queries, len(queries)), replace=False)
+    try:
+        return run_dataset(f"fashion x{args.fashion}", engine, dim, queries[np.sort(chosen)], args)
+    finally:
+        engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1_000_000)
@@ -405,17 +423,33 @@ def main() -> None:
     parser.add_argument("--hnsw-minutes", type=float, default=20)
     parser.add_argument("--exact-queries", type=int, default=10, help="pgvector exact queries (each reads all)")
     parser.add_argument("--real", action="store_true", help="also the configured database's collection")
+    parser.add_argument("--fashion", type=int, default=0, metavar="COPIES",
+                        help="also Fashion-MNIST's 60,000 training images in COPIES versions each (17: 1,020,000)")
+    parser.add_argument("--fashion-model", default="efficientnet_lite0")
+    parser.add_argument("--fashion-limit", type=int, default=None, help="only the first N training images")
+    parser.add_argument("--fashion-cache", type=Path, default=fashion_vectors.DEFAULT_CACHE)
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="leave out the FAISS baselines (HNSW, global IVF, RaBitQ with re-rank)")
+    parser.add_argument("--plot", type=Path, default=None, help="recall/latency curves (PNG); default: beside --json")
     parser.add_argument("--no-synthetic", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="drop and reload the bench databases")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    report = {"machine": machine(), "args": vars(args) | {"json": str(args.json)}, "datasets": []}
+    report = {"machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "datasets": []}
     print(f"{report['machine']['cpu']} ({', '.join(report['machine']['flags'])}), {report['machine']['cores']} cores")
     if args.real:
         report["datasets"].append(real(args))
+    if args.fashion:
+        report["datasets"].append(fashion(args))
     if not args.no_synthetic:
         report["datasets"].append(synthetic(args))
+    rows = [r for d in report["datasets"] for r in d["rows"]]
+    report["at_recall"] = at_recall(rows)
+    print_at_recall(report["at_recall"])
+    if args.plot or args.json:
+        plot(rows, args.plot or args.json.with_suffix(".png"))
     write_json(args.json, report)
 
 

@@ -79,24 +79,41 @@ def _fashion_mnist_files(directory: Path, split: str) -> tuple[Path | None, Path
     return _find(directory, f"{prefix}-images-idx3-ubyte"), _find(directory, f"{prefix}-labels-idx1-ubyte")
 
 
+def fashion_mnist_arrays(split: str, data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (n, 28, 28) uint8, labels (n,)) of a Fashion-MNIST split from local IDX files (Debian's
+    dataset-fashion-mnist); DatasetUnavailable, saying how to get them, when there are none."""
+    directory = _fashion_mnist_dir(data_dir)
+    images_path, labels_path = _fashion_mnist_files(directory, split)
+    if not (images_path and labels_path):
+        raise DatasetUnavailable(_fashion_mnist_hint(directory, split))
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if len(images) != len(labels):
+        raise DatasetUnavailable(f"{images_path} has {len(images)} images but {labels_path} {len(labels)} labels")
+    return images, labels
+
+
 def load_fashion_mnist(split: str, data_dir: Path | None) -> list[Item]:
     """Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist), else the hub."""
+    directory = _fashion_mnist_dir(data_dir)
+    # A local copy that was named is never replaced by the hub behind the user's back
+    if data_dir is None and not all(_fashion_mnist_files(directory, split)):
+        return _hub_items("fashion-mnist", split, "image", FASHION_MNIST_CLASSES,
+                          _fashion_mnist_hint(directory, split))
+    images, labels = fashion_mnist_arrays(split, data_dir)
+    return _array_items(images, labels, FASHION_MNIST_CLASSES, "fashion-mnist", split)
+
+
+def _fashion_mnist_dir(data_dir: Path | None) -> Path:
     from backend.config import settings
 
-    directory = Path(data_dir or settings.fashion_mnist_dir)
+    return Path(data_dir or settings.fashion_mnist_dir)
+
+
+def _fashion_mnist_hint(directory: Path, split: str) -> str:
     prefix = "train" if split == "train" else "t10k"
-    images_path, labels_path = _fashion_mnist_files(directory, split)
-    if images_path and labels_path:
-        images, labels = read_idx(images_path), read_idx(labels_path)
-        if len(images) != len(labels):
-            raise DatasetUnavailable(f"{images_path} has {len(images)} images but {labels_path} {len(labels)} labels")
-        return _array_items(images, labels, FASHION_MNIST_CLASSES, "fashion-mnist", split)
-    hint = (f"no Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) in "
+    return (f"no Fashion-MNIST IDX files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) in "
             f"{directory}. Install them with `apt-get install dataset-fashion-mnist` (they land in "
             f"/usr/share/datasets/fashion-mnist), or pass --data-dir / set FASHION_MNIST_DIR")
-    if data_dir is not None:  # a local copy was named: don't go to the hub behind the user's back
-        raise DatasetUnavailable(hint)
-    return _hub_items("fashion-mnist", split, "image", FASHION_MNIST_CLASSES, hint)
 
 
 def load_cifar10(split: str, data_dir: Path | None) -> list[Item]:
