@@ -10,7 +10,8 @@ vectors of a garment's versions are near each other without being copies, as a s
 Cached under CACHE/<model>-<copies>x-seed<seed>/: one float32 .npy of CHUNK vectors per chunk, in order, then
 labels.npy, queries.npy and query-labels.npy; a run stopped part-way goes on from the first missing chunk.
 
-Usage: python bench/fashion_vectors.py [--copies 17] [--model efficientnet_lite0] [--cache DIR] [--limit N] [--json FILE]
+Usage: python bench/fashion_vectors.py [--copies 17] [--model efficientnet_lite0] [--cache DIR] [--limit N]
+       [--json FILE]
 """
 import argparse
 import math

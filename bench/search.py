@@ -22,7 +22,8 @@ Datasets, each written through imsrc's schema into a throw-away database of its 
 Per dataset: the rebuild from PostgreSQL (bulk read) per index type, with its time and memory; the snapshot's
 write and load; then per method p50/p95 latency of single queries (as a server makes them) and recall@10 against
 exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5 per index type, the strongest FAISS indexes
-(bench/ann.py: HNSW32 over efSearch, a global IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact (`<=>`, a few
+(bench/ann.py: HNSW32 over efSearch, a global IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact
+(`<=>`, a few
 queries: each reads every vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
 vectors within --hnsw-minutes and compared with imsrc at that same size; and adding and deleting one image at a
 time in the full index. Prints a table per dataset and the p50 each method family needs for recall@10 0.95 and

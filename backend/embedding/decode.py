@@ -53,7 +53,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 class DecodedImage:
     """An image ready to embed (short side under 2 x WORKING_SIDE px), with what imsrc stores about the original."""
 
-    image: Image.Image  # RGB or L (8-bit grayscale), EXIF orientation applied, centre-cropped and reduced for the model
+    image: Image.Image  # RGB or L (8-bit gray), EXIF orientation applied, centre-cropped and reduced for the model
     width: int  # the original's, upright
     height: int
     format: str
@@ -65,8 +65,8 @@ def sha256(data: bytes) -> str:
 
 
 def decode(data: bytes) -> DecodedImage:
-    """Decode bytes to a small 8-bit RGB or grayscale image for the model; raises InvalidImage with the reason when they are not
-    a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced scale."""
+    """Decode bytes to a small 8-bit RGB or grayscale image for the model; raises InvalidImage with the reason
+    when they are not a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced scale."""
     if not data:
         raise InvalidImage("the file is empty")
     if data.startswith(_PNG_SIGNATURE) and png_chunks(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:

@@ -24,7 +24,7 @@ def stack_inputs(preprocess: Callable[[Image.Image], torch.Tensor], images: Sequ
     equal channels only here."""
     if not _preset(preprocess):
         return torch.stack([preprocess(img.convert("RGB") if img.mode != "RGB" else img) for img in images])
-    height, width = preprocess.crop_size * 2 if len(preprocess.crop_size) == 1 else preprocess.crop_size
+    height, width = _crop_size(preprocess)
     # Filled in place by numpy, not stacked by torch: a torch copy this size runs on torch's OpenMP threads,
     # which then spin for a while, on a 2-core server a core's worth of CPU per query taken from everything else.
     batch = np.empty((len(images), 3, height, width), np.uint8)
@@ -40,7 +40,7 @@ def resized_crop(preset, img: Image.Image) -> Image.Image:
     from torchvision.transforms import functional as F
 
     w, h = img.size
-    crop_h, crop_w = preset.crop_size * 2 if len(preset.crop_size) == 1 else preset.crop_size
+    crop_h, crop_w = _crop_size(preset)
     # torchvision's own rule for the resized size (the short side to resize_size, the long one truncated)
     new_h, new_w = F._compute_resized_output_size((h, w), list(preset.resize_size), None)
     if crop_h > new_h or crop_w > new_w:  # the preset would pad: its own two steps
@@ -52,6 +52,12 @@ def resized_crop(preset, img: Image.Image) -> Image.Image:
     sx, sy = w / new_w, h / new_h
     return img.resize((crop_w, crop_h), F.pil_modes_mapping[preset.interpolation],
                       box=(left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy))
+
+
+def _crop_size(preset) -> tuple[int, int]:
+    """(height, width) of a preset's crop: torchvision keeps one size for a square."""
+    size = list(preset.crop_size)
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def network_input(preprocess, batch: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,8 @@ def ingest(session_factory: Callable[[], Session], items: Iterable[Item], embedd
 
     A pipeline, so that the model never waits: PREPARE_THREADS threads read, hash, look up and decode the next
     LOOKAHEAD batches while this thread runs the model on the current one, and one writer thread stores the
-    embedded ones, _GroupWriter.GROUP_IMAGES or more to a transaction. A derived model's images are stored with its base model's
-    vectors, from which the store derives its own (backend.embedding.projection)."""
+    embedded ones, _GroupWriter.GROUP_IMAGES or more to a transaction. A derived model's images are stored with its
+    base model's vectors, from which the store derives its own (backend.embedding.projection)."""
     embedder = embedder.source
     report = IngestReport()
     started = time.perf_counter()
