@@ -253,6 +253,10 @@ def test_slow_bodies_get_a_408_at_their_deadline_and_only_so_many_arrive_at_once
     started = time.monotonic()
     for conn in slow:
         conn.sendall(head)  # a first bit of the body, then a trickle that never ends in time
+    for conn in slow:
+        # All of the trickle goes before any deadline: bytes sent to a connection the server has already closed
+        # make its kernel answer with a reset, which discards the 408 still unread here.
+        conn.sendall(b"x" * 10)
     # One more body is refused at once as soon as the server counts the three; a probe sent before that is not
     # answered, and closing it frees its place, so probe until the refusal comes rather than sleep and hope.
     response = ""
@@ -266,7 +270,6 @@ def test_slow_bodies_get_a_408_at_their_deadline_and_only_so_many_arrive_at_once
     assert response.startswith("HTTP/1.1 503") and "BODIES_IN_FLIGHT" in response, response
     assert "retry-after: 1" in response.lower()
     for conn in slow:
-        conn.sendall(b"x" * 10)
         answer = _read_until_closed(conn)  # the server closes the connection after its answer
         assert answer.startswith("HTTP/1.1 408") and "BODY_TIMEOUT" in answer, answer
         assert "connection: close" in answer.lower()
