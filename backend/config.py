@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     embed_runtime: Literal["auto", "torch", "openvino"] = "auto"
 
     # Search
-    faiss_index_type: Literal["flatip", "flatl2", "fp16", "hnsw", "ivfflat", "ivffp16"] = "flatip"
+    faiss_index_type: Literal["flatip", "flatl2", "fp16", "hnsw", "ivfflat", "ivffp16", "rabitq"] = "flatip"
     index_dir: Path | None = None
     use_prototype_filtering: bool = True
     prototype_limit: int = Field(3, ge=1, le=10)

@@ -33,9 +33,10 @@ def percentile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def rss_mib(pid: int | str = "self") -> float:
-    """Resident memory of a process (default this one), MiB."""
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+def rss_mib(pid: int | str = "self", part: str = "VmRSS") -> float:
+    """Resident memory of a process (default this one), MiB; part="RssAnon": only what no file backs (a
+    memory-mapped file's pages count in VmRSS while they are in, and the kernel may drop them)."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{part}:")[1].split()[0]) / 1024
 
 
 def _tree(pid: int) -> list[int]:

@@ -203,9 +203,10 @@ def single_changes(index: CategoryIndex, vectors: np.ndarray, first_id: int) -> 
 
 
 def stored_bytes(index: CategoryIndex) -> int:
-    """Bytes of the representation itself: one code per vector, at the index type's bytes per dimension."""
-    per_dim = 2 if "fp16" in index.index_type else 4
-    return len(index) * index.dim * per_dim
+    """Bytes of the representation itself: one code per vector, at the index type's bytes per dimension (a bit for
+    RaBitQ)."""
+    per_dim = 1 / 8 if index.kind.rerank else 2 if "fp16" in index.index_type else 4
+    return int(len(index) * index.dim * per_dim)
 
 
 def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, args) -> dict:
@@ -220,14 +221,20 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
     try:
         for index_type in args.types:
             gc.collect()
-            before = rss_mib()
+            before, anon_before = rss_mib(), rss_mib(part="RssAnon")
             manager = IndexManager(sessions, MODEL, dim, index_type, snapshots)
             started = time.perf_counter()
-            manager.rebuild(save=False)
+            # The prototypes come out the same for every index type: recomputed in PostgreSQL for the first only.
+            manager.rebuild(save=False, prototypes=index_type == args.types[0])
             build = {"index_type": index_type, "rebuild_s": round(time.perf_counter() - started, 1),
+                     "prototypes_recomputed": index_type == args.types[0],
                      "index_mib": round(manager.index.nbytes() / 2**20, 1),
                      "stored_mib": round(stored_bytes(manager.index) / 2**20, 1),
-                     "rss_growth_mib": round(rss_mib() - before, 1)}
+                     "rss_growth_mib": round(rss_mib() - before, 1),
+                     "anon_growth_mib": round(rss_mib(part="RssAnon") - anon_before, 1)}
+            if manager.index.store is not None:  # the full vectors a compressed type re-ranks from, on disk
+                build["disk_mib"] = round(manager.index.store.disk_bytes() / 2**20, 1)
+                build["ram_bytes_per_vector"] = round(manager.index.nbytes() / len(manager.index), 1)
             build["rss_growth_per_index_byte"] = round(build["rss_growth_mib"] / build["index_mib"], 3)
             index = manager.index
             if truth is None:  # exact search over everything: the ground truth, and the exhaustive baseline

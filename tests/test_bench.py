@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # script -> its arguments for a run of seconds (the figures mean nothing; that the script runs through does)
 TINY = {
-    "search.py": ["--size", "3000", "--dim", "32", "--categories", "4", "--queries", "5", "--types", "flatip", "fp16",
+    "search.py": ["--size", "3000", "--dim", "32", "--categories", "4", "--queries", "5", "--types", "flatip", "rabitq",
                   "--hnsw-size", "500", "--exact-queries", "2", "--fashion", "2", "--fashion-cache", "{tmp}/vectors"],
     "fashion_vectors.py": ["--copies", "3", "--cache", "{tmp}/vectors"],
     "partition_layouts.py": ["--n", "600", "--dim", "32", "--categories", "4", "--queries", "10"],

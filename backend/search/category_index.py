@@ -16,6 +16,9 @@ Index types (FAISS_INDEX_TYPE), per category:
   hnsw     an HNSW graph over float32
   ivfflat  an inverted file over float32 in categories of IVF_MIN_VECTORS or more, exact below
   ivffp16  the same over float16 codes
+  rabitq   an inverted file over 1-bit RaBitQ codes (a category of any size: one list below IVF_MIN_VECTORS), whose
+           best RERANK x k candidates are re-scored exactly from full float16 vectors on disk (VectorStore): about
+           d / 8 + 30 bytes of RAM per vector, a tenth of fp16's
 Scores are comparable across index types, and higher is always more similar: cosine similarity for the
 inner-product types (the vectors are L2-normalised), 1 / (1 + Euclidean distance) for flatl2.
 """
@@ -26,16 +29,20 @@ import faiss
 import numpy as np
 
 from backend.search.hits import Hits
-from backend.search.partition import INDEX_KINDS, INDEX_TYPES, Partition, check_matrix
+from backend.search.partition import INDEX_KINDS, INDEX_TYPES, Partition, Selection, check_matrix
+from backend.search.vector_store import VectorStore
 
 
 class CategoryIndex:
     """Category prototypes plus one FAISS sub-index per category; see the module docstring."""
 
-    def __init__(self, dim: int, index_type: str = "flatip"):
+    def __init__(self, dim: int, index_type: str = "flatip", folder=None):
+        """`folder`: where a compressed type's full vectors are written as they are added (default: the system's
+        temporary folder)."""
         if index_type not in INDEX_KINDS:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
         self.dim, self.index_type, self.kind = dim, index_type, INDEX_KINDS[index_type]
+        self.store = VectorStore(dim, folder) if self.kind.rerank else None
         self._partitions: dict[int, Partition] = {}
         self._prototypes: dict[int, np.ndarray] = {}  # category -> its prototypes (p, d), p >= 1
         self._stacked = None  # every prototype in one matrix, for stage 1; made again after a change
@@ -79,7 +86,7 @@ class CategoryIndex:
         for cat in np.unique(categories).tolist():
             mask = categories == cat
             if (part := self._partitions.get(cat)) is None:
-                part = self._partitions[cat] = Partition(self.dim, self.kind)
+                part = self._partitions[cat] = Partition(self.dim, self.kind, store=self.store)
             part.add(ids[mask], vectors[mask])
             if optimise:
                 part.optimise()
@@ -160,6 +167,10 @@ class CategoryIndex:
         writes."""
         return [(c, self._partitions[c].stored()) for c in sorted(self._partitions)]
 
+    def stored_vectors(self, category: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, full float16 vectors) of a compressed type's category, for a snapshot."""
+        return self._partitions[category].stored_vectors()
+
     def drop_prototypes(self, categories) -> None:
         """Forget the prototypes of categories that no longer have members."""
         for cat in categories:
@@ -167,15 +178,18 @@ class CategoryIndex:
         self._stacked = None
 
     def nbytes(self) -> int:
-        """Memory held by codes, ids and FAISS structures, in bytes."""
-        return sum(p.nbytes() for p in self._partitions.values()) + sum(p.nbytes for p in self._prototypes.values())
+        """Memory held by codes, ids and FAISS structures, in bytes (a compressed type's vectors on disk not)."""
+        return sum(p.nbytes() for p in self._partitions.values()) + sum(p.nbytes for p in self._prototypes.values()) \
+            + (self.store.nbytes() if self.store is not None else 0)
 
     @classmethod
     def from_stored(cls, dim: int, index_type: str, partitions: dict[int, np.ndarray], prototype_categories,
-                    prototypes: np.ndarray) -> "CategoryIndex":
+                    prototypes: np.ndarray, vectors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                    folder=None) -> "CategoryIndex":
         """The inverse of stored_partitions: each category's FAISS bytes (read in place, without a copy, until the
-        category changes; the caller keeps them valid). Raises ValueError on parts that do not fit together."""
-        index = cls(dim, index_type)
+        category changes; the caller keeps them valid), and for a compressed type `vectors`, each category's
+        stored_vectors (read in place too). Raises ValueError on parts that do not fit together."""
+        index = cls(dim, index_type, folder)
         for c, blob in partitions.items():
             try:
                 faiss_index = faiss.read_index(faiss.ZeroCopyIOReader(faiss.swig_ptr(blob), blob.size))
@@ -184,8 +198,13 @@ class CategoryIndex:
             if faiss_index.d != dim or not isinstance(faiss_index, (faiss.IndexIDMap, faiss.IndexIVF)):
                 raise ValueError(f"category {c}: a {faiss_index.d}-d {type(faiss_index).__name__}, expected a "
                                  f"{dim}-d {index_type} index")
-            part = Partition(dim, index.kind, faiss_index, blob)
+            part = Partition(dim, index.kind, faiss_index, blob, index.store)
             ids = part.ids()
+            if index.store is not None:
+                stored_ids, rows = (vectors or {}).get(c, (None, None))
+                if stored_ids is None or not np.array_equal(np.sort(stored_ids), np.sort(ids)):
+                    raise ValueError(f"category {c}: its full vectors are missing or for other images")
+                index.store.add_source(stored_ids, rows)
             known = len(index._category_of)
             index._category_of.update(dict.fromkeys(ids.tolist(), c))
             if len(index._category_of) != known + len(ids):
@@ -220,11 +239,6 @@ class CategoryIndex:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
 
-    def categories_of(self, ids: np.ndarray) -> set[int]:
-        """The categories holding any of these image ids."""
-        category_of = self._category_of
-        return {category_of[i] for i in np.asarray(ids, np.int64).tolist() if i in category_of}
-
     def search(self, queries: np.ndarray, k: int, top_categories: int | None = 3, use_prototypes: bool = True,
                categories=None, among: np.ndarray | None = None) -> list[Hits]:
         """Top-k per query. use_prototypes: only the `top_categories` best-matching categories (None: all);
@@ -238,11 +252,10 @@ class CategoryIndex:
             raise ValueError("top_categories must be at least 1")
         allowed = list(self._partitions) if categories is None else \
             [int(c) for c in categories if int(c) in self._partitions]
-        selector = None
+        selections = None
         if among is not None:
-            holding = self.categories_of(among)
-            allowed = [c for c in allowed if c in holding]
-            selector = faiss.IDSelectorBatch(np.asarray(among, np.int64))
+            selections = self._selections(among)
+            allowed = [c for c in allowed if c in selections]
         started = time.perf_counter()
         if use_prototypes:
             ranked_cats, ranked_sims = self.rank_prototypes(queries, allowed)
@@ -252,15 +265,25 @@ class CategoryIndex:
             ranking = list(zip(ranked_cats[q].tolist(), ranked_sims[q].tolist())) if use_prototypes else []
             chosen = [c for c, _ in ranking[:top_categories]] if use_prototypes else sorted(allowed)
             started = time.perf_counter()
-            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selector)
+            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selections)
             hits.prototype_ms, hits.search_ms = prototype_ms, (time.perf_counter() - started) * 1000
             results.append(hits)
         return results
 
-    def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking, selector=None) -> Hits:
+    def _selections(self, among) -> dict[int, Selection]:
+        """A pre-filter's ids by the category holding them (ids not in the index left out)."""
+        category_of = self._category_of
+        by_category: dict[int, list[int]] = {}
+        for i in np.asarray(among, np.int64).ravel().tolist():
+            if (c := category_of.get(i)) is not None:
+                by_category.setdefault(c, []).append(i)
+        return {c: Selection(np.array(ids, np.int64)) for c, ids in by_category.items()}
+
+    def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking,
+                           selections: dict[int, Selection] | None = None) -> Hits:
         ids, scores, cats = [], [], []
         for c in chosen:
-            part_ids, part_scores = self._partitions[c].search(query, k, selector)
+            part_ids, part_scores = self._partitions[c].search(query, k, selections[c] if selections else None)
             ids.append(part_ids[0])
             scores.append(part_scores[0])
             cats.append(np.full(len(part_ids[0]), c, dtype=np.int64))

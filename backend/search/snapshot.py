@@ -1,8 +1,10 @@
 """The index snapshot file: every category's FAISS index as FAISS writes it, one after another, then a footer.
 
-    MAGIC | category blobs ... | prototypes (float32) | footer (JSON) | footer length (u64) | footer CRC-32 (u32) | END
+    MAGIC | category blobs ... | prototypes (float32) | [full vectors] | footer (JSON) | footer length (u64)
+          | footer CRC-32 (u32) | END
 
-The footer says what the file was built from (model, index type, dim, the database's fingerprint, vectors per
+A compressed index type (rabitq) also writes each category's full vectors, ids (int64) then rows (float16), each
+64-byte aligned: after a load its exact re-rank reads them from this file, in place. The footer says what the file was built from (model, index type, dim, the database's fingerprint, vectors per
 category) and where each blob lies, with its CRC-32. Reading maps the file into memory and checks every CRC (two
 threads: zlib releases the GIL) but copies nothing: FAISS reads each category's codes in place until that category
 changes (backend.search.category_index.CategoryIndex.from_stored), so a million vectors load in the time it takes to checksum them.
@@ -61,8 +63,18 @@ def write(f, index: CategoryIndex, meta: dict) -> None:
             partitions.append([c, *out.blob(lambda w: faiss.write_index(stored, faiss.PyCallbackIOWriter(w.write)))])
     categories, vectors = index.prototypes()
     prototypes = out.blob(lambda w: w.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes()))
+    full = []
+    if index.kind.rerank:
+        for c, *_ in partitions:
+            ids, rows = index.stored_vectors(c)
+            entry = [c]
+            for array in (ids.astype("<i8"), rows.astype("<f2")):
+                out.write(b"\0" * (-out.offset % 64))  # aligned, so that numpy reads the rows in place at full speed
+                entry += out.blob(lambda w, array=array: w.write(memoryview(np.ascontiguousarray(array)).cast("B")))
+            full.append(entry)
     footer = json.dumps({**meta, "format": FORMAT, "index_type": index.index_type, "dim": index.dim,
-                         "partitions": partitions, "prototypes": [categories.tolist(), *prototypes]}).encode()
+                         "partitions": partitions, "prototypes": [categories.tolist(), *prototypes],
+                         "full_vectors": full}).encode()
     out.write(footer)
     out.write(TAIL.pack(len(footer), zlib.crc32(footer)) + END)
 
@@ -105,6 +117,12 @@ def read(path: Path) -> tuple[CategoryIndex, dict]:
         prototypes = _blob(data, meta, *where[:2]).view("<f4").reshape(len(proto_categories), int(meta["dim"]))
         parts = [blobs[int(c)] for c, *_ in meta["partitions"]] + [prototypes]
         expected = [crc for *_, crc in meta["partitions"]] + [where[2]]
+        vectors = {}
+        for c, ids_at, ids_length, ids_crc, rows_at, rows_length, rows_crc in meta.get("full_vectors", []):
+            ids, rows = _blob(data, meta, ids_at, ids_length), _blob(data, meta, rows_at, rows_length)
+            parts += [ids, rows]
+            expected += [ids_crc, rows_crc]
+            vectors[int(c)] = (ids.view("<i8"), rows.view("<f2"))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # damage fails in mmap, json or layout
         raise SnapshotError(f"unreadable ({type(exc).__name__}: {exc})") from exc
     with ThreadPoolExecutor(2) as pool:
@@ -112,7 +130,7 @@ def read(path: Path) -> tuple[CategoryIndex, dict]:
             raise SnapshotError("corrupt (checksum mismatch)")
     try:
         index = CategoryIndex.from_stored(int(meta["dim"]), str(meta["index_type"]), blobs, proto_categories,
-                                          prototypes)
+                                          prototypes, vectors, folder=Path(path).parent)
     except (ValueError, TypeError) as exc:  # the checksums held, so the writer saved a broken state
         raise SnapshotError(f"corrupt ({type(exc).__name__}: {exc})") from exc
     return index, meta

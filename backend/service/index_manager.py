@@ -148,7 +148,7 @@ class IndexManager:
         self.sync_lock = threading.RLock()
         self.changes = 0  # syncs and rebuilds so far: what was cached about the collection before the last is stale
         self.snapshot_path = snapshot_path(snapshot_dir, model_name, index_type)
-        self.index = CategoryIndex(dim, index_type)
+        self.index = CategoryIndex(dim, index_type, self.snapshot_path.parent)
         self.fingerprint: str | None = None  # of the database the index matches; None after incremental changes
         self.saved_fingerprint: str | None = None  # of the database the snapshot on disk matches
         self.source = "rebuilt"  # how the index came to be; see ImageSearch.index_source
@@ -239,7 +239,7 @@ class IndexManager:
             with consistent_reads(self.sessions) as s:
                 current, head = fingerprint(s, self.model_name), self._read_head(s)  # a head and its vectors agree
                 dim = head.out_dim if head else self.dim
-                index = CategoryIndex(dim, self.index_type)
+                index = CategoryIndex(dim, self.index_type, self.snapshot_path.parent)
                 copy_members(s, self.model_name, dim,
                              lambda ids, cats, vectors: index.add(ids, vectors, cats, optimise=False))
             recomputed.result()

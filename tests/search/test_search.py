@@ -73,7 +73,7 @@ def test_flat_l2_scores_are_one_over_one_plus_distance_and_rank_like_cosine():
         assert b.scores[0] == pytest.approx(1.0, abs=1e-3)  # the query itself, distance 0
 
 
-@pytest.mark.parametrize("index_type", ["fp16", "hnsw", "ivfflat", "ivffp16"])
+@pytest.mark.parametrize("index_type", ["fp16", "hnsw", "ivfflat", "ivffp16", "rabitq"])
 def test_approximate_indexes_find_the_exact_neighbours(index_type, monkeypatch):
     monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)  # so the small test categories use IVF
     ids, vectors, cats = _collection(n=600)
@@ -126,7 +126,8 @@ def test_stored_round_trip_reads_in_place_until_changed(index_type, monkeypatch)
     ids, vectors, cats = _collection()
     index = _index(ids, vectors, cats, index_type)
     blobs = {c: faiss.serialize_index(stored) for c, stored in index.stored_partitions()}
-    restored = CategoryIndex.from_stored(index.dim, index_type, blobs, *index.prototypes())
+    full = {c: index.stored_vectors(c) for c in blobs} if index.kind.rerank else None
+    restored = CategoryIndex.from_stored(index.dim, index_type, blobs, *index.prototypes(), full)
     a, b = index.search(vectors[:5], 7), restored.search(vectors[:5], 7)
     assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
     assert restored.categories == index.categories and len(restored) == len(index)

@@ -24,7 +24,7 @@ def _clustered(n_per_category=300, categories=4, dim=32, spread=0.3, index_type=
 
 
 def test_the_threshold_is_the_quantile_of_the_collection_s_own_best_similarities():
-    for index_type in ("flatip", "flatl2", "fp16", "ivfflat", "ivffp16", "hnsw"):
+    for index_type in ("flatip", "flatl2", "fp16", "ivfflat", "ivffp16", "hnsw", "rabitq"):
         index, _, _ = _clustered(n_per_category=1200, index_type=index_type)
         cats, prototypes = index.prototypes()
         everything = np.concatenate([v for _, _, v in index.partitions()])

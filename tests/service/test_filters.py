@@ -128,7 +128,7 @@ def test_filter_combines_with_category_and_stage_one_ranks_only_matching_categor
     assert sorted(r.image_id for r in two_stage.results) == sorted(ids[only].tolist())
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivfflat"])
+@pytest.mark.parametrize("index_type", ["hnsw", "ivfflat", "rabitq"])
 def test_a_selective_filter_is_exact_on_the_approximate_index_types(read_only_collection, index_type, monkeypatch):
     monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 100)  # categories of ~500 get an inverted file
     open_search, ids, vectors, cats, metas = read_only_collection

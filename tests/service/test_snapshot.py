@@ -208,3 +208,40 @@ def test_check_calls_a_snapshot_older_than_the_database_stale_and_a_disagreeing_
     wrong = check_snapshot(sessions, MODEL, DIM, "flatip", folder)
     assert not wrong.ok and wrong.index == "snapshot"
     assert any("vector in the index differs from PostgreSQL's: 1 (ids 1)" in f for f in wrong.findings), wrong.findings
+
+
+def test_a_compressed_index_re_ranks_from_its_snapshot_s_full_vectors_and_grows_past_them(sessions, tmp_path):
+    write_folder_dataset(tmp_path / "f", n_per_class=8)
+    built = _open(sessions, tmp_path / "snap", "rabitq")
+    built.build_database("folder", tmp_path / "f", progress=False)
+    built.save_snapshot()
+    loaded = _open(sessions, tmp_path / "snap", "rabitq")
+    assert loaded.index_source == "snapshot" and _results(loaded) == _results(built)
+    exact = _results(_open(sessions, tmp_path / "flat", "flatip"))
+    # Every candidate is re-scored from the full float16 vectors: the exact top 10 (near-ties may swap), scores
+    # within float16's step.
+    assert [{i for i, _ in q} for q in _results(loaded)] == [{i for i, _ in q} for q in exact]
+    assert np.allclose([s for q in _results(loaded) for _, s in q], [s for q in exact for _, s in q], atol=1e-3)
+    path = _snapshot_file(tmp_path / "snap", "rabitq")
+    index, meta = snapshot.read(path)
+    assert index.store.disk_bytes() == 24 * DIM * 2 and len(meta["full_vectors"]) == 3  # every category's rows, in place
+    query = -index.store.get(np.array([_members(sessions, 1)[0][0]]))  # far from every stored vector
+    index.add([10**9], query, [1])  # after the snapshot's rows: this process's own file
+    assert index.search(query, 1, use_prototypes=False)[0].ids.tolist() == [10**9]
+    index.remove([10**9])
+    assert 10**9 not in index.search(query, 24, use_prototypes=False)[0].ids.tolist()
+
+
+def test_damaged_full_vectors_of_a_compressed_snapshot_are_caught(sessions, tmp_path):
+    write_folder_dataset(tmp_path / "f", n_per_class=8)
+    built = _open(sessions, tmp_path / "snap", "rabitq")
+    built.build_database("folder", tmp_path / "f", progress=False)
+    built.save_snapshot()
+    path = _snapshot_file(tmp_path / "snap", "rabitq")
+    data = bytearray(path.read_bytes())
+    *_, rows_at, rows_length, _ = snapshot.read_footer(np.frombuffer(bytes(data), np.uint8))["full_vectors"][0]
+    data[rows_at + rows_length // 2] ^= 0x40  # one vector's component changes: the re-rank would score it wrongly
+    path.write_bytes(bytes(data))
+    reopened = _open(sessions, tmp_path / "snap", "rabitq")
+    assert reopened.index_source.startswith("rebuilt: snapshot was corrupt (checksum mismatch)")
+    assert _results(reopened) == _results(built)

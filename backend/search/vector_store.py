@@ -1,0 +1,124 @@
+"""Full vectors kept on disk for a compressed index's exact re-rank: float16 rows, memory-mapped, by image id.
+
+A compressed index type holds a few hundred bytes per vector in RAM (its codes); the full vectors it re-scores its
+candidates with live in files the kernel pages in on demand. Rows come from two kinds of source: a snapshot's
+vector blobs (read in place, never copied) and this process's own append file (rows added since: a rebuild's
+stream from PostgreSQL, or single adds), which is unlinked as soon as it is open, so that nothing is left behind
+when the process ends. RAM per vector is the lookup alone: 16 bytes (its id and where its row is).
+
+A row is never rewritten: an id added again gets a new row, and the newest one wins; rows of deleted ids stay
+until the next rebuild or snapshot, which copy only the live ones.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SEAL_ROWS = 65_536  # ids added since the last merge are looked up in a dict; past this many they join the arrays
+ROW_BITS = 40  # a location is (source << ROW_BITS) | row: a trillion rows a source, millions of sources
+
+
+class VectorStore:
+    """Float16 rows by id, in memory-mapped sources; see the module docstring."""
+
+    def __init__(self, dim: int, folder: Path | None = None):
+        self.dim, self.folder = dim, folder
+        self._sources: list[np.ndarray] = []  # (rows, dim) float16 each; the append file's is re-mapped as it grows
+        self._keys = np.zeros(0, np.int64)  # sorted ids ...
+        self._locations = np.zeros(0, np.int64)  # ... and where each one's newest row is
+        self._recent: dict[int, int] = {}  # id -> location, added since the last merge (they win over _keys)
+        self._file = None  # the append file, once something is added
+        self._source_of_file = -1
+        self._file_rows = 0
+
+    def __len__(self) -> int:
+        """Rows stored, live or not."""
+        return sum(len(s) for s in self._sources)
+
+    # -- adding -----------------------------------------------------------------------------------
+    def add_source(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows (n, dim) float16 read in place (a snapshot's blob), for ids (n,): the caller keeps them valid."""
+        rows = rows.reshape(len(ids), self.dim)
+        self._sources.append(rows)
+        self._index(np.asarray(ids, np.int64), (len(self._sources) - 1 << ROW_BITS) + np.arange(len(ids)))
+
+    def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Store vectors (n, dim) for ids (n,), appended to this process's file."""
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return
+        if self._file is None:
+            self._open_file()
+        rows = np.ascontiguousarray(vectors, dtype=np.float16)
+        self._file.write(rows.tobytes())
+        self._file.flush()
+        first = self._file_rows
+        self._file_rows += len(ids)
+        self._sources[self._source_of_file] = np.memmap(self._file, np.float16, "r", shape=(self._file_rows, self.dim))
+        self._index(ids, (self._source_of_file << ROW_BITS) + np.arange(first, self._file_rows))
+
+    def _open_file(self) -> None:
+        folder = self.folder if self.folder is not None else tempfile.gettempdir()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="imsrc-vectors-", suffix=".f16", dir=folder)
+        self._file = os.fdopen(fd, "w+b")
+        try:
+            os.unlink(path)  # the open file lives on; the disk space goes when the process does (POSIX)
+        except OSError:
+            pass  # Windows cannot unlink an open file: it stays in the temporary folder
+        self._sources.append(np.zeros((0, self.dim), np.float16))
+        self._source_of_file = len(self._sources) - 1
+
+    def _index(self, ids: np.ndarray, locations: np.ndarray) -> None:
+        self._recent.update(zip(ids.tolist(), locations.tolist()))
+        if len(self._recent) >= SEAL_ROWS:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Move the recent ids into the sorted arrays (a recent one replaces the same id's older row)."""
+        recent = np.fromiter(self._recent.keys(), np.int64, len(self._recent))
+        where = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        keep = ~np.isin(self._keys, recent)
+        keys, locations = np.concatenate([self._keys[keep], recent]), np.concatenate([self._locations[keep], where])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._locations, self._recent = keys[order], locations[order], {}
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _locate(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's row location; KeyError for an id never stored."""
+        ids = np.asarray(ids, np.int64)
+        positions = np.minimum(np.searchsorted(self._keys, ids), max(len(self._keys) - 1, 0))
+        found = self._keys[positions] == ids if len(self._keys) else np.zeros(len(ids), bool)
+        locations = np.where(found, self._locations[positions] if len(self._keys) else 0, -1)
+        if self._recent:
+            recent = self._recent
+            locations = np.array([recent.get(i, loc) for i, loc in zip(ids.tolist(), locations.tolist())], np.int64)
+        if len(locations) and locations.min() < 0:
+            raise KeyError(f"no stored vector for image {int(ids[np.argmin(locations)])}")
+        return locations
+
+    def get(self, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """The vectors (n, dim) of ids (n,), in their order."""
+        locations = self._locate(ids)
+        out = np.empty((len(locations), self.dim), dtype)
+        sources, rows = locations >> ROW_BITS, locations & ((1 << ROW_BITS) - 1)
+        for s in np.unique(sources).tolist():
+            mask = sources == s
+            out[mask] = self._sources[s][rows[mask]]
+        return out
+
+    def nbytes(self) -> int:
+        """RAM held by the lookup (the rows themselves are paged in from disk)."""
+        return self._keys.nbytes + self._locations.nbytes + len(self._recent) * 100  # a dict entry with its ints
+
+    def disk_bytes(self) -> int:
+        """Bytes of rows in this store's sources (snapshot blobs and the append file)."""
+        return len(self) * self.dim * 2
+
+    def close(self) -> None:
+        """Let go of the append file (its disk space is freed)."""
+        if self._file is not None:
+            self._sources[self._source_of_file] = np.zeros((0, self.dim), np.float16)
+            self._file.close()
+            self._file = None
