@@ -109,8 +109,11 @@ def _split(session: Session, model_name: str, dim: int, category: int, k: int) -
     from backend.search.kmeans import spherical_kmeans
     from backend.storage.members import copy_members, fetch_members
 
+    # By id: in the table's order the sample, and so the slots, would move with every rewrite of the rows, and a
+    # rebuild of unchanged data would write every vector's slot again (each a new row version, in every index).
     ids = np.array(session.scalars(sa.select(Embedding.image_id).join(Image, Image.id == Embedding.image_id)
-                                   .where(Embedding.model_name == model_name, Image.category_id == category)).all())
+                                   .where(Embedding.model_name == model_name, Image.category_id == category)
+                                   .order_by(Embedding.image_id)).all())
     sample = np.random.default_rng(category).choice(ids, min(len(ids), KMEANS_SAMPLE * k), replace=False)
     centroids = spherical_kmeans(fetch_members(session, model_name, dim, np.sort(sample))[2], k)
     found: list[tuple[np.ndarray, np.ndarray]] = []

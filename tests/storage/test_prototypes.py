@@ -155,3 +155,24 @@ def test_prototypes_read_as_binary_copy_equal_pgvectors_text(sessions):
     assert none[0] == [] and none[1].shape == (0, 0) and none[2] == []
     assert cats == [r[0] for r in rows] and counts == [r[2] for r in rows] == [8] * 5
     assert protos.dtype == np.float32 and np.array_equal(protos, np.stack([np.asarray(r[1], np.float32) for r in rows]))
+
+
+def test_recomputing_the_prototypes_of_unchanged_data_rewrites_no_vector(sessions, monkeypatch):
+    monkeypatch.setattr(prototype_store, "KMEANS_SAMPLE", 20)  # k-means learns from a sample of the category
+    _store(sessions, _unit(np.random.default_rng(2).normal(size=(400, DIM))), "x", "x")  # no clusters: any sample
+    # gives other centroids
+
+    def row_versions():
+        with sessions() as s:
+            return dict(s.execute(sa.text("SELECT image_id, xmin::text FROM embeddings WHERE model_name = :m"),
+                                  {"m": MODEL}).all())
+
+    with sessions() as s, s.begin():
+        prototype_store.rebuild_prototypes(s, MODEL, per_category=4)
+        # Half the rows move to the table's end (an update writes a new row version), as any write may move them.
+        s.execute(sa.text("UPDATE embeddings SET slot = slot WHERE image_id % 2 = 0"))
+        s.execute(sa.text("UPDATE images SET category_id = category_id WHERE id % 2 = 0"))
+    before, slots = row_versions(), _slots(sessions)
+    with sessions() as s, s.begin():
+        prototype_store.rebuild_prototypes(s, MODEL, per_category=4)
+    assert row_versions() == before and _slots(sessions) == slots  # the same sample, the same slots: nothing written
