@@ -21,7 +21,8 @@ Datasets, each written through imsrc's schema into a throw-away database of its 
 
 Per dataset: the rebuild from PostgreSQL (bulk read) per index type, with its time and memory; the snapshot's
 write and load; then per method p50/p95 latency of single queries (as a server makes them) and recall@10 against
-exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5 per index type, the strongest FAISS indexes
+exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5, 10 per index type (rabitq also over
+the lists it probes and its re-rank), the strongest FAISS indexes
 (bench/ann.py: HNSW32 over efSearch, a global IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact
 (`<=>`, a few
 queries: each reads every vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
@@ -34,6 +35,7 @@ import ctypes
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import shutil
@@ -70,6 +72,7 @@ SHARED, CENTRE, STYLE, NOISE = 1.0, 1.0, 0.8, 0.6
 NEIGHBOURS = 3  # an overlapping style leans towards one of the next 3 categories: confusions cluster, as in real data
 LEAN = (0.5, 0.8)  # ... this far of the way (uniform): its images look more like the neighbour than like their own
 PROBES = (1, 3, 5, 10)
+PROBE_LISTS, RERANKS = (16, 32, 64, 128), (4, 8)  # the compressed type's search settings swept
 EF_SEARCH = (40, 100, 200, 400, 800)
 WARM_UP = 50  # untimed queries before each pgvector setting: its index pages come into memory
 
@@ -176,11 +179,16 @@ def bench_engine(name: str, fresh: bool) -> tuple[sa.Engine, bool]:
 
 # -- measuring -------------------------------------------------------------------------------------------
 def two_stage_rows(dataset: str, index: CategoryIndex, queries, truth, label: str, probes=PROBES, where: str = ""):
-    rows = []
-    for p in probes:
-        found, ms = timed_searches(lambda q: index.search(q[None], K, top_categories=p)[0].ids, queries)
-        rows.append(row(dataset, f"imsrc {label} P={p}{where}", len(index), ms, found, truth,
-                        family=f"imsrc {label}{where}"))
+    """imsrc's two-stage search at each P; a compressed type also over its lists probed and its re-rank."""
+    rows, defaults = [], (index.probe_lists, index.rerank)
+    for lists, rerank in itertools.product(PROBE_LISTS, RERANKS) if index.kind.rerank else [defaults]:
+        index.probe_lists, index.rerank = lists, rerank
+        setting = f" lists={lists} x{rerank}" if index.kind.rerank else ""
+        for p in probes:
+            found, ms = timed_searches(lambda q: index.search(q[None], K, top_categories=p)[0].ids, queries)
+            rows.append(row(dataset, f"imsrc {label} P={p}{setting}{where}", len(index), ms, found, truth,
+                            family=f"imsrc {label}{where}"))
+    index.probe_lists, index.rerank = defaults
     return rows
 
 

@@ -87,7 +87,7 @@ class Partition:
         # The snapshot bytes a loaded index still reads its codes from; it gets its own copy before any change.
         self._source = source
         self.hidden: set[int] = set()  # deleted from an index that cannot remove ids; filtered out of every search
-        self._params = None
+        self._params = self._centroids = None
 
     def __len__(self) -> int:
         return self.index.ntotal - len(self.hidden)
@@ -100,7 +100,7 @@ class Partition:
         if self.hidden and not self.hidden.isdisjoint(ids.tolist()):
             self._rebuild()  # else a hidden copy of a re-added id would hide the new one too
         if not self.index.is_trained:  # a compressed category's first vectors: its codes are learnt from them
-            self.index, self._params = self._build(ids, vectors), None
+            self.index, self._params, self._centroids = self._build(ids, vectors), None, None
             return
         self.index.add_with_ids(vectors, ids)
 
@@ -130,6 +130,7 @@ class Partition:
     def _rebuild(self) -> None:
         ids, vectors = self.contents()
         self.index, self._source, self.hidden, self._params = self._build(ids, vectors), None, set(), None
+        self._centroids = None
 
     def _build(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
         lists = self._lists_for(len(ids), 0) if self.kind.ivf else 0
@@ -249,7 +250,7 @@ class Partition:
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         if self.kind.rerank:
-            candidates = self._candidates(queries, k) if among is None else np.broadcast_to(
+            candidates = self.candidates(queries, k)[0] if among is None else np.broadcast_to(
                 among.ids, (len(queries), len(among.ids)))  # a compressed category scores a pre-filter's ids exactly
             return self._rerank(queries, candidates, k)
         if among is None:
@@ -259,12 +260,33 @@ class Partition:
         scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.kind.metric == faiss.METRIC_L2 else raw
         return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
-    def _candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """The ids (nq, k * RERANK) the compressed codes rank best, -1 where fewer."""
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, estimated scores), each (nq, k * RERANK), that a compressed category's codes rank best, -1 ids where
+        fewer: to be re-scored from the full vectors."""
         if self._params is None:
             self._params = faiss.IVFRaBitQSearchParameters()
             self._params.nprobe, self._params.qb = self.index.nprobe, QUERY_BITS
-        return self.index.search(queries, min(len(self), k * RERANK), params=self._params)[1]
+        estimates, ids = self.index.search(queries, min(len(self), k * RERANK), params=self._params)
+        return ids, estimates
+
+    def centroids(self) -> np.ndarray:
+        """The centres (lists, d) of a compressed category's inverted lists: stage 1 ranks them with the rest."""
+        if self._centroids is None:
+            self._centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
+        return self._centroids
+
+    def candidates_in(self, query: np.ndarray, count: int, lists: np.ndarray, sims: np.ndarray):
+        """(ids, estimated scores), each (count,), of a compressed category's best candidates in the given lists
+        (whose centres have inner products `sims` with the query (1, d)), -1 ids where fewer."""
+        params = faiss.IVFRaBitQSearchParameters()
+        params.nprobe, params.qb = len(lists), QUERY_BITS
+        k = min(len(self), count)
+        estimates, ids = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        lists = np.ascontiguousarray(lists, np.int64)[None]
+        sims = np.ascontiguousarray(sims, np.float32)[None]
+        self.index.search_preassigned_c(1, faiss.swig_ptr(query), k, faiss.swig_ptr(lists), faiss.swig_ptr(sims),
+                                        faiss.swig_ptr(estimates), faiss.swig_ptr(ids), False, params)
+        return ids[0], estimates[0]
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best k of each query's candidate ids (nq, c) by exact inner product with their full vectors."""

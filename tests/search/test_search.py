@@ -1,5 +1,6 @@
 """The two-stage search module on small hand-checkable vectors: numpy in, numpy out."""
 import faiss
+from faiss.contrib.inspect_tools import get_invlist
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -224,3 +225,23 @@ def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(index_type, ops):
         assert a.ids.tolist() == b.ids.tolist()
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
     assert index.ids().tolist() == sorted(present)
+
+
+def test_a_compressed_index_probes_the_lists_closest_to_the_query_across_categories(monkeypatch):
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)  # a few lists in each category
+    ids, vectors, cats = _collection(n=600)
+    index = _index(ids, vectors, cats, "rabitq")
+    index.probe_lists = 1  # the one list, of all categories', whose centre is closest
+    for i in range(20):
+        hits = index.search(vectors[i:i + 1], 10, top_categories=None)[0]
+        part = index._partitions[int(cats[i])]
+        closest = int(part.index.quantizer.search(vectors[i:i + 1], 1)[1][0, 0])  # a vector's own list
+        assert hits.ids[0] == ids[i] and set(hits.ids.tolist()) <= set(get_invlist(part.index.invlists, closest)[0])
+    index.probe_lists, index.rerank = 10**6, 100  # every list, and every candidate re-scored: the exact answer
+    exact = _index(ids, vectors, cats).search(vectors[:20], 10, top_categories=3)
+    position = {i: p for p, i in enumerate(ids.tolist())}
+    for q, (got, expected) in enumerate(zip(index.search(vectors[:20], 10, top_categories=3), exact)):
+        # The exact top 10 up to float16's rounding: each id's score its true one, and the scores those of exact.
+        true = [float(vectors[position[i]] @ vectors[q]) for i in got.ids.tolist()]
+        assert np.allclose(got.scores, true, atol=1e-3) and np.allclose(got.scores, expected.scores, atol=1e-3)
+        assert got.searched_categories == expected.searched_categories
