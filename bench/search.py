@@ -73,6 +73,7 @@ NEIGHBOURS = 3  # an overlapping style leans towards one of the next 3 categorie
 LEAN = (0.5, 0.8)  # ... this far of the way (uniform): its images look more like the neighbour than like their own
 PROBES = (1, 3, 5, 10)
 PROBE_LISTS, RERANKS = (16, 32, 64, 128), (4, 8)  # the compressed type's search settings swept
+FILTER_EVERY = 100  # the filtered searches keep images whose id is a multiple of this: 1%, in every category
 EF_SEARCH = (40, 100, 200, 400, 800)
 WARM_UP = 50  # untimed queries before each pgvector setting: its index pages come into memory
 
@@ -192,6 +193,19 @@ def two_stage_rows(dataset: str, index: CategoryIndex, queries, truth, label: st
     return rows
 
 
+def filtered_ids(ids: np.ndarray) -> np.ndarray:
+    """The images a filtered search keeps (as a metadata filter matching 1% of the collection would)."""
+    return np.sort(ids[ids % FILTER_EVERY == 0])
+
+
+def filtered_row(dataset: str, index: CategoryIndex, queries, truth, label: str, where: str = "") -> dict:
+    """Exact top-k among filtered_ids, as imsrc's pre-filter searches them (every category holding a match)."""
+    among = filtered_ids(index.ids())
+    found, ms = timed_searches(lambda q: index.search(q[None], K, use_prototypes=False, among=among)[0].ids, queries)
+    return row(dataset, f"imsrc {label} filtered 1%{where}", len(index), ms, found, truth,
+               family=f"filtered 1%: imsrc {label}{where}")
+
+
 def single_changes(index: CategoryIndex, vectors: np.ndarray, first_id: int) -> dict:
     """Adding then deleting images one at a time: p50/p95 ms of each."""
     rng = np.random.default_rng(7)
@@ -248,7 +262,10 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
             if truth is None:  # exact search over everything: the ground truth, and the exhaustive baseline
                 truth, ms = timed_searches(lambda q, index=index: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
                 report["rows"].append(row(dataset, "FAISS flat, exhaustive", size, ms, truth, truth))
+                among = filtered_ids(index.ids())
+                filter_truth = [index.search(q[None], K, use_prototypes=False, among=among)[0].ids for q in queries]
             report["rows"] += two_stage_rows(dataset, index, queries, truth, index_type)
+            report["rows"].append(filtered_row(dataset, index, queries, filter_truth, index_type))
             build.update(single_changes(index, queries[:100], first_id=10**12))
             del index  # so that only one copy of the vectors is in memory at a time
             if index_type == args.types[0]:
@@ -267,7 +284,9 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # the memory our indexes held goes to PostgreSQL's page cache
         report["rows"] += pgvector_exact(dataset, engine, queries[:args.exact_queries], truth, size)
-        report["rows"] += pgvector_hnsw(dataset, engine, sessions, dim, queries, truth, size, args)
+        report["rows"] += pgvector_exact(dataset, engine, queries[:args.exact_queries], filter_truth, size,
+                                         filtered=True)
+        report["rows"] += pgvector_hnsw(dataset, engine, sessions, dim, queries, truth, filter_truth, size, args)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
     return report
@@ -297,18 +316,22 @@ def _vector_text(v: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in v.tolist()) + "]"
 
 
-def pgvector_exact(dataset: str, engine: sa.Engine, queries: np.ndarray, truth, size: int) -> list[dict]:
+def pgvector_exact(dataset: str, engine: sa.Engine, queries: np.ndarray, truth, size: int,
+                   filtered: bool = False) -> list[dict]:
+    where = f"WHERE image_id % {FILTER_EVERY} = 0 " if filtered else ""
     with engine.connect() as conn:
         found, ms = timed_searches(lambda q: conn.execute(sa.text(
-            "SELECT image_id FROM embeddings ORDER BY vector <=> CAST(:q AS vector) LIMIT :k"),
+            f"SELECT image_id FROM embeddings {where}ORDER BY vector <=> CAST(:q AS vector) LIMIT :k"),
             {"q": _vector_text(q), "k": K}).scalars().all(), queries)
-    return [row(dataset, "pgvector exact <=>", size, ms, found, truth[:len(queries)])]
+    method = "pgvector exact <=>" + (" filtered 1%" if filtered else "")
+    return [row(dataset, method, size, ms, found, truth[:len(queries)],
+                family=f"filtered 1%: {method}" if filtered else method)]
 
 
-def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: np.ndarray, truth, size: int,
-                  args) -> list[dict]:
+def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: np.ndarray, truth, filter_truth,
+                  size: int, args) -> list[dict]:
     """HNSW on a halfvec expression over the first --hnsw-size vectors (all of them: the embeddings table itself),
-    and, on a part, imsrc on those same vectors."""
+    unfiltered and filtered (pgvector's iterative scan), and, on a part, imsrc on those same vectors."""
     rows = []
     if args.hnsw_size >= size:
         n, table = size, "embeddings"
@@ -317,6 +340,8 @@ def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: 
             ids, cats, vectors = fetch_members(s, MODEL, dim, range(1, args.hnsw_size + 1))
         n, table = len(ids), f"hnsw_{len(ids)}"
         truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]] for q in queries]
+        kept = np.isin(ids, filtered_ids(ids))
+        filter_truth = [ids[kept][np.argsort(-(vectors[kept] @ q), kind="stable")[:K]] for q in queries]
         for index_type in args.types:
             index = CategoryIndex(dim, index_type)
             index.add(ids, vectors, cats, optimise=False)
@@ -324,6 +349,7 @@ def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: 
             uniq = np.unique(cats)
             index.set_prototypes(uniq, l2_normalize(np.stack([vectors[cats == c].mean(0) for c in uniq])))
             rows += two_stage_rows(dataset, index, queries, truth, index_type, probes=(3,), where=f" @{n:,}")
+            rows.append(filtered_row(dataset, index, queries, filter_truth, index_type, where=f" @{n:,}"))
         del index, vectors
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         build_s = None
@@ -345,18 +371,24 @@ def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: 
             build_s = round(time.perf_counter() - started, 1)
             conn.execute(sa.text("SET statement_timeout = 0"))
         conn.execute(sa.text("SET enable_seqscan = off"))
-        for ef in EF_SEARCH:
-            conn.execute(sa.text(f"SET hnsw.ef_search = {ef}"))
+        # Filtered: pgvector 0.8's iterative scan walks on until enough rows pass the filter (relaxed order: the
+        # results re-sorted by the query, as FAISS's are).
+        for where, expected, label in (("", truth, ""), (f"WHERE image_id % {FILTER_EVERY} = 0 ", filter_truth,
+                                                         "filtered 1%: ")):
+            conn.execute(sa.text(f"SET hnsw.iterative_scan = {'relaxed_order' if where else 'off'}"))
+            for ef in EF_SEARCH:
+                conn.execute(sa.text(f"SET hnsw.ef_search = {ef}"))
 
-            def search_one(q):
-                return conn.execute(sa.text(
-                    f"SELECT image_id FROM {table} ORDER BY vector::halfvec({dim}) <=> CAST(:q AS halfvec({dim})) "
-                    f"LIMIT :k"), {"q": _vector_text(q), "k": K}).scalars().all()
+                def search_one(q, where=where):
+                    return conn.execute(sa.text(
+                        f"SELECT image_id FROM {table} {where}ORDER BY vector::halfvec({dim}) <=> "
+                        f"CAST(:q AS halfvec({dim})) LIMIT :k"), {"q": _vector_text(q), "k": K}).scalars().all()
 
-            timed_searches(search_one, queries[:WARM_UP])  # as imsrc's index, pgvector's starts warm
-            found, ms = timed_searches(search_one, queries)
-            rows.append(row(dataset, f"pgvector HNSW halfvec ef={ef} @{n:,}", n, ms, found, truth,
-                            family=f"pgvector HNSW halfvec @{n:,}", build_s=build_s))
+                timed_searches(search_one, queries[:WARM_UP])  # as imsrc's index, pgvector's starts warm
+                found, ms = timed_searches(search_one, queries)
+                method = f"pgvector HNSW halfvec{' iterative' if where else ''}"
+                rows.append(row(dataset, f"{label}{method} ef={ef} @{n:,}", n, ms, found, expected,
+                                family=f"{label}{method} @{n:,}", build_s=build_s))
     return rows
 
 

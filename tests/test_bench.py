@@ -63,6 +63,10 @@ def test_benchmark_runs_on_tiny_data(script, bench_env, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["machine"]["cpu"] is not None  # every figure says what it was measured on
+    if script == "search.py":  # a pre-filter is exact for every type, the compressed one's re-scored from disk
+        filtered = {r["method"]: r["recall_at_10"] for d in report["datasets"] for r in d["rows"]
+                    if "filtered" in r["method"] and r["method"].startswith("imsrc")}
+        assert filtered and all(recall == 1.0 for recall in filtered.values()), filtered
 
 
 def test_every_faiss_baseline_reaches_high_recall_at_its_widest_setting():
