@@ -5,9 +5,10 @@ vector per category. Stage 1 ranks the prototypes against the query; stage 2 sea
 of the top categories and merges their hits. Searching every category is the exhaustive baseline, and
 with an exact index it returns exactly the brute-force result.
 
-Each category's vectors live once, inside its FAISS index, under their image ids (no numpy copy beside it):
-adding appends to that index, deleting removes from it (FAISS remove_ids; HNSW, which cannot remove, hides
-deleted ids behind a selector until a quarter of the category is dead and then rebuilds that category).
+Each category's vectors live once, inside its FAISS index, under their image ids (no numpy copy beside it; a
+compressed type keeps codes there and the full vectors on disk): adding appends to that index, deleting removes
+from it (FAISS remove_ids; HNSW, which cannot remove, hides deleted ids behind a selector until a quarter of the
+category is dead and then rebuilds that category).
 
 Index types (FAISS_INDEX_TYPE), per category:
   flatip   exact inner product over float32 (the default)
@@ -31,12 +32,12 @@ import numpy as np
 
 from backend.search.hits import Hits
 from backend.search.partition import INDEX_KINDS, INDEX_TYPES, RERANK, Partition, Selection, check_matrix
-
-# A compressed type's search: the inverted lists it probes per query, across the categories stage 1 chose, and the
-# candidates per result it re-scores. On 180,000 Fashion-MNIST vectors (1,340 lists, P=5) 32 and 8 gave recall@10
-# 0.987 (bench/search.py sweeps both).
-PROBE_LISTS = 32
 from backend.search.vector_store import VectorStore
+
+# A compressed type's search: the inverted lists it probes per query, across the categories stage 1 chose (with
+# partition.RERANK, the candidates per result it re-scores). On 180,000 Fashion-MNIST vectors (1,340 lists, P=5) 32
+# and 8 gave recall@10 0.987 (bench/search.py sweeps both).
+PROBE_LISTS = 32
 
 
 class CategoryIndex:
@@ -174,9 +175,6 @@ class CategoryIndex:
         writes."""
         return [(c, self._partitions[c].stored()) for c in sorted(self._partitions)]
 
-    def stored_vectors(self, category: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, full float16 vectors) of a compressed type's category, for a snapshot."""
-        return self._partitions[category].stored_vectors()
 
     def drop_prototypes(self, categories) -> None:
         """Forget the prototypes of categories that no longer have members."""
@@ -282,6 +280,8 @@ class CategoryIndex:
         categories' lists, whose centres are closest to the query: stage 1 goes on from categories to lists, as one
         inverted file's coarse quantizer would, so probes go where the neighbours are rather than a share to each
         category."""
+        if not chosen:
+            return []
         blocks = [self._partitions[c].centroids() @ query[0] for c in chosen]
         sims = np.concatenate(blocks)
         owner = np.repeat(np.arange(len(chosen)), [len(b) for b in blocks])

@@ -17,9 +17,10 @@ IVF_MIN_VECTORS = 1000  # smaller categories gain nothing from IVF: they are sca
 IVF_PROBE_SHARE = 1 / 8  # lists probed per query; on Fashion-MNIST vectors 1/8 of the lists gives recall@10 0.99
 IVF_MIN_PROBES = 8  # ... and never fewer than this: a small category's few lists each hold much of it
 IVF_POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training points per centroid
-# A compressed category fetches this many candidates per result and re-scores them from full vectors: on 180,000
-# Fashion-MNIST vectors, 8 brings recall@10 within 0.01 of what the same lists give exactly (bench/search.py).
+# A compressed type re-scores this many candidates per result from full vectors (the best of all the categories
+# searched; CategoryIndex.rerank sets it per index): on 180,000 Fashion-MNIST vectors 8 gave recall@10 0.987 at P=5.
 RERANK = 8
+RETRAIN_GROWTH = 4  # a compressed category learns its lists' centres again once it has grown this much since
 QUERY_BITS = 8  # RaBitQ quantises the query to this many bits; FAISS's default of 4 loses recall no re-rank restores
 
 
@@ -29,7 +30,7 @@ class IndexKind:
 
     codes: str  # FAISS factory string of a category's storage
     metric: int = faiss.METRIC_INNER_PRODUCT
-    ivf: bool = False  # categories of IVF_MIN_VECTORS or more get an inverted file over these codes
+    ivf: bool = False  # categories of IVF_MIN_VECTORS or more get an inverted file over these codes (rerank: all)
     removable: bool = True  # FAISS removes ids from it; else deletions stay hidden until the category is rebuilt
     tolerance: float = 1e-6  # how far a vector read back from the index may be from the one added
     rerank: bool = False  # the codes only rank candidates: full vectors come from the vector store, and score them
@@ -69,7 +70,7 @@ class Selection:
     """Image ids a search is restricted to (a pre-filter), with the FAISS selector made from them when needed."""
 
     def __init__(self, ids: np.ndarray):
-        self.ids = np.asarray(ids, np.int64)
+        self.ids = np.unique(np.asarray(ids, np.int64))  # an id given twice is one image, found once
 
     @cached_property
     def selector(self) -> faiss.IDSelector:
@@ -88,6 +89,7 @@ class Partition:
         self._source = source
         self.hidden: set[int] = set()  # deleted from an index that cannot remove ids; filtered out of every search
         self._params = self._centroids = None
+        self._trained = self.index.ntotal  # vectors the codes were learnt from (as far as a loaded index tells)
 
     def __len__(self) -> int:
         return self.index.ntotal - len(self.hidden)
@@ -116,7 +118,11 @@ class Partition:
 
     def optimise(self) -> None:
         """Give a category of the IVF types the inverted file its size calls for (see ivf_lists)."""
-        if self.kind.ivf and self._lists_for(len(self), self.lists()) != self.lists():
+        lists = self.lists()
+        # A compressed category's centres are learnt again as it grows, even where its number of lists stays (one
+        # below IVF_MIN_VECTORS): the first add may have been one image, and stage 1 ranks lists by their centres.
+        grown = self.kind.rerank and len(self) >= RETRAIN_GROWTH * max(self._trained, 1)
+        if self.kind.ivf and (self._lists_for(len(self), lists) != lists or grown):
             self._rebuild()
 
     def _lists_for(self, n: int, current: int) -> int:
@@ -133,6 +139,7 @@ class Partition:
         self._centroids = None
 
     def _build(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+        self._trained = len(ids)
         lists = self._lists_for(len(ids), 0) if self.kind.ivf else 0
         if lists:
             index = faiss.index_factory(self.dim, f"IVF{lists},{self.kind.codes}", self.kind.metric)
@@ -167,7 +174,8 @@ class Partition:
         return ids[~np.isin(ids, list(self.hidden))] if self.hidden else ids
 
     def contents(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (n,), vectors (n, d)) held, decoded from the index's codes: copies (hidden ones left out)."""
+        """(ids (n,), vectors (n, d)) held, decoded from the index's codes (a compressed kind's from the store): copies
+        (hidden ones left out)."""
         ivf = self._ivf()
         if self.kind.rerank:
             ids = self.ids()
@@ -218,11 +226,6 @@ class Partition:
             keep = ~np.isin(ids, list(self.hidden))
             ids, vectors = ids[keep], vectors[keep]
         return ids, np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def stored_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (n,), their full vectors (n, d) float16) of a compressed category, for a snapshot."""
-        ids = self.ids()
-        return ids, self.store.get(ids, np.float16)
 
     def stored(self) -> faiss.Index | np.ndarray:
         """What a snapshot writes: the FAISS index with deletions applied, or the snapshot bytes it still reads."""

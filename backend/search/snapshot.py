@@ -26,6 +26,7 @@ FORMAT = 3  # 1: .npz plus .json beside it; 2: .npz with the metadata inside, ve
 MAGIC, END = b"IMSRC-SNAPSHOT3\n", b"\nIMSRC-END"
 TAIL = struct.Struct("<QI")  # footer length, footer CRC-32
 SUFFIX = ".snapshot"
+ROWS_PER_WRITE = 16_384  # full vectors a compressed type's snapshot reads from its store per write
 
 
 class SnapshotError(Exception):
@@ -65,18 +66,24 @@ def write(f, index: CategoryIndex, meta: dict) -> None:
     prototypes = out.blob(lambda w: w.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes()))
     full = []
     if index.kind.rerank:
-        for c, *_ in partitions:
-            ids, rows = index.stored_vectors(c)
+        for c, ids in index.members():  # the categories of `partitions`, in their order
             entry = [c]
-            for array in (ids.astype("<i8"), rows.astype("<f2")):
-                out.write(b"\0" * (-out.offset % 64))  # aligned, so that numpy reads the rows in place at full speed
-                entry += out.blob(lambda w, array=array: w.write(memoryview(np.ascontiguousarray(array)).cast("B")))
+            out.write(b"\0" * (-out.offset % 64))  # aligned, so that numpy reads the rows in place at full speed
+            entry += out.blob(lambda w, ids=ids: w.write(ids.astype("<i8").tobytes()))
+            out.write(b"\0" * (-out.offset % 64))
+            entry += out.blob(lambda w, ids=ids: _write_rows(w, index, ids))
             full.append(entry)
     footer = json.dumps({**meta, "format": FORMAT, "index_type": index.index_type, "dim": index.dim,
                          "partitions": partitions, "prototypes": [categories.tolist(), *prototypes],
                          "full_vectors": full}).encode()
     out.write(footer)
     out.write(TAIL.pack(len(footer), zlib.crc32(footer)) + END)
+
+
+def _write_rows(out: _Writer, index: CategoryIndex, ids: np.ndarray) -> None:
+    """The full float16 vectors of ids, a chunk at a time: a category's rows are never all in memory at once."""
+    for start in range(0, len(ids), ROWS_PER_WRITE):
+        out.write(index.store.get(ids[start:start + ROWS_PER_WRITE], np.float16).astype("<f2", copy=False).tobytes())
 
 
 def read_footer(data: np.ndarray) -> dict:

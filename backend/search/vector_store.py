@@ -6,8 +6,9 @@ vector blobs (read in place, never copied) and this process's own append file (r
 stream from PostgreSQL, or single adds), which is unlinked as soon as it is open, so that nothing is left behind
 when the process ends. RAM per vector is the lookup alone: 16 bytes (its id and where its row is).
 
-A row is never rewritten: an id added again gets a new row, and the newest one wins; rows of deleted ids stay
-until the next rebuild or snapshot, which copy only the live ones.
+A row is never rewritten: an id added again gets a new row, and the newest one wins; rows of deleted ids stay in
+the append file until the index is built anew, or the process starts again from a snapshot (which holds only the
+live rows). Where the index folder cannot be written, the append file goes to the system's temporary folder.
 """
 import os
 import tempfile
@@ -53,6 +54,9 @@ class VectorStore:
         if self._file is None:
             self._open_file()
         rows = np.ascontiguousarray(vectors, dtype=np.float16)
+        # At the end of the rows counted so far, not the file's: a write that failed part-way (a full disk) left
+        # bytes that the next one overwrites.
+        self._file.seek(self._file_rows * self.dim * 2)
         self._file.write(rows.tobytes())
         self._file.flush()
         first = self._file_rows
@@ -61,9 +65,11 @@ class VectorStore:
         self._index(ids, (self._source_of_file << ROW_BITS) + np.arange(first, self._file_rows))
 
     def _open_file(self) -> None:
-        folder = self.folder if self.folder is not None else tempfile.gettempdir()
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="imsrc-vectors-", suffix=".f16", dir=folder)
+        try:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="imsrc-vectors-", suffix=".f16", dir=self.folder)
+        except (OSError, TypeError):  # no folder given, or one that cannot be written: the index still serves
+            fd, path = tempfile.mkstemp(prefix="imsrc-vectors-", suffix=".f16")
         self._file = os.fdopen(fd, "w+b")
         try:
             os.unlink(path)  # the open file lives on; the disk space goes when the process does (POSIX)
@@ -126,10 +132,3 @@ class VectorStore:
     def disk_bytes(self) -> int:
         """Bytes of rows in this store's sources (snapshot blobs and the append file)."""
         return len(self) * self.dim * 2
-
-    def close(self) -> None:
-        """Let go of the append file (its disk space is freed)."""
-        if self._file is not None:
-            self._sources[self._source_of_file] = np.zeros((0, self.dim), np.float16)
-            self._file.close()
-            self._file = None

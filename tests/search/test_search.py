@@ -127,7 +127,7 @@ def test_stored_round_trip_reads_in_place_until_changed(index_type, monkeypatch)
     ids, vectors, cats = _collection()
     index = _index(ids, vectors, cats, index_type)
     blobs = {c: faiss.serialize_index(stored) for c, stored in index.stored_partitions()}
-    full = {c: index.stored_vectors(c) for c in blobs} if index.kind.rerank else None
+    full = {c: (ids, index.store.get(ids, np.float16)) for c, ids in index.members()} if index.kind.rerank else None
     restored = CategoryIndex.from_stored(index.dim, index_type, blobs, *index.prototypes(), full)
     a, b = index.search(vectors[:5], 7), restored.search(vectors[:5], 7)
     assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
@@ -245,3 +245,33 @@ def test_a_compressed_index_probes_the_lists_closest_to_the_query_across_categor
         true = [float(vectors[position[i]] @ vectors[q]) for i in got.ids.tolist()]
         assert np.allclose(got.scores, true, atol=1e-3) and np.allclose(got.scores, expected.scores, atol=1e-3)
         assert got.searched_categories == expected.searched_categories
+
+
+def test_a_compressed_index_searches_nothing_where_no_category_is_chosen():
+    ids, vectors, cats = _collection()
+    index = _index(ids, vectors, cats, "rabitq")
+    for hits in (index.search(vectors[:1], 5, categories=[99])[0],
+                 index.search(vectors[:1], 5, categories=[99], use_prototypes=False)[0],
+                 CategoryIndex(vectors.shape[1], "rabitq").search(vectors[:1], 5)[0]):
+        assert hits.ids.tolist() == [] and hits.searched_categories == []
+
+
+def test_a_compressed_category_learns_its_centres_again_as_it_grows(monkeypatch):
+    """Its first add may be one image; a category under IVF_MIN_VECTORS keeps one list, whose centre stage 1 ranks."""
+    ids, vectors, cats = _collection(n=400, categories=1)
+    index = CategoryIndex(vectors.shape[1], "rabitq")
+    index.add(ids[:1], vectors[:1], cats[:1])
+    for start in range(1, 400, 50):
+        index.add(ids[start:start + 50], vectors[start:start + 50], cats[start:start + 50])
+    centre = index._partitions[int(cats[0])].centroids()[0]
+    mean = vectors.mean(0)
+    assert centre @ mean / np.linalg.norm(mean) / np.linalg.norm(centre) > 0.99  # not the first image's
+    assert abs(float(centre @ vectors[0]) / np.linalg.norm(centre) - 1) > 0.05
+
+
+def test_a_pre_filter_that_names_an_image_twice_finds_it_once():
+    ids, vectors, cats = _collection()
+    among = np.repeat(ids[:6], 2)
+    for index_type in ("flatip", "rabitq"):
+        found = _index(ids, vectors, cats, index_type).search(vectors[:1], 5, among=among)[0].ids.tolist()
+        assert len(found) == len(set(found)) == 5, index_type

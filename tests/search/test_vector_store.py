@@ -23,5 +23,30 @@ def test_rows_come_back_by_id_across_sources_and_the_newest_row_wins(tmp_path, m
     assert list(tmp_path.iterdir()) == []  # the append file is unlinked as soon as it is open
     with pytest.raises(KeyError, match="image 11"):
         store.get(np.array([10, 11]))
-    store.close()
-    assert store.get(np.array([50])).shape == (1, 8)  # the snapshot's rows stay readable
+
+
+def test_a_write_that_failed_part_way_is_overwritten_by_the_next(tmp_path, monkeypatch):
+    store = VectorStore(4, tmp_path)
+    store.put(np.array([1]), np.ones((1, 4)))
+    real_write = store._file.write
+
+    def full_disk(data):  # half of the row reaches the file, then the disk is full
+        real_write(data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store._file, "write", full_disk)
+    with pytest.raises(OSError):
+        store.put(np.array([2]), np.full((1, 4), 2.0))
+    monkeypatch.setattr(store._file, "write", real_write)
+    store.put(np.array([3]), np.full((1, 4), 3.0))
+    assert store.get(np.array([1, 3])).tolist() == [[1.0] * 4, [3.0] * 4]  # not shifted by the half row
+    with pytest.raises(KeyError):
+        store.get(np.array([2]))
+
+
+def test_an_index_folder_that_cannot_be_written_falls_back_to_the_temporary_folder(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder would be")
+    store = VectorStore(4, blocked / "index")
+    store.put(np.array([7]), np.ones((1, 4)))
+    assert store.get(np.array([7])).tolist() == [[1.0] * 4]
