@@ -83,9 +83,11 @@ def rebuild_prototypes(session: Session, model_name: str, per_category: int | No
     # Read first, write after: prototypes before embeddings, the order every writer locks them in.
     slots = [_split(session, model_name, dim, category, k) for category, k in split.items()]
     session.execute(sa.delete(Prototype).where(Prototype.model_name == model_name))
-    session.execute(sa.update(Embedding).where(Embedding.model_name == model_name, Embedding.slot != 0,
-                                               ~Embedding.image_id.in_(sa.select(Image.id).where(
-                                                   Image.category_id.in_(list(split))))).values(slot=0))
+    # NOT EXISTS, not NOT IN: PostgreSQL cannot turn NOT IN into an anti-join, and once the ids outgrow work_mem it
+    # scans them again for every vector (a million vectors: hours).
+    in_split = sa.exists().where(Image.id == Embedding.image_id, Image.category_id.in_(list(split)))
+    session.execute(sa.update(Embedding).where(Embedding.model_name == model_name, Embedding.slot != 0, ~in_split)
+                    .values(slot=0))
     for ids, slot in slots:  # only the vectors whose slot changed are written
         session.execute(sa.text("UPDATE embeddings SET slot = s.slot FROM unnest(:ids, :slots) AS s(image, slot) "
                                 "WHERE embeddings.model_name = :m AND embeddings.image_id = s.image "

@@ -176,3 +176,28 @@ def test_recomputing_the_prototypes_of_unchanged_data_rewrites_no_vector(session
     with sessions() as s, s.begin():
         prototype_store.rebuild_prototypes(s, MODEL, per_category=4)
     assert row_versions() == before and _slots(sessions) == slots  # the same sample, the same slots: nothing written
+
+
+def test_resetting_the_slots_of_unsplit_categories_is_an_anti_join_at_any_size(sessions, engine):
+    """With NOT IN, PostgreSQL scanned the split categories' ids once per vector as soon as they outgrew work_mem:
+    a million vectors' prototypes never finished recomputing."""
+    x, y = _two_lobed(120)
+    _store(sessions, x, "x", "x")
+    _store(sessions, y[:40], "y", "y")  # under 2 x MIN_SLOT_MEMBERS: one slot, so "y" is reset to slot 0
+    statements = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("UPDATE embeddings SET slot="):
+            statements.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with sessions() as s, s.begin():
+            prototype_store.rebuild_prototypes(s, MODEL, per_category=2)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    assert len(statements) == 1
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET work_mem = '64kB'")  # as if the ids were far too many to hash
+        plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statements[0][0], statements[0][1]))
+    assert "Anti Join" in plan and "SubPlan" not in plan, plan
