@@ -31,7 +31,8 @@ import faiss
 import numpy as np
 
 from backend.search.hits import Hits
-from backend.search.partition import INDEX_KINDS, INDEX_TYPES, RERANK, Partition, Selection, check_matrix
+from backend.search.partition import (FILTERED_RERANK, INDEX_KINDS, INDEX_TYPES, RERANK, Partition, Selection,
+                                      check_matrix)
 from backend.search.vector_store import VectorStore
 
 # A compressed type's search: the inverted lists it probes per query, across the categories stage 1 chose (with
@@ -275,7 +276,7 @@ class CategoryIndex:
             results.append(hits)
         return results
 
-    def _candidates(self, query: np.ndarray, k: int, chosen: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def _candidates(self, query: np.ndarray, count: int, chosen: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """(category, candidate ids, estimated scores) from the `probe_lists` inverted lists, among all of the chosen
         categories' lists, whose centres are closest to the query: stage 1 goes on from categories to lists, as one
         inverted file's coarse quantizer would, so probes go where the neighbours are rather than a share to each
@@ -292,7 +293,7 @@ class CategoryIndex:
         for position in np.unique(owner[top]).tolist():
             probed = top[owner[top] == position]
             c = chosen[position]
-            found.append((c, *self._partitions[c].candidates_in(query, k * self.rerank, local[probed], sims[probed])))
+            found.append((c, *self._partitions[c].candidates_in(query, count, local[probed], sims[probed])))
         return found
 
     def _selections(self, among) -> dict[int, Selection]:
@@ -309,10 +310,17 @@ class CategoryIndex:
         ids, scores, cats = [], [], []
         # A compressed type's categories give estimates from the lists stage 1 chose, and the best rerank x k of all
         # of them are re-scored at once: re-scoring within each category would read that many per category.
-        estimated = self.kind.rerank and selections is None
-        found = self._candidates(query, k, chosen) if estimated else \
-            [(c, *(r[0] for r in self._partitions[c].search(query, k, selections[c] if selections else None)))
-             for c in chosen]
+        # A pre-filter's categories rank all their matches by code, and more candidates are re-scored.
+        estimated = self.kind.rerank
+        wanted = k * self.rerank * (FILTERED_RERANK if selections else 1)
+        if estimated and selections is None:
+            found = self._candidates(query, wanted, chosen)
+        elif estimated:
+            found = [(c, *(r[0] for r in self._partitions[c].candidates(query, wanted, selections[c])))
+                     for c in chosen]
+        else:
+            found = [(c, *(r[0] for r in self._partitions[c].search(query, k, selections[c] if selections else None)))
+                     for c in chosen]
         for c, part_ids, part_scores in found:
             ids.append(part_ids)
             scores.append(part_scores)
@@ -324,7 +332,7 @@ class CategoryIndex:
         valid = ids >= 0
         ids, scores, cats = ids[valid], scores[valid], cats[valid]
         if estimated:
-            keep = np.argsort(-scores, kind="stable")[:k * self.rerank]
+            keep = np.argsort(-scores, kind="stable")[:wanted]
             ids, cats = ids[keep], cats[keep]
             scores = self.store.get(ids) @ query[0]
         best = np.lexsort((ids, -scores))[:k]  # score descending, ties by id: independent of build order

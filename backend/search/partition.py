@@ -20,6 +20,9 @@ IVF_POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training po
 # A compressed type re-scores this many candidates per result from full vectors (the best of all the categories
 # searched; CategoryIndex.rerank sets it per index): on 180,000 Fashion-MNIST vectors 8 gave recall@10 0.987 at P=5.
 RERANK = 8
+# A pre-filter's matches lie anywhere in a category: its codes rank all of them, and this many times the usual
+# candidates are re-scored (all of them where there are fewer matches: then the answer is exact).
+FILTERED_RERANK = 4
 RETRAIN_GROWTH = 4  # a compressed category learns its lists' centres again once it has grown this much since
 QUERY_BITS = 8  # RaBitQ quantises the query to this many bits; FAISS's default of 4 loses recall no re-rank restores
 
@@ -147,6 +150,8 @@ class Partition:
                 index.by_residual = False  # codes of the vectors themselves: exact float16, decodable on their own
             if not len(ids):
                 return index  # trained by the first add
+            if self.kind.rerank:  # its lists are learnt from however few vectors it has (one list: their mean),
+                index.cp.min_points_per_centroid = 1  # where FAISS would warn for each under 39 a list
             index.train(vectors)
             index.nprobe = min(lists, max(IVF_MIN_PROBES, math.ceil(lists * IVF_PROBE_SHARE)))
         else:
@@ -247,15 +252,15 @@ class Partition:
     # -- search -----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, among: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (nq, k'), k' = min(k, size); scores higher-is-better, -1 ids where fewer were found.
-        `among` restricts the search to those of its ids this category holds, exactly for every index type (a
+        `among` restricts the search to those of its ids this category holds, exactly for every index type but the
+        compressed one, which re-scores the best FILTERED_RERANK x RERANK x k by their codes (all, where fewer) (a
         pre-filter)."""
         k = min(k, len(self))
         if k < 1:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         if self.kind.rerank:
-            candidates = self.candidates(queries, k)[0] if among is None else np.broadcast_to(
-                among.ids, (len(queries), len(among.ids)))  # a compressed category scores a pre-filter's ids exactly
-            return self._rerank(queries, candidates, k)
+            count = k * RERANK * (FILTERED_RERANK if among is not None else 1)
+            return self._rerank(queries, self.candidates(queries, count, among)[0], k)
         if among is None:
             raw, ids = self.index.search(queries, k, params=self._search_params())
         else:
@@ -263,13 +268,19 @@ class Partition:
         scores = 1.0 / (1.0 + np.sqrt(np.maximum(raw, 0))) if self.kind.metric == faiss.METRIC_L2 else raw
         return ids, np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
-    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, estimated scores), each (nq, k * RERANK), that a compressed category's codes rank best, -1 ids where
-        fewer: to be re-scored from the full vectors."""
-        if self._params is None:
-            self._params = faiss.IVFRaBitQSearchParameters()
-            self._params.nprobe, self._params.qb = self.index.nprobe, QUERY_BITS
-        estimates, ids = self.index.search(queries, min(len(self), k * RERANK), params=self._params)
+    def candidates(self, queries: np.ndarray, count: int, among: Selection | None = None):
+        """(ids, estimated scores), each (nq, count), that a compressed category's codes rank best, -1 ids where
+        fewer: to be re-scored from the full vectors. `among`: only those ids, from every list."""
+        if among is not None:
+            params = faiss.IVFRaBitQSearchParameters()
+            params.nprobe, params.qb, params.sel = self.index.nlist, QUERY_BITS, among.selector
+            count = min(count, len(among.ids))
+        else:
+            if self._params is None:
+                self._params = faiss.IVFRaBitQSearchParameters()
+                self._params.nprobe, self._params.qb = self.index.nprobe, QUERY_BITS
+            params = self._params
+        estimates, ids = self.index.search(queries, max(1, min(len(self), count)), params=params)
         return ids, estimates
 
     def centroids(self) -> np.ndarray:

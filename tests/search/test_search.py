@@ -275,3 +275,15 @@ def test_a_pre_filter_that_names_an_image_twice_finds_it_once():
     for index_type in ("flatip", "rabitq"):
         found = _index(ids, vectors, cats, index_type).search(vectors[:1], 5, among=among)[0].ids.tolist()
         assert len(found) == len(set(found)) == 5, index_type
+
+
+def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code():
+    ids, vectors, cats = _collection(n=600)
+    index = _index(ids, vectors, cats, "rabitq")
+    index.rerank = 1  # 2 results x 1 x FILTERED_RERANK = 8 candidates: fewer than the 300 matches
+    among = ids[::2]
+    for q in range(0, 40, 2):
+        hits = index.search(vectors[q:q + 1], 2, use_prototypes=False, among=among)[0]
+        assert hits.ids[0] == ids[q] and set(hits.ids.tolist()) <= set(among.tolist())
+        position = {i: p for p, i in enumerate(ids.tolist())}
+        assert np.allclose(hits.scores, [vectors[position[i]] @ vectors[q] for i in hits.ids.tolist()], atol=1e-3)
