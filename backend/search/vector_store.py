@@ -14,7 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 SEAL_ROWS = 65_536  # ids added since the last merge are looked up in a dict; past this many they join the arrays
@@ -26,7 +25,6 @@ class VectorStore:
 
     def __init__(self, dim: int, folder: Path | None = None):
         self.dim, self.folder = dim, folder
-        self._decoder = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)  # twice numpy's speed at this
         self._sources: list[np.ndarray] = []  # (rows, dim) float16 each; the append file's is re-mapped as it grows
         self._keys = np.zeros(0, np.int64)  # sorted ids ...
         self._locations = np.zeros(0, np.int64)  # ... and where each one's newest row is
@@ -117,13 +115,7 @@ class VectorStore:
             for s in np.unique(sources).tolist():
                 mask = sources == s
                 found[mask] = self._sources[s][rows[mask]]
-        if dtype == np.float16:
-            return np.asarray(found)
-        out = np.empty((len(found), self.dim), np.float32)
-        if len(found):
-            codes = np.ascontiguousarray(found).view(np.uint8)
-            self._decoder.decode_c(faiss.swig_ptr(codes), faiss.swig_ptr(out), len(found))
-        return out
+        return np.asarray(found).astype(dtype, copy=False)
 
     def nbytes(self) -> int:
         """RAM held by the lookup (the rows themselves are paged in from disk)."""
@@ -132,3 +124,4 @@ class VectorStore:
     def disk_bytes(self) -> int:
         """Bytes of rows in this store's sources (snapshot blobs and the append file)."""
         return len(self) * self.dim * 2
+

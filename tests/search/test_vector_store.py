@@ -50,3 +50,4 @@ def test_an_index_folder_that_cannot_be_written_falls_back_to_the_temporary_fold
     store = VectorStore(4, blocked / "index")
     store.put(np.array([7]), np.ones((1, 4)))
     assert store.get(np.array([7])).tolist() == [[1.0] * 4]
+
