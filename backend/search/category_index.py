@@ -334,6 +334,6 @@ class CategoryIndex:
         if estimated:
             keep = np.argsort(-scores, kind="stable")[:wanted]
             ids, cats = ids[keep], cats[keep]
-            scores = self.store.get(ids) @ query[0]
+            scores = self.store.scores(ids, query[0])
         best = np.lexsort((ids, -scores))[:k]  # score descending, ties by id: independent of build order
         return Hits(ids[best], scores[best], cats[best], ranking, chosen)

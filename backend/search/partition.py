@@ -308,7 +308,7 @@ class Partition:
         scores = np.full((len(queries), k), -np.inf, np.float32)
         for q, row in enumerate(candidates):
             row = row[row >= 0]
-            exact = self.store.get(row) @ queries[q]
+            exact = self.store.scores(row, queries[q])
             best = np.argsort(-exact, kind="stable")[:k]
             ids[q, :len(best)], scores[q, :len(best)] = row[best], exact[best]
         return ids, scores
