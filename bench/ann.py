@@ -139,8 +139,8 @@ def _frontier(members: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
-    """Recall@10 against p50 per method family (its frontier), one panel per dataset (matplotlib, where
-    installed)."""
+    """Recall@10 against p50 per method family (its frontier), one panel per dataset and one for its filtered
+    searches (matplotlib, where installed)."""
     try:
         import matplotlib
 
@@ -149,22 +149,26 @@ def plot(rows: list[dict], path) -> None:
     except ImportError:
         print("  (no plot: pip install matplotlib)")
         return
-    datasets = sorted({r["dataset"] for r in rows if "recall_at_10" in r})
-    figure, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
-        families: dict[str, list[dict]] = {}
-        for r in rows:
-            if r["dataset"] == dataset and "recall_at_10" in r:
-                families.setdefault(r.get("family", r["method"]), []).append(r)
-        for family, members in sorted(families.items()):
+    panels: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if "recall_at_10" in r:
+            family = r.get("family", r["method"])
+            panel = r["dataset"] + (" (filtered 1%)" if family.startswith("filtered") else "")
+            panels.setdefault(panel, {}).setdefault(family, []).append(r)
+    figure, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 6), squeeze=False)
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pP*Xh"
+    for axis, (panel, families) in zip(axes[0], sorted(panels.items())):
+        for n, (family, members) in enumerate(sorted(families.items())):
             best = _frontier(members)
-            axis.plot([r["p50_ms"] for r in best], [r["recall_at_10"] for r in best], marker="o", label=family)
+            axis.plot([r["p50_ms"] for r in best], [r["recall_at_10"] for r in best], marker=markers[n % len(markers)],
+                      color=colours[n % len(colours)], label=family.removeprefix("filtered 1%: "))
         axis.set_xscale("log")
+        axis.set_ylim(max(0.5, min(r["recall_at_10"] for m in families.values() for r in m) - 0.02), 1.005)
         axis.set_xlabel("p50 ms per single query (log)")
         axis.set_ylabel("recall@10")
-        axis.set_title(dataset)
+        axis.set_title(panel)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     print(f"  wrote {path}")
