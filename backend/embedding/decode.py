@@ -66,7 +66,8 @@ def sha256(data: bytes) -> str:
 
 def decode(data: bytes) -> DecodedImage:
     """Decode bytes to a small 8-bit RGB or grayscale image for the model; raises InvalidImage with the reason
-    when they are not a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced scale."""
+    when they are not a usable image. Memory is bounded by MAX_PIXELS whatever the file: JPEGs decode at a reduced
+    scale."""
     if not data:
         raise InvalidImage("the file is empty")
     if data.startswith(_PNG_SIGNATURE) and png_chunks(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:

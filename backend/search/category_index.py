@@ -176,7 +176,6 @@ class CategoryIndex:
         writes."""
         return [(c, self._partitions[c].stored()) for c in sorted(self._partitions)]
 
-
     def drop_prototypes(self, categories) -> None:
         """Forget the prototypes of categories that no longer have members."""
         for cat in categories:
@@ -194,7 +193,8 @@ class CategoryIndex:
                     folder=None) -> "CategoryIndex":
         """The inverse of stored_partitions: each category's FAISS bytes (read in place, without a copy, until the
         category changes; the caller keeps them valid), and for a compressed type `vectors`, each category's
-        stored_vectors (read in place too). Raises ValueError on parts that do not fit together."""
+        (ids, float16 rows) as the snapshot holds them (read in place too). Raises ValueError on parts that do not
+        fit together."""
         index = cls(dim, index_type, folder)
         for c, blob in partitions.items():
             try:
@@ -276,11 +276,15 @@ class CategoryIndex:
             results.append(hits)
         return results
 
-    def _candidates(self, query: np.ndarray, count: int, chosen: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(category, candidate ids, estimated scores) from the `probe_lists` inverted lists, among all of the chosen
-        categories' lists, whose centres are closest to the query: stage 1 goes on from categories to lists, as one
-        inverted file's coarse quantizer would, so probes go where the neighbours are rather than a share to each
-        category."""
+    def _candidates(self, query: np.ndarray, count: int, chosen: list[int],
+                    selections: dict[int, Selection] | None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """A compressed type's (category, candidate ids, estimated scores): with a pre-filter, each category's best
+        matches by code; else from the `probe_lists` inverted lists, among all of the chosen categories' lists,
+        whose centres are closest to the query: stage 1 goes on from categories to lists, as one inverted file's
+        coarse quantizer would, so probes go where the neighbours are rather than a share to each category."""
+        if selections is not None:
+            return [(c, *(found[0] for found in self._partitions[c].candidates(query, count, selections[c])))
+                    for c in chosen]
         if not chosen:
             return []
         blocks = [self._partitions[c].centroids() @ query[0] for c in chosen]
@@ -308,16 +312,12 @@ class CategoryIndex:
     def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking,
                            selections: dict[int, Selection] | None = None) -> Hits:
         ids, scores, cats = [], [], []
-        # A compressed type's categories give estimates from the lists stage 1 chose, and the best rerank x k of all
-        # of them are re-scored at once: re-scoring within each category would read that many per category.
-        # A pre-filter's categories rank all their matches by code, and more candidates are re-scored.
+        # A compressed type's categories give estimates, and the best rerank x k of all of them (more for a
+        # pre-filter) are re-scored at once: re-scoring within each category would read that many per category.
         estimated = self.kind.rerank
         wanted = k * self.rerank * (FILTERED_RERANK if selections else 1)
-        if estimated and selections is None:
-            found = self._candidates(query, wanted, chosen)
-        elif estimated:
-            found = [(c, *(r[0] for r in self._partitions[c].candidates(query, wanted, selections[c])))
-                     for c in chosen]
+        if estimated:
+            found = self._candidates(query, wanted, chosen, selections)
         else:
             found = [(c, *(r[0] for r in self._partitions[c].search(query, k, selections[c] if selections else None)))
                      for c in chosen]

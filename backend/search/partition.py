@@ -146,7 +146,7 @@ class Partition:
         lists = self._lists_for(len(ids), 0) if self.kind.ivf else 0
         if lists:
             index = faiss.index_factory(self.dim, f"IVF{lists},{self.kind.codes}", self.kind.metric)
-            if not self.kind.rerank:  # RaBitQ codes a vector's offset from its list's centre, and must
+            if not self.kind.rerank:  # (RaBitQ codes a vector's offset from its list's centre: it keeps the default)
                 index.by_residual = False  # codes of the vectors themselves: exact float16, decodable on their own
             if not len(ids):
                 return index  # trained by the first add

@@ -4,7 +4,9 @@
           | footer CRC-32 (u32) | END
 
 A compressed index type (rabitq) also writes each category's full vectors, ids (int64) then rows (float16), each
-64-byte aligned: after a load its exact re-rank reads them from this file, in place. The footer says what the file was built from (model, index type, dim, the database's fingerprint, vectors per
+64-byte aligned: after a load its exact re-rank reads them from this file, in place.
+
+The footer says what the file was built from (model, index type, dim, the database's fingerprint, vectors per
 category) and where each blob lies, with its CRC-32. Reading maps the file into memory and checks every CRC (two
 threads: zlib releases the GIL) but copies nothing: FAISS reads each category's codes in place until that category
 changes (backend.search.category_index.CategoryIndex.from_stored), so a million vectors load in the time it takes to checksum them.

@@ -110,29 +110,26 @@ class VectorStore:
 
     def get(self, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The vectors (n, dim) of ids (n,), in their order."""
+        found = np.empty((len(ids), self.dim), np.float16)
+        self._gather(ids, found)
+        return found.astype(dtype, copy=False)
+
+    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """Copy the rows of ids into out (n, dim) float16."""
         locations = self._locate(ids)
         sources, rows = locations >> ROW_BITS, locations & ((1 << ROW_BITS) - 1)
-        if len(locations) and sources.min() == sources.max():  # the usual case: one source, no masks
-            found = self._sources[int(sources[0])][rows]
-        else:
-            found = np.empty((len(locations), self.dim), np.float16)
-            for s in np.unique(sources).tolist():
-                mask = sources == s
-                found[mask] = self._sources[s][rows[mask]]
-        return np.asarray(found).astype(dtype, copy=False)
+        for s in np.unique(sources).tolist():
+            mask = sources == s
+            out[mask] = self._sources[s][rows[mask]]
 
     def scores(self, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
         """Inner products (n,) of the query (dim,) with the stored vectors of ids (n,). Not for two threads at once
         (every search of an index holds its lock)."""
-        locations = self._locate(ids)
-        n = len(locations)
+        n = len(ids)
         if n > len(self._rows32):
             self._rows16 = np.empty((max(n, 2 * len(self._rows32)), self.dim), np.float16)
             self._rows32 = np.empty((len(self._rows16), self.dim), np.float32)
-        sources, rows = locations >> ROW_BITS, locations & ((1 << ROW_BITS) - 1)
-        for s in np.unique(sources).tolist():
-            mask = sources == s
-            self._rows16[:n][mask] = self._sources[s][rows[mask]]
+        self._gather(ids, self._rows16[:n])
         np.copyto(self._rows32[:n], self._rows16[:n])
         return self._rows32[:n] @ query
 

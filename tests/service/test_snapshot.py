@@ -224,7 +224,8 @@ def test_a_compressed_index_re_ranks_from_its_snapshot_s_full_vectors_and_grows_
     assert np.allclose([s for q in _results(loaded) for _, s in q], [s for q in exact for _, s in q], atol=1e-3)
     path = _snapshot_file(tmp_path / "snap", "rabitq")
     index, meta = snapshot.read(path)
-    assert index.store.disk_bytes() == 24 * DIM * 2 and len(meta["full_vectors"]) == 3  # every category's rows, in place
+    # Every category's rows, read in place.
+    assert index.store.disk_bytes() == 24 * DIM * 2 and len(meta["full_vectors"]) == 3
     query = -index.store.get(np.array([_members(sessions, 1)[0][0]]))  # far from every stored vector
     index.add([10**9], query, [1])  # after the snapshot's rows: this process's own file
     assert index.search(query, 1, use_prototypes=False)[0].ids.tolist() == [10**9]
