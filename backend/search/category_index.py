@@ -24,6 +24,7 @@ Index types (FAISS_INDEX_TYPE), per category:
 Scores are comparable across index types, and higher is always more similar: cosine similarity for the
 inner-product types (the vectors are L2-normalised), 1 / (1 + Euclidean distance) for flatl2.
 """
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -302,12 +303,14 @@ class CategoryIndex:
 
     def _selections(self, among) -> dict[int, Selection]:
         """A pre-filter's ids by the category holding them (ids not in the index left out)."""
-        category_of = self._category_of
-        by_category: dict[int, list[int]] = {}
-        for i in np.asarray(among, np.int64).ravel().tolist():
-            if (c := category_of.get(i)) is not None:
-                by_category.setdefault(c, []).append(i)
-        return {c: Selection(np.array(ids, np.int64)) for c, ids in by_category.items()}
+        among = np.unique(np.asarray(among, np.int64).ravel())
+        cats = np.fromiter(map(self._category_of.get, among.tolist(), itertools.repeat(-1)), np.int64, len(among))
+        order = np.argsort(cats, kind="stable")
+        cats, among = cats[order], among[order]
+        starts = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1]]) if len(cats) else np.zeros(0, np.int64)
+        whole = Selection(among[cats >= 0])
+        return {int(cats[a]): Selection(ids, whole) for a, ids in zip(starts, np.split(among, starts[1:]))
+                if cats[a] >= 0}
 
     def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking,
                            selections: dict[int, Selection] | None = None) -> Hits:

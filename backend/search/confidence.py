@@ -31,7 +31,8 @@ class Confidence:
         return asdict(self)
 
 
-def calibrate(index: CategoryIndex, quantile: float = QUANTILE, per_category: int = SAMPLE_PER_CATEGORY) -> float | None:
+def calibrate(index: CategoryIndex, quantile: float = QUANTILE,
+              per_category: int = SAMPLE_PER_CATEGORY) -> float | None:
     """The best-prototype similarity that all but `quantile` of the collection's own images reach; None without
     prototypes. Each image is measured against its own category's prototype without it (leave one out) where the
     whole category was sampled: in a small category an image pulls its prototype towards itself, and a new image of

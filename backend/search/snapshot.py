@@ -9,7 +9,8 @@ A compressed index type (rabitq) also writes each category's full vectors, ids (
 The footer says what the file was built from (model, index type, dim, the database's fingerprint, vectors per
 category) and where each blob lies, with its CRC-32. Reading maps the file into memory and checks every CRC (two
 threads: zlib releases the GIL) but copies nothing: FAISS reads each category's codes in place until that category
-changes (backend.search.category_index.CategoryIndex.from_stored), so a million vectors load in the time it takes to checksum them.
+changes (backend.search.category_index.CategoryIndex.from_stored), so a million vectors load in the time it takes
+to checksum them.
 A CRC finds the damage a disk or a copy does; it is no defence against someone who may write the snapshot folder,
 and needs none: such a person could replace the database's files as well.
 """

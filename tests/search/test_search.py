@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from backend.embedding.vectors import l2_normalize
 from backend.search.category_index import CategoryIndex
-from backend.search.partition import INDEX_TYPES
+from backend.search.partition import INDEX_TYPES, Selection
 
 
 def _collection(n=300, d=16, categories=5, seed=0):
@@ -287,3 +287,21 @@ def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code():
         assert hits.ids[0] == ids[q] and set(hits.ids.tolist()) <= set(among.tolist())
         position = {i: p for p, i in enumerate(ids.tolist())}
         assert np.allclose(hits.scores, [vectors[position[i]] @ vectors[q] for i in hits.ids.tolist()], atol=1e-3)
+
+
+@pytest.mark.parametrize("index_type", INDEX_TYPES)
+def test_a_pre_filter_is_exact_with_dense_ids_and_with_ids_far_apart(index_type):
+    # Dense ids are tested by a bitmap over them, ids far apart (one near 2**40) by a hash set: both exact.
+    ids, vectors, cats = _collection(n=400)
+    ids[7] = 2 ** 40
+    index = _index(ids, vectors, cats, index_type)
+    for among, kind in ((ids[ids % 5 == 0], faiss.IDSelectorBitmap),
+                        (np.concatenate([ids[:3], ids[7:8]]), faiss.IDSelectorBatch)):
+        assert isinstance(Selection(among).selector, kind)
+        kept = np.isin(ids, among)
+        for q in range(10):
+            want_ids, want_scores = _brute_force(vectors[kept], ids[kept], vectors[q:q + 1], 3)
+            hits = index.search(vectors[q:q + 1], 3, use_prototypes=False, among=among)[0]
+            assert hits.ids.tolist() == want_ids[0].tolist(), (index_type, len(among), q)
+            if index_type != "flatl2":  # whose scores are 1 / (1 + distance): its order is checked above
+                assert np.allclose(hits.scores, want_scores[0], atol=2e-3)

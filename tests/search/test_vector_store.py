@@ -51,3 +51,16 @@ def test_an_index_folder_that_cannot_be_written_falls_back_to_the_temporary_fold
     store.put(np.array([7]), np.ones((1, 4)))
     assert store.get(np.array([7])).tolist() == [[1.0] * 4]
 
+
+
+def test_rows_widen_to_float32_exactly_subnormals_included(tmp_path):
+    # Every float16 there is, subnormals (which real embeddings are full of), zeros, infinities and NaNs among them.
+    every = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(-1, 64)
+    widened = vector_store.widen(every)
+    assert widened.dtype == np.float32
+    assert np.array_equal(widened, every.astype(np.float32), equal_nan=True)
+    store = VectorStore(64, tmp_path)
+    finite = np.nan_to_num(every[:200].astype(np.float32), posinf=0, neginf=0)
+    store.put(np.arange(200), finite)
+    query = np.random.default_rng(0).normal(size=64).astype(np.float32)
+    assert np.allclose(store.scores(np.arange(200), query), finite @ query, rtol=1e-6)
