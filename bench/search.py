@@ -22,13 +22,13 @@ Datasets, each written through imsrc's schema into a throw-away database of its 
 Per dataset: the rebuild from PostgreSQL (bulk read) per index type, with its time and memory; the snapshot's
 write and load; then per method p50/p95 latency of single queries (as a server makes them) and recall@10 against
 exact search: exhaustive FAISS flat, imsrc two-stage at P = 1, 3, 5, 10 per index type (rabitq also over
-the lists it probes and its re-rank), the strongest FAISS indexes
-(bench/ann.py: HNSW32 over efSearch, a global IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact
-(`<=>`, a few
-queries: each reads every vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
+the lists it probes and its re-rank), the strongest FAISS indexes (bench/ann.py: HNSW32 over efSearch, a global
+IVF over nprobe, RaBitQ codes with an exact re-rank), pgvector exact (`<=>`, a few queries: each reads every
+vector), and pgvector HNSW on a halfvec expression, built on the first --hnsw-size
 vectors within --hnsw-minutes and compared with imsrc at that same size; and adding and deleting one image at a
-time in the full index. Prints a table per dataset and the p50 each method family needs for recall@10 0.95 and
-0.99; --json writes every row, and the curves go to a PNG beside it (matplotlib).
+time in the full index; and what PostgreSQL stores per vector, as vector and (on a sample) as halfvec, with the
+recall@10 that halfvec's rounding keeps. Prints a table per dataset and the p50 each method family needs for
+recall@10 0.95 and 0.99; --json writes every row, and the curves go to a PNG beside it (matplotlib).
 """
 import argparse
 import ctypes
@@ -76,6 +76,7 @@ PROBE_LISTS, RERANKS = (16, 32, 64, 128), (4, 8)  # the compressed type's search
 FILTER_EVERY = 100  # the filtered searches keep images whose id is a multiple of this: 1%, in every category
 EF_SEARCH = (40, 100, 200, 400, 800)
 WARM_UP = 50  # untimed queries before each pgvector setting: its index pages come into memory
+HALFVEC_SAMPLE = 100_000  # vectors copied to measure what PostgreSQL stores per vector as vector and as halfvec
 
 
 class Synthetic:
@@ -288,6 +289,7 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
         report["rows"] += pgvector_exact(dataset, engine, queries[:args.exact_queries], filter_truth, size,
                                          filtered=True)
         report["rows"] += pgvector_hnsw(dataset, engine, sessions, dim, queries, truth, filter_truth, size, args)
+        report["storage"] = postgres_storage(engine, sessions, dim, queries, size)
     finally:
         shutil.rmtree(snapshots, ignore_errors=True)
     return report
@@ -393,6 +395,36 @@ def pgvector_hnsw(dataset: str, engine: sa.Engine, sessions, dim: int, queries: 
                                 family=f"{label}{method} @{n:,}", build_s=build_s))
     return rows
 
+
+
+def postgres_storage(engine: sa.Engine, sessions, dim: int, queries: np.ndarray, size: int) -> dict:
+    """What PostgreSQL holds for the vectors (the database, the embeddings table, bytes per vector), and whether
+    halfvec would halve it at no loss: the same sample of vectors copied as vector and as halfvec, and recall@10 of
+    exact search over that sample's float16-rounded vectors (what a halfvec column gives back) against float32."""
+    n = min(size, HALFVEC_SAMPLE)
+    with sessions() as s:
+        ids, _, vectors = fetch_members(s, MODEL, dim, range(1, n + 1))
+    truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]] for q in queries]
+    rounded = vectors.astype(np.float16).astype(np.float32)
+    found = [ids[np.argsort(-(rounded @ q), kind="stable")[:K]] for q in queries]
+    report = {"sample": len(ids), "halfvec_recall_at_10": round(float(np.mean(
+        [len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)])), 4)}
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        report["database_mib"] = round(conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar()
+                                       / 2**20, 1)
+        table = conn.execute(sa.text("SELECT pg_total_relation_size('embeddings')")).scalar()
+        report["embeddings_table_bytes_per_vector"] = round(table / size, 1)
+        for kind in ("vector", "halfvec"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS sample_{kind}"))
+            conn.execute(sa.text(f"CREATE TABLE sample_{kind} AS SELECT image_id, vector::{kind}({dim}) AS vector "
+                                 f"FROM embeddings WHERE image_id <= {n}"))
+            conn.execute(sa.text(f"VACUUM sample_{kind}"))  # gives back the pages a bulk insert extends by ahead
+            total = conn.execute(sa.text(f"SELECT pg_total_relation_size('sample_{kind}')")).scalar()
+            report[f"{kind}_bytes_per_vector"] = round(total / len(ids), 1)
+            conn.execute(sa.text(f"DROP TABLE sample_{kind}"))
+    report["halfvec_share"] = round(report["halfvec_bytes_per_vector"] / report["vector_bytes_per_vector"], 3)
+    print("  postgresql " + json.dumps(report))
+    return report
 
 # -- datasets --------------------------------------------------------------------------------------------
 def synthetic(args) -> dict:

@@ -67,6 +67,10 @@ def test_benchmark_runs_on_tiny_data(script, bench_env, tmp_path):
         filtered = {r["method"]: r["recall_at_10"] for d in report["datasets"] for r in d["rows"]
                     if "filtered" in r["method"] and r["method"].startswith("imsrc")}
         assert filtered and all(recall == 1.0 for recall in filtered.values()), filtered
+        for dataset in report["datasets"]:  # what PostgreSQL holds per vector, as vector and as halfvec
+            storage = dataset["storage"]
+            assert 0 < storage["halfvec_bytes_per_vector"] < storage["vector_bytes_per_vector"], storage
+            assert 0.9 <= storage["halfvec_recall_at_10"] <= 1.0, storage
 
 
 def test_every_faiss_baseline_reaches_high_recall_at_its_widest_setting():
