@@ -17,6 +17,9 @@ IVF_MIN_VECTORS = 1000  # smaller categories gain nothing from IVF: they are sca
 IVF_PROBE_SHARE = 1 / 8  # lists probed per query; on Fashion-MNIST vectors 1/8 of the lists gives recall@10 0.99
 IVF_MIN_PROBES = 8  # ... and never fewer than this: a small category's few lists each hold much of it
 IVF_POINTS_PER_LIST = 39  # FAISS's k-means wants at least this many training points per centroid
+# A compressed category's lists hold at least this many: a list's centre is 4 bytes a dimension in RAM, which in
+# small lists outweighs the 1-bit codes (2048-d categories of 2,000 in lists of 45: 184 of 505 bytes a vector).
+COMPRESSED_POINTS_PER_LIST = 256
 # A compressed type re-scores this many candidates per result from full vectors (the best of all the categories
 # searched; CategoryIndex.rerank sets it per index): on 180,000 Fashion-MNIST vectors 8 gave recall@10 0.987 at P=5.
 RERANK = 8
@@ -61,13 +64,13 @@ def check_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
     return np.ascontiguousarray(vectors)
 
 
-def ivf_lists(n: int, current: int) -> int:
+def ivf_lists(n: int, current: int, points_per_list: int = IVF_POINTS_PER_LIST) -> int:
     """Inverted lists for a category of n vectors that has `current` (0: none, scanned exactly): about sqrt(n) from
-    IVF_MIN_VECTORS on (fewer where k-means would have too few points per list), kept until n has moved 4-fold so
+    IVF_MIN_VECTORS on (fewer where a list would hold under `points_per_list`), kept until n has moved 4-fold so
     that a growing category is re-clustered only now and then."""
     if n < IVF_MIN_VECTORS:
         return current if current and n >= IVF_MIN_VECTORS // 2 else 0
-    target = max(1, min(round(math.sqrt(n)), n // IVF_POINTS_PER_LIST))
+    target = max(1, min(round(math.sqrt(n)), n // points_per_list))
     return current if current and target / 2 <= current <= target * 2 else target
 
 
@@ -144,12 +147,14 @@ class Partition:
             self._rebuild()
 
     def _lists_for(self, n: int, current: int) -> int:
-        lists = ivf_lists(n, current)
-        return max(1, lists) if self.kind.rerank else lists  # compressed codes are trained at any size: one list
+        if not self.kind.rerank:
+            return ivf_lists(n, current)
+        return max(1, ivf_lists(n, current, COMPRESSED_POINTS_PER_LIST))  # trained at any size: one list below
 
     def _own(self) -> None:
         if self._source is not None:
             self.index, self._source = faiss.deserialize_index(self._source), None
+            self._centroids = None  # a view of the old index's quantizer, which goes with it
 
     def _rebuild(self) -> None:
         ids, vectors = self.contents()
@@ -300,8 +305,9 @@ class Partition:
 
     def centroids(self) -> np.ndarray:
         """The centres (lists, d) of a compressed category's inverted lists: stage 1 ranks them with the rest."""
-        if self._centroids is None:
-            self._centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
+        if self._centroids is None:  # a view of the quantizer's own floats, not a second copy of them in RAM
+            quantizer = faiss.downcast_index(self.index.quantizer)
+            self._centroids = faiss.rev_swig_ptr(quantizer.get_xb(), self.index.nlist * self.dim).reshape(-1, self.dim)
         return self._centroids
 
     def candidates_in(self, query: np.ndarray, count: int, lists: np.ndarray, sims: np.ndarray):

@@ -229,6 +229,7 @@ def test_any_sequence_of_adds_and_deletes_equals_a_fresh_build(index_type, ops):
 
 def test_a_compressed_index_probes_the_lists_closest_to_the_query_across_categories(monkeypatch):
     monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)  # a few lists in each category
+    monkeypatch.setattr("backend.search.partition.COMPRESSED_POINTS_PER_LIST", 39)
     ids, vectors, cats = _collection(n=600)
     index = _index(ids, vectors, cats, "rabitq")
     index.probe_lists = 1  # the one list, of all categories', whose centre is closest
@@ -305,3 +306,31 @@ def test_a_pre_filter_is_exact_with_dense_ids_and_with_ids_far_apart(index_type)
             assert hits.ids.tolist() == want_ids[0].tolist(), (index_type, len(among), q)
             if index_type != "flatl2":  # whose scores are 1 / (1 + distance): its order is checked above
                 assert np.allclose(hits.scores, want_scores[0], atol=2e-3)
+
+
+def test_a_compressed_categorys_lists_hold_enough_codes_to_outweigh_their_centres():
+    # Centres are 4 bytes a dimension, codes 1 bit: 2,000 vectors in sqrt(2000) = 45 lists spent more RAM on the
+    # centres than on the codes. Now they take at most a quarter of what the codes take.
+    ids, vectors, cats = _collection(n=4000, d=64, categories=2)
+    index = _index(ids, vectors, cats, "rabitq")
+    for c, members in index.members():
+        lists = index._partitions[c].index.nlist
+        assert lists > 1 and lists * 64 * 4 <= len(members) * 64 / 8 / 4, lists
+
+
+def test_a_compressed_categorys_centres_follow_its_index_when_a_loaded_one_changes(monkeypatch):
+    monkeypatch.setattr("backend.search.partition.IVF_MIN_VECTORS", 50)
+    monkeypatch.setattr("backend.search.partition.COMPRESSED_POINTS_PER_LIST", 39)
+    ids, vectors, cats = _collection(n=600, categories=2)
+    index = _index(ids, vectors, cats, "rabitq")
+    blobs = {c: faiss.serialize_index(stored) for c, stored in index.stored_partitions()}
+    full = {c: (ids, index.store.get(ids, np.float16)) for c, ids in index.members()}
+    restored = CategoryIndex.from_stored(index.dim, "rabitq", blobs, *index.prototypes(), full)
+    restored.search(vectors[:1], 5)  # the centres are looked at (and kept) before the change
+    c = int(cats[0])
+    restored.remove(ids[:1])  # the category leaves the snapshot's bytes for an index of its own
+    part = restored._partitions[c]
+    assert part.index.nlist > 1
+    quantizer = faiss.downcast_index(part.index.quantizer)  # a view of this index's centres, not a freed one's
+    assert part.centroids().ctypes.data == int(quantizer.get_xb())
+    np.testing.assert_array_equal(part.centroids(), quantizer.reconstruct_n(0, part.index.nlist))
