@@ -61,7 +61,8 @@ from backend.storage.members import fetch_members  # noqa: E402
 from backend.storage.migrations import migrated_engine
 from backend.storage.sessions import session_factory  # noqa: E402
 from bench import fashion_vectors  # noqa: E402
-from bench.ann import K, at_recall, faiss_baselines, plot, print_at_recall, row, timed_searches  # noqa: E402
+from bench.ann import (K, at_recall, faiss_baselines, plot, print_at_recall, recall, row,  # noqa: E402
+                       timed_searches)
 from bench.common import drop_database, machine, percentile, rss_mib, write_json  # noqa: E402
 
 MODEL = "bench"
@@ -405,22 +406,23 @@ def postgres_storage(engine: sa.Engine, sessions, dim: int, queries: np.ndarray,
     with sessions() as s:
         ids, _, vectors = fetch_members(s, MODEL, dim, range(1, n + 1))
     truth = [ids[np.argsort(-(vectors @ q), kind="stable")[:K]] for q in queries]
-    rounded = vectors.astype(np.float16).astype(np.float32)
-    found = [ids[np.argsort(-(rounded @ q), kind="stable")[:K]] for q in queries]
-    report = {"sample": len(ids), "halfvec_recall_at_10": round(float(np.mean(
-        [len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)])), 4)}
+    rounded = vectors.astype(np.float16).astype(np.float32)  # as pgvector rounds both, queries cast to halfvec too
+    found = [ids[np.argsort(-(rounded @ q.astype(np.float16).astype(np.float32)), kind="stable")[:K]]
+             for q in queries]
+    report = {"sample": len(ids), "halfvec_recall_at_10": round(recall(found, truth), 4)}
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         report["database_mib"] = round(conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar()
                                        / 2**20, 1)
-        table = conn.execute(sa.text("SELECT pg_total_relation_size('embeddings')")).scalar()
+        table = conn.execute(sa.text("SELECT pg_table_size('embeddings')")).scalar()  # rows and TOAST, no indexes
         report["embeddings_table_bytes_per_vector"] = round(table / size, 1)
         for kind in ("vector", "halfvec"):
             conn.execute(sa.text(f"DROP TABLE IF EXISTS sample_{kind}"))
             conn.execute(sa.text(f"CREATE TABLE sample_{kind} AS SELECT image_id, vector::{kind}({dim}) AS vector "
                                  f"FROM embeddings WHERE image_id <= {n}"))
             conn.execute(sa.text(f"VACUUM sample_{kind}"))  # gives back the pages a bulk insert extends by ahead
-            total = conn.execute(sa.text(f"SELECT pg_total_relation_size('sample_{kind}')")).scalar()
-            report[f"{kind}_bytes_per_vector"] = round(total / len(ids), 1)
+            total, rows = conn.execute(sa.text(f"SELECT pg_total_relation_size('sample_{kind}'), count(*) "
+                                               f"FROM sample_{kind}")).one()
+            report[f"{kind}_bytes_per_vector"] = round(total / rows, 1)
             conn.execute(sa.text(f"DROP TABLE sample_{kind}"))
     report["halfvec_share"] = round(report["halfvec_bytes_per_vector"] / report["vector_bytes_per_vector"], 3)
     print("  postgresql " + json.dumps(report))

@@ -334,3 +334,12 @@ def test_a_compressed_categorys_centres_follow_its_index_when_a_loaded_one_chang
     quantizer = faiss.downcast_index(part.index.quantizer)  # a view of this index's centres, not a freed one's
     assert part.centroids().ctypes.data == int(quantizer.get_xb())
     np.testing.assert_array_equal(part.centroids(), quantizer.reconstruct_n(0, part.index.nlist))
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 7, 8, 9, 63, 64, 1000], [5], [3, 3, 300], list(range(0, 5000, 3)),
+                                 [1, 2, 2**40]])
+def test_a_pre_filters_selector_accepts_exactly_its_ids(ids):
+    selector = Selection(np.array(ids)).selector
+    assert isinstance(selector, faiss.IDSelectorBatch if max(ids) > 2**20 else faiss.IDSelectorBitmap)
+    probe = sorted(set(range(min(ids[-1], 6000) + 20)) | set(ids) | {2**40 + 1})
+    assert [i for i in probe if selector.is_member(i)] == sorted(set(ids))
