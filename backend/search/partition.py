@@ -80,7 +80,10 @@ class Selection:
     category's lists hold only its own ids, so the others' never match there)."""
 
     def __init__(self, ids: np.ndarray, whole: "Selection | None" = None):
-        self.ids = np.unique(np.asarray(ids, np.int64))  # an id given twice is one image, found once
+        ids = np.asarray(ids, np.int64).ravel()
+        # An id given twice is one image, found once. A filter's shares come sorted and distinct already: a search
+        # makes one per category, and sorting each again cost 1.8 ms a search for 10,000 ids (0.02 to check, measured).
+        self.ids = ids if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()) else np.unique(ids)
         self._whole = whole
 
     @cached_property
