@@ -262,7 +262,8 @@ def run_dataset(dataset: str, engine: sa.Engine, dim: int, queries: np.ndarray, 
             build["rss_growth_per_index_byte"] = round(build["rss_growth_mib"] / build["index_mib"], 3)
             index = manager.index
             if truth is None:  # exact search over everything: the ground truth, and the exhaustive baseline
-                truth, ms = timed_searches(lambda q, index=index: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
+                truth, ms = timed_searches(
+                    lambda q, index=index: index.search(q[None], K, use_prototypes=False)[0].ids, queries)
                 report["rows"].append(row(dataset, "FAISS flat, exhaustive", size, ms, truth, truth))
                 among = filtered_ids(index.ids())
                 filter_truth = [index.search(q[None], K, use_prototypes=False, among=among)[0].ids for q in queries]
