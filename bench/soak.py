@@ -217,9 +217,19 @@ FAULTS = [("kill -9 PostgreSQL", kill_postgres), ("kill -9 a worker", kill_worke
           ("SIGSTOP PostgreSQL", freeze_postgres), ("disk full", fill_disk)]
 
 
-def recovery(base: str, queries: list[bytes], since: float, limit: float = 120) -> tuple[float | None, str]:
+def free_mib(disk: Path | None) -> float | None:
+    """Space left on the tmpfs (None without one): a failure's report says whether the disk was still full."""
+    if disk is None:
+        return None
+    stat = os.statvfs(disk)
+    return round(stat.f_bavail * stat.f_frsize / 2**20, 1)
+
+
+def recovery(base: str, queries: list[bytes], since: float, disk: Path | None,
+             limit: float = 120) -> tuple[float | None, str]:
     """Seconds from `since` until /health, a search and an upload all answer 200 (None: not within `limit`), and
-    what the last probe that did not answer 200 got (for the report when it never recovered)."""
+    what the last probe that did not answer 200 got, with the disk's free space (for the report when it never
+    recovered)."""
     last = ""
     with httpx.Client(base_url=base, timeout=10, headers={"X-API-Key": KEY}) as client:
         while time.monotonic() - since < limit:
@@ -232,14 +242,23 @@ def recovery(base: str, queries: list[bytes], since: float, limit: float = 120) 
                                         data={"category": "probe"}))):
                     answer = probe()
                     if answer.status_code != 200:
-                        last = f"{name}: {answer.status_code} {answer.text[:200]}"
+                        last = f"{name}: {answer.status_code} {answer.text[:200]} ({free_mib(disk)} MiB free)"
                         break
                 else:
                     return round(time.monotonic() - since, 2), ""
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = f"{type(exc).__name__}: {exc} ({free_mib(disk)} MiB free)"
             time.sleep(0.1)
     return None, last
+
+
+def postgres_log(pgdata: Path, lines: int = 30) -> list[str]:
+    """The last distinct lines of the embedded server's log, for the report of a fault that never recovered."""
+    try:
+        text = (pgdata / "server.log").read_text(errors="replace")
+    except OSError as exc:
+        return [f"cannot read the PostgreSQL log: {exc}"]
+    return list(dict.fromkeys(line.split("] ", 1)[-1][:300] for line in text.splitlines()))[-lines:]
 
 
 def inject(ctx: dict, args, queries: list[bytes]) -> list[dict]:
@@ -253,8 +272,10 @@ def inject(ctx: dict, args, queries: list[bytes]) -> list[dict]:
             faults.append({"fault": name, "at_s": at, "recovery_s": None, "skipped": "cannot mount a tmpfs here"})
         else:
             fault(ctx)
-            seconds, last = recovery(ctx["base"], queries, time.monotonic())
-            faults.append({"fault": name, "at_s": at, "recovery_s": seconds} | ({"last_failure": last} if last else {}))
+            seconds, last = recovery(ctx["base"], queries, time.monotonic(), ctx["disk"])
+            faults.append({"fault": name, "at_s": at, "recovery_s": seconds}
+                          | ({"last_failure": last, "postgres_log": postgres_log(ctx["pgdata"])} if seconds is None
+                             else {"last_failure": last} if last else {}))
         print(f"  {at:>5} s  {name:<20} recovered in {faults[-1]['recovery_s']} s {faults[-1].get('last_failure', '')}",
               flush=True)
     return faults
