@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # script -> its arguments for a run of seconds (the figures mean nothing; that the script runs through does)
 TINY = {
-    "search.py": ["--size", "3000", "--dim", "32", "--categories", "4", "--queries", "5", "--types", "flatip", "rabitq",
+    "search.py": ["--size", "3000", "--dim", "32", "--categories", "4", "--queries", "5", "--types", "rabitq", "flatip",
                   "--hnsw-size", "500", "--exact-queries", "2", "--fashion", "2", "--fashion-cache", "{tmp}/vectors"],
     "fashion_vectors.py": ["--copies", "3", "--cache", "{tmp}/vectors"],
     "partition_layouts.py": ["--n", "600", "--dim", "32", "--categories", "4", "--queries", "10"],
@@ -67,6 +67,10 @@ def test_benchmark_runs_on_tiny_data(script, bench_env, tmp_path):
         filtered = {r["method"]: r["recall_at_10"] for d in report["datasets"] for r in d["rows"]
                     if "filtered" in r["method"] and r["method"].startswith("imsrc")}
         assert filtered and all(recall == 1.0 for recall in filtered.values()), filtered
+        # rabitq first: the ground truth is brute force over PostgreSQL's vectors, which flat search over every
+        # category (P=10 of 4 categories, or of Fashion-MNIST's 10) must match exactly
+        everywhere = [r["recall_at_10"] for r in report["datasets"][0]["rows"] if r["method"] == "imsrc flatip P=10"]
+        assert everywhere == [1.0], report["datasets"][0]["rows"]
         for dataset in report["datasets"]:  # what PostgreSQL holds per vector, as vector and as halfvec
             storage = dataset["storage"]
             assert 0 < storage["halfvec_bytes_per_vector"] < storage["vector_bytes_per_vector"], storage
@@ -93,3 +97,23 @@ def test_every_faiss_baseline_reaches_high_recall_at_its_widest_setting():
     assert {b["index"].split(",")[0][:3] for b in builds} == {"HNS", "IVF"} and len(builds) == 3
     for entry in at_recall(rows, recalls=(0.95,)):
         assert entry["p50_ms_at_0.95"] is not None, entry  # every family gets there
+
+
+def test_the_ground_truth_is_the_brute_force_top_10_of_the_stored_vectors(engine, sessions):
+    """What every recall in bench/search.py is measured against, whichever index type comes first."""
+    import numpy as np
+
+    from bench.ann import K
+    from bench.search import CHUNK, Synthetic, brute_force, load_dataset
+
+    data = Synthetic(CHUNK + 500, 16, 3, 0.45)  # two batches of the bulk reader's, so that merging them counts
+    load_dataset(engine, data.chunks(), 16, 3, data.size)
+    vectors = np.concatenate([v for _, _, v in data.chunks()])
+    ids = np.arange(1, data.size + 1)
+    queries = data.queries(20)
+    among = ids[ids % 7 == 0]
+    for subset, found in ((ids, brute_force(sessions, 16, queries)),
+                          (among, brute_force(sessions, 16, queries, among))):
+        scores = queries @ vectors[subset - 1].T
+        expected = subset[np.lexsort((np.broadcast_to(subset, scores.shape), -scores), axis=1)[:, :K]]
+        assert [f.tolist() for f in found] == expected.tolist()

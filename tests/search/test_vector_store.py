@@ -64,3 +64,15 @@ def test_rows_widen_to_float32_exactly_subnormals_included(tmp_path):
     store.put(np.arange(200), finite)
     query = np.random.default_rng(0).normal(size=64).astype(np.float32)
     assert np.allclose(store.scores(np.arange(200), query), finite @ query, rtol=1e-6)
+
+
+def test_many_rows_are_scored_in_blocks_with_the_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr("backend.search.vector_store.SCORE_BLOCK", 64)
+    rng = np.random.default_rng(5)
+    store = VectorStore(8, tmp_path)
+    vectors = rng.normal(size=(500, 8)).astype(np.float32)
+    store.put(np.arange(500, dtype=np.int64), vectors)
+    ids, query = rng.permutation(500)[:300], rng.normal(size=8).astype(np.float32)
+    scores = store.scores(ids, query)
+    assert scores.shape == (300,) and len(store._rows32) <= 64  # what it holds at once is one block
+    assert np.allclose(scores, vectors.astype(np.float16).astype(np.float32)[ids] @ query, atol=1e-5)
