@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from backend.search.category_index import CategoryIndex
+from backend.search.vector_store import release_pages
 
 FORMAT = 3  # 1: .npz plus .json beside it; 2: .npz with the metadata inside, vectors stored twice
 MAGIC, END = b"IMSRC-SNAPSHOT3\n", b"\nIMSRC-END"
@@ -138,6 +139,8 @@ def read(path: Path) -> tuple[CategoryIndex, dict]:
     with ThreadPoolExecutor(2) as pool:
         if list(pool.map(zlib.crc32, parts)) != expected:
             raise SnapshotError("corrupt (checksum mismatch)")
+    for _, rows in vectors.values():  # the checksums read every full vector; a search re-ranks a few hundred
+        release_pages(rows)
     try:
         index = CategoryIndex.from_stored(int(meta["dim"]), str(meta["index_type"]), blobs, proto_categories,
                                           prototypes, vectors, folder=Path(path).parent)

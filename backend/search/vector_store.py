@@ -10,6 +10,7 @@ A row is never rewritten: an id added again gets a new row, and the newest one w
 the append file until the index is built anew, or the process starts again from a snapshot (which holds only the
 live rows). Where the index folder cannot be written, the append file goes to the system's temporary folder.
 """
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,12 @@ class VectorStore:
     def __len__(self) -> int:
         """Rows stored, live or not."""
         return sum(len(s) for s in self._sources)
+
+    def release_pages(self) -> None:
+        """Unmap the pages of the sources that a pass over every row (a rebuild, a checksum) brought into this
+        process: they stay in the OS's page cache, and a later read maps them again."""
+        for source in self._sources:
+            release_pages(source)
 
     # -- adding -----------------------------------------------------------------------------------
     def add_source(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -145,6 +152,20 @@ class VectorStore:
         """Bytes of rows in this store's sources (snapshot blobs and the append file)."""
         return len(self) * self.dim * 2
 
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop this process's mapping of the whole pages under a memory-mapped array (an np.memmap or a contiguous
+    view of one), so that they no longer count in its RSS; the file is untouched, its pages stay in the OS's page
+    cache, and the next read maps them again. Other parts of the same mapping keep theirs. A no-op for an array
+    in memory, and where the OS has no madvise (Windows)."""
+    mapping = getattr(array, "_mmap", None)  # np.memmap's mapping, which its views share
+    if mapping is None or mapping.closed or not hasattr(mmap, "MADV_DONTNEED") or not array.nbytes:
+        return
+    start = array.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def widen(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -1,4 +1,6 @@
 """The vector store a compressed index re-ranks from: rows by id across sources, newest row winning."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,56 @@ def test_many_rows_are_scored_in_blocks_with_the_same_result(tmp_path, monkeypat
     scores = store.scores(ids, query)
     assert scores.shape == (300,) and len(store._rows32) <= 64  # what it holds at once is one block
     assert np.allclose(scores, vectors.astype(np.float16).astype(np.float32)[ids] @ query, atol=1e-5)
+
+
+def _rss_file_kib() -> int:
+    """This process's resident pages of mapped files (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssFile:")))
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+ROWS_KIB = 100_000 * 256 * 2 // 1024  # the rows below: 50,000 KiB of float16
+
+
+def _touch_every_row(store: VectorStore, ids: np.ndarray) -> np.ndarray:
+    return np.concatenate([store.get(ids[i:i + 10_000], np.float16) for i in range(0, len(ids), 10_000)])
+
+
+@needs_proc
+def test_released_pages_leave_the_rss_and_read_back_the_same(tmp_path):
+    rng = np.random.default_rng(9)
+    ids, vectors = np.arange(100_000, dtype=np.int64), rng.normal(size=(100_000, 256)).astype(np.float32)
+    store = VectorStore(256, tmp_path)
+    store.put(ids, vectors)
+    before = _rss_file_kib()
+    first = _touch_every_row(store, ids)
+    touched = _rss_file_kib()
+    store.release_pages()
+    released = _rss_file_kib()
+    assert touched - before > 0.8 * ROWS_KIB and touched - released > 0.8 * ROWS_KIB, (before, touched, released)
+    assert np.array_equal(_touch_every_row(store, ids), first)
+
+
+@needs_proc
+def test_a_compressed_snapshot_loads_without_its_full_vectors_in_the_rss(tmp_path):
+    from backend.search import snapshot
+    from backend.search.category_index import CategoryIndex
+
+    rng = np.random.default_rng(10)
+    vectors = rng.normal(size=(100_000, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = CategoryIndex(256, "rabitq", tmp_path)
+    index.add(np.arange(100_000, dtype=np.int64), vectors, np.arange(100_000) % 4, optimise=False)
+    before = _rss_file_kib()
+    index.optimise()  # reads every category's full vectors to learn its lists
+    assert _rss_file_kib() - before < 0.2 * ROWS_KIB
+    index.set_prototypes(np.arange(4), vectors[:4])
+    path = tmp_path / "i.snapshot"
+    with open(path, "wb") as f:
+        snapshot.write(f, index, {"model": "m"})
+    before = _rss_file_kib()
+    loaded, _ = snapshot.read(path)  # its checksums read every byte of the file
+    assert _rss_file_kib() - before < 0.2 * ROWS_KIB + loaded.nbytes() / 1024
+    assert np.array_equal(loaded.search(vectors[:5], 3, use_prototypes=False)[0].ids,
+                          index.search(vectors[:5], 3, use_prototypes=False)[0].ids)
