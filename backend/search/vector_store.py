@@ -153,7 +153,6 @@ class VectorStore:
         return len(self) * self.dim * 2
 
 
-
 def release_pages(array: np.ndarray) -> None:
     """Drop this process's mapping of the whole pages under a memory-mapped array (an np.memmap or a contiguous
     view of one), so that they no longer count in its RSS; the file is untouched, its pages stay in the OS's page
