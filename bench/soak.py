@@ -252,13 +252,19 @@ def recovery(base: str, queries: list[bytes], since: float, disk: Path | None,
     return None, last
 
 
-def postgres_log(pgdata: Path, lines: int = 30) -> list[str]:
-    """The last distinct lines of the embedded server's log, for the report of a fault that never recovered."""
+def distinct_tail(lines, count: int) -> list[str]:
+    """The last `count` distinct log lines, each without its prefix up to "] " (time, process): a failure's
+    report, where one message repeats for every request."""
+    return list(dict.fromkeys(line.split("] ", 1)[-1][:300] for line in lines))[-count:]
+
+
+def postgres_log(pgdata: Path) -> list[str]:
+    """The embedded server's log, as distinct_tail, for the report of a fault that never recovered."""
     try:
         text = (pgdata / "server.log").read_text(errors="replace")
     except OSError as exc:
         return [f"cannot read the PostgreSQL log: {exc}"]
-    return list(dict.fromkeys(line.split("] ", 1)[-1][:300] for line in text.splitlines()))[-lines:]
+    return distinct_tail(text.splitlines(), 30)
 
 
 def inject(ctx: dict, args, queries: list[bytes]) -> list[dict]:

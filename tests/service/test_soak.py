@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from bench.soak import distinct_tail
 from tests.helpers import ROOT, write_fashion_mnist
 
 pytestmark = [pytest.mark.slow, pytest.mark.minutes]
@@ -36,5 +37,5 @@ def test_two_minutes_of_mixed_load_and_four_faults(cli_env, tmp_path):
 def _explain(what, tmp_path) -> str:
     """`what` and the server log's last distinct warnings and errors, for a failure's message."""
     lines = (tmp_path / "serve.log").read_text(errors="replace").splitlines()
-    seen = dict.fromkeys(line.split("] ", 1)[-1][:300] for line in lines if not line.startswith("INFO"))
-    return json.dumps({"report": what, "server_warnings": list(seen)[-40:]}, indent=1)
+    warnings = distinct_tail((line for line in lines if not line.startswith("INFO")), 40)
+    return json.dumps({"report": what, "server_warnings": warnings}, indent=1)
