@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from backend.embedding.vectors import l2_normalize
 from backend.search.category_index import CategoryIndex
-from backend.search.partition import INDEX_TYPES, Selection
+from backend.search.partition import INDEX_TYPES, Partition, Selection
 
 
 def _collection(n=300, d=16, categories=5, seed=0):
@@ -278,7 +278,28 @@ def test_a_pre_filter_that_names_an_image_twice_finds_it_once():
         assert len(found) == len(set(found)) == 5, index_type
 
 
-def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code():
+def test_a_compressed_pre_filter_of_few_matches_scores_every_one_from_its_full_vector(monkeypatch):
+    ids, vectors, cats = _collection(n=600)
+    index = _index(ids, vectors, cats, "rabitq")
+    index.rerank = 1  # by code, 2 results x 1 x FILTERED_RERANK = 8 candidates of the 300 matches would be re-scored
+    ranked_by_code = []
+    real_candidates = Partition.candidates
+    monkeypatch.setattr(Partition, "candidates", lambda *a, **k: ranked_by_code.append(1) or real_candidates(*a, **k))
+    among = ids[::2]
+    kept = np.isin(ids, among)
+    rows = vectors[kept].astype(np.float16).astype(np.float32)  # what the vector store holds
+    for q in range(0, 40, 2):
+        want_ids, want_scores = _brute_force(rows, ids[kept], vectors[q:q + 1], 2)
+        hits = index.search(vectors[q:q + 1], 2, use_prototypes=False, among=among)[0]
+        assert hits.ids.tolist() == want_ids[0].tolist() and np.allclose(hits.scores, want_scores[0], atol=1e-5)
+    assert not ranked_by_code
+    monkeypatch.setattr("backend.search.category_index.EXACT_FILTER_BYTES", 0)  # past the bound: by code
+    index.search(vectors[:1], 2, use_prototypes=False, among=among)
+    assert ranked_by_code
+
+
+def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code(monkeypatch):
+    monkeypatch.setattr("backend.search.category_index.EXACT_FILTER_BYTES", 0)  # as if the matches were many
     ids, vectors, cats = _collection(n=600)
     index = _index(ids, vectors, cats, "rabitq")
     index.rerank = 1  # 2 results x 1 x FILTERED_RERANK = 8 candidates: fewer than the 300 matches

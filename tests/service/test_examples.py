@@ -95,7 +95,7 @@ def test_region_crops_rotates_and_flips_in_original_coordinates():
     decoded = decode(png_bytes(quadrants))
     assert decoded.image.size == (800, 533)  # decoding shrank it: the crop is still in the original's pixels
     top_right = QueryEdit.parse("1200,0,1200,800").apply(decoded)
-    assert top_right.size == (400, 266) and set(top_right.getdata()) == {(0, 255, 0)}
+    assert top_right.size == (400, 266) and set(top_right.get_flattened_data()) == {(0, 255, 0)}
     bottom_left = QueryEdit.parse("0.0,0.5,0.5,0.5", rotate=90).apply(decoded)
     assert bottom_left.size == (267, 400)  # rotated: tall
     colours = sorted(bottom_left.getcolors(), reverse=True)  # (count, colour): one row mixes two quarters
