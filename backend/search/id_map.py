@@ -53,6 +53,8 @@ class IdMap:
     def set(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Map ids to values (non-negative), replacing what they had; an id given twice keeps its last value."""
         ids, values = np.asarray(ids, np.int64).ravel(), np.asarray(values, np.int64).ravel()
+        if len(ids) != len(values) or (len(values) and values.min() < 0):
+            raise ValueError(f"{len(ids)} ids and {len(values)} values, which must all be non-negative")
         if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
             ids, last = np.unique(ids[::-1], return_index=True)
             values = values[::-1][last]
@@ -87,28 +89,36 @@ class IdMap:
                         np.fromiter(changes.values(), np.int64, len(changes)))
 
     def _merge(self, ids: np.ndarray, values: np.ndarray) -> None:
-        """Apply changes (distinct ids) to the arrays in one pass over them (no sort of the whole)."""
-        order = np.argsort(ids)
-        ids, values = ids[order], values[order]
-        keys, kept = self._keys, self._values
-        if len(keys):
-            positions = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-            replaced = positions[keys[positions] == ids]
-            keys, kept = np.delete(keys, replaced), np.delete(kept, replaced)
-        live = values != ABSENT
-        at = np.searchsorted(keys, ids[live])
-        self._keys, self._values = np.insert(keys, at, ids[live]), np.insert(kept, at, values[live])
+        self._keys, self._values = _applied(self._keys, self._values, ids, values)
 
     def keys(self) -> np.ndarray:
         """The ids in the map, sorted."""
-        self.seal()
-        return self._keys.copy()
+        return self.items()[0]
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids sorted, their values)."""
-        self.seal()
-        return self._keys.copy(), self._values.copy()
+        """(ids sorted, their values): new arrays, and the map itself unchanged, so that a reader without the index's
+        lock (a sync's) never sees it half-sealed while a search looks ids up."""
+        changes = self._changes
+        if not changes:
+            return self._keys.copy(), self._values.copy()
+        return _applied(self._keys, self._values, np.fromiter(changes.keys(), np.int64, len(changes)),
+                        np.fromiter(changes.values(), np.int64, len(changes)))
 
     def nbytes(self) -> int:
         """RAM held: the arrays, and about 100 bytes a gathered change (a dict entry with its ints)."""
         return self._keys.nbytes + self._values.nbytes + len(self._changes) * 100
+
+
+def _applied(keys: np.ndarray, values: np.ndarray, ids: np.ndarray,
+             changed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (keys, values) with changes (distinct ids; ABSENT: removed) applied, in one pass over them (no sort of
+    the whole): new arrays."""
+    order = np.argsort(ids)
+    ids, changed = ids[order], changed[order]
+    if len(keys):
+        positions = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        replaced = positions[keys[positions] == ids]
+        keys, values = np.delete(keys, replaced), np.delete(values, replaced)
+    live = changed != ABSENT
+    at = np.searchsorted(keys, ids[live])
+    return np.insert(keys, at, ids[live]), np.insert(values, at, changed[live])

@@ -292,6 +292,14 @@ def test_a_compressed_pre_filter_of_few_matches_scores_every_one_from_its_full_v
         want_ids, want_scores = _brute_force(rows, ids[kept], vectors[q:q + 1], 2)
         hits = index.search(vectors[q:q + 1], 2, use_prototypes=False, among=among)[0]
         assert hits.ids.tolist() == want_ids[0].tolist() and np.allclose(hits.scores, want_scores[0], atol=1e-5)
+    category_of = dict(zip(ids.tolist(), cats.tolist()))
+    for q in range(1, 40, 3):  # two-stage: exact among the matches of the categories stage 1 chose, labelled right
+        hits = index.search(vectors[q:q + 1], 3, top_categories=2, among=among)[0]
+        chosen = np.isin(cats, hits.searched_categories) & kept
+        want_ids, _ = _brute_force(vectors[chosen].astype(np.float16).astype(np.float32), ids[chosen],
+                                   vectors[q:q + 1], 3)
+        assert len(hits.searched_categories) == 2 and hits.ids.tolist() == want_ids[0].tolist()
+        assert hits.categories.tolist() == [category_of[i] for i in hits.ids.tolist()]
     assert not ranked_by_code
     monkeypatch.setattr("backend.search.category_index.EXACT_FILTER_BYTES", 0)  # past the bound: by code
     index.search(vectors[:1], 2, use_prototypes=False, among=among)

@@ -21,6 +21,8 @@ def test_rows_come_back_by_id_across_sources_and_the_newest_row_wins(tmp_path, m
     got = store.get(np.array([10, 30, 80, 50, 60, 90]))
     expected = np.stack([snapshot_rows[1], added[1], added[5], snapshot_rows[0], added[0], added[4]])
     np.testing.assert_array_equal(got, expected.astype(np.float16).astype(np.float32))
+    query = rng.standard_normal(8).astype(np.float32)  # scored across both sources, back in the order asked
+    np.testing.assert_allclose(store.scores(np.array([10, 30, 80, 50, 60, 90]), query), got @ query, rtol=1e-6)
     assert len(store) == 11 and store.disk_bytes() == 11 * 8 * 2
     assert list(tmp_path.iterdir()) == []  # the append file is unlinked as soon as it is open
     with pytest.raises(KeyError, match="image 11"):
