@@ -40,10 +40,11 @@ from backend.search.vector_store import VectorStore
 # partition.RERANK, the candidates per result it re-scores). On 180,000 Fashion-MNIST vectors (1,340 lists, P=5) 32
 # and 8 gave recall@10 0.987 (bench/search.py sweeps both).
 PROBE_LISTS = 32
-# A compressed type's pre-filter scores all its matches from their full vectors, exactly, while they take at most
-# this many bytes (16,384 rows at 2048-d): cheaper than ranking them by code, which scans every list of every
-# category holding one (1M x 2048 in 100 categories, a 1% filter: 18.8 against 28.4 ms, measured).
-EXACT_FILTER_BYTES = 64 * 2**20
+# A compressed type's pre-filter scores all its matches from their full vectors, exactly, unless ranking them by
+# code is cheaper: that scans every list of every category holding one, and a list so scanned cost about as much
+# as scoring this many float16 values exactly (measured on 1M and 2M x 2048 in 100 categories, 1% filters: 7.3
+# and 6.1 us a list by code, all in; 0.77 ns a value exactly: 15.7 ms for 10,000 matches against 28.4 by code).
+LIST_COST_IN_VALUES = 8192
 
 
 class CategoryIndex:
@@ -338,8 +339,8 @@ class CategoryIndex:
         # pre-filter) are re-scored at once: re-scoring within each category would read that many per category.
         estimated = self.kind.rerank
         wanted = k * self.rerank * (FILTERED_RERANK if selections else 1)
-        if estimated and selections is not None and \
-                sum(len(selections[c].ids) for c in chosen) * self.dim * 2 <= EXACT_FILTER_BYTES:
+        if estimated and selections is not None and sum(len(selections[c].ids) for c in chosen) * self.dim <= \
+                LIST_COST_IN_VALUES * sum(self._partitions[c].lists() for c in chosen):
             found, estimated = self._scored_matches(query, chosen, selections), False
         elif estimated:
             found = self._candidates(query, wanted, chosen, selections)

@@ -301,13 +301,13 @@ def test_a_compressed_pre_filter_of_few_matches_scores_every_one_from_its_full_v
         assert len(hits.searched_categories) == 2 and hits.ids.tolist() == want_ids[0].tolist()
         assert hits.categories.tolist() == [category_of[i] for i in hits.ids.tolist()]
     assert not ranked_by_code
-    monkeypatch.setattr("backend.search.category_index.EXACT_FILTER_BYTES", 0)  # past the bound: by code
+    monkeypatch.setattr("backend.search.category_index.LIST_COST_IN_VALUES", 0)  # lists cost nothing: by code
     index.search(vectors[:1], 2, use_prototypes=False, among=among)
     assert ranked_by_code
 
 
 def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code(monkeypatch):
-    monkeypatch.setattr("backend.search.category_index.EXACT_FILTER_BYTES", 0)  # as if the matches were many
+    monkeypatch.setattr("backend.search.category_index.LIST_COST_IN_VALUES", 0)  # as if the matches were many
     ids, vectors, cats = _collection(n=600)
     index = _index(ids, vectors, cats, "rabitq")
     index.rerank = 1  # 2 results x 1 x FILTERED_RERANK = 8 candidates: fewer than the 300 matches
