@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     prototype_limit: int = Field(3, ge=1, le=10)
     prototypes_per_category: int = Field(8, ge=1, le=16)  # at most; fewer in small categories (store.slots_for)
     default_search_limit: int = Field(10, ge=1, le=50)
+    compressed_rerank: int = Field(8, ge=1, le=64)  # candidates a result a compressed index re-scores exactly
     served_collections_max: int = Field(16, ge=1, le=1000)  # collections a server keeps open besides its own
     served_idle_seconds: float = Field(900.0, gt=0)  # one nobody asked for in this long is closed
     history_enabled: bool = True  # record every search the API answers (backend.storage.history)

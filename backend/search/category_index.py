@@ -255,16 +255,18 @@ class CategoryIndex:
         return np.take_along_axis(ids, best, axis=1), np.take_along_axis(scores, best, axis=1)
 
     def search(self, queries: np.ndarray, k: int, top_categories: int | None = 3, use_prototypes: bool = True,
-               categories=None, among: np.ndarray | None = None) -> list[Hits]:
+               categories=None, among: np.ndarray | None = None, rerank: int | None = None) -> list[Hits]:
         """Top-k per query. use_prototypes: only the `top_categories` best-matching categories (None: all);
         else every category (the exhaustive baseline). `categories` restricts either to those ids, and `among` to
         those image ids (a pre-filter: stage 1 ranks only the categories holding some, and stage 2 is exact among
-        them)."""
+        them). `rerank`: a compressed type's candidates re-scored per result (None: the index's own)."""
         queries = check_matrix(queries, self.dim, "queries")
         if k < 1:
             raise ValueError("k must be at least 1")
         if top_categories is not None and top_categories < 1:
             raise ValueError("top_categories must be at least 1")
+        if rerank is not None and rerank < 1:
+            raise ValueError("rerank must be at least 1")
         allowed = list(self._partitions) if categories is None else \
             [int(c) for c in categories if int(c) in self._partitions]
         selections = None
@@ -280,7 +282,7 @@ class CategoryIndex:
             ranking = list(zip(ranked_cats[q].tolist(), ranked_sims[q].tolist())) if use_prototypes else []
             chosen = [c for c, _ in ranking[:top_categories]] if use_prototypes else sorted(allowed)
             started = time.perf_counter()
-            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selections)
+            hits = self._search_partitions(queries[q:q + 1], k, chosen, ranking, selections, rerank or self.rerank)
             hits.prototype_ms, hits.search_ms = prototype_ms, (time.perf_counter() - started) * 1000
             results.append(hits)
         return results
@@ -333,12 +335,12 @@ class CategoryIndex:
         return list(zip(chosen, parts, scores))
 
     def _search_partitions(self, query: np.ndarray, k: int, chosen: list[int], ranking,
-                           selections: dict[int, Selection] | None = None) -> Hits:
+                           selections: dict[int, Selection] | None, rerank: int) -> Hits:
         ids, scores, cats = [], [], []
         # A compressed type's categories give estimates, and the best rerank x k of all of them (more for a
         # pre-filter) are re-scored at once: re-scoring within each category would read that many per category.
         estimated = self.kind.rerank
-        wanted = k * self.rerank * (FILTERED_RERANK if selections else 1)
+        wanted = k * rerank * (FILTERED_RERANK if selections else 1)
         if estimated and selections is not None and sum(len(selections[c].ids) for c in chosen) * self.dim <= \
                 LIST_COST_IN_VALUES * sum(self._partitions[c].lists() for c in chosen):
             found, estimated = self._scored_matches(query, chosen, selections), False

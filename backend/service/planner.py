@@ -122,7 +122,7 @@ def _rank(collection, request: SearchRequest, positives: np.ndarray, negatives: 
         base = positives[0] if len(positives) == 1 else unit(positives.mean(axis=0))
     index, weight = collection.index, request.negative_weight
     search = partial(index.search, top_categories=request.top_categories, use_prototypes=request.use_prototypes,
-                     categories=plan.categories, among=plan.among)
+                     categories=plan.categories, among=plan.among, rerank=request.rerank)
     if request.strategy == "mean":
         query = mean_query(pos, neg, weight)
         hits = search(query[None, :], fetch)[0]

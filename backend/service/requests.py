@@ -24,12 +24,18 @@ def default_use_prototypes() -> bool:
     return settings.use_prototype_filtering
 
 
+def default_rerank() -> int:
+    """Candidates per result a compressed index re-scores when a request names none (COMPRESSED_RERANK)."""
+    return settings.compressed_rerank
+
+
 @dataclass(frozen=True)
 class SearchRequest:
     """A page of a ranking: ranks offset+1 .. offset+k of the images scoring min_score or more (in `category`, whose
     metadata match `where`), two-stage over the top_categories closest categories unless use_prototypes is off;
     several examples combine by `strategy` (negatives weighted by negative_weight); `edit` crops, rotates or flips
-    each positive image first; `collapse`, a similarity, leaves out results that alike to one ranked before."""
+    each positive image first; `collapse`, a similarity, leaves out results that alike to one ranked before;
+    `rerank`, a compressed index's candidates re-scored per result."""
 
     k: int = field(default_factory=default_limit)
     offset: int = 0
@@ -42,8 +48,11 @@ class SearchRequest:
     negative_weight: float = NEGATIVE_WEIGHT
     edit: QueryEdit | None = None
     collapse: float | None = None
+    rerank: int = field(default_factory=default_rerank)
 
     def __post_init__(self):
+        if self.rerank < 1:
+            raise ValueError(f"rerank must be at least 1, not {self.rerank}")
         if self.offset < 0 or self.k < 1 or self.offset + self.k > MAX_DEPTH:
             raise ValueError(f"offset + k must be at most {MAX_DEPTH} (offset {self.offset}, k {self.k})")
         if self.strategy not in STRATEGIES:

@@ -306,6 +306,19 @@ def test_a_compressed_pre_filter_of_few_matches_scores_every_one_from_its_full_v
     assert ranked_by_code
 
 
+def test_a_compressed_search_re_scores_rerank_candidates_per_result(monkeypatch):
+    ids, vectors, cats = _collection(n=600)
+    index = _index(ids, vectors, cats, "rabitq")
+    scored = []
+    real_scores = index.store.scores
+    monkeypatch.setattr(index.store, "scores", lambda ids, q: scored.append(len(ids)) or real_scores(ids, q))
+    index.search(vectors[:1], 3, use_prototypes=False, rerank=2)
+    index.search(vectors[:1], 3, use_prototypes=False)
+    assert scored == [3 * 2, 3 * index.rerank]
+    with pytest.raises(ValueError, match="rerank"):
+        index.search(vectors[:1], 3, rerank=0)
+
+
 def test_a_compressed_pre_filter_with_many_matches_re_scores_the_best_by_code(monkeypatch):
     monkeypatch.setattr("backend.search.category_index.LIST_COST_IN_VALUES", 0)  # as if the matches were many
     ids, vectors, cats = _collection(n=600)

@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from backend.api.app import create_app
 from backend.config import settings
+from backend.search.category_index import CategoryIndex
 from backend.service.image_search import ImageSearch
+from backend.service.requests import SearchRequest
 from backend.service.model_choice import choose_model
 from backend.storage import images as image_store
 from backend.storage.collections import CollectionSessions, create_collection
@@ -84,6 +86,23 @@ def test_python_api_searches_take_the_same_defaults(sessions, tmp_path, monkeypa
         monkeypatch.setattr(settings, "default_search_limit", 2)
         assert len(search.search_by_id(1).results) == 2
         assert len(search.search_by_id(1, k=5).results) == 5
+    finally:
+        search.close()
+
+
+def test_a_compressed_index_re_scores_as_many_candidates_as_compressed_rerank_says(sessions, tmp_path, monkeypatch):
+    search = folder_opener(sessions, tmp_path, n_per_class=4)()
+    asked = []
+    real = CategoryIndex.search
+    monkeypatch.setattr(CategoryIndex, "search",
+                        lambda self, *a, **k: asked.append(k.get("rerank")) or real(self, *a, **k))
+    try:
+        monkeypatch.setattr(settings, "compressed_rerank", 5)
+        search.search_by_id(1)
+        search.search_by_id(1, request=SearchRequest(rerank=2))
+        assert asked[0] == 5 and asked[-1] == 2
+        with pytest.raises(ValueError, match="rerank"):
+            SearchRequest(rerank=0)
     finally:
         search.close()
 
