@@ -74,7 +74,7 @@ class IdMap:
     def _change(self, ids: np.ndarray, values: np.ndarray) -> None:
         if len(ids) >= SEAL_CHANGES:  # a bulk change joins the arrays at once, without a dict entry an id
             self.seal()
-            self._merge(ids, values)
+            self._keys, self._values = _applied(self._keys, self._values, ids, values)
             return
         self._changes.update(zip(ids.tolist(), values.tolist()))
         self._change_arrays = None
@@ -84,12 +84,8 @@ class IdMap:
     def seal(self) -> None:
         """Move the gathered changes into the sorted arrays."""
         if self._changes:
-            changes, self._changes, self._change_arrays = self._changes, {}, None
-            self._merge(np.fromiter(changes.keys(), np.int64, len(changes)),
-                        np.fromiter(changes.values(), np.int64, len(changes)))
-
-    def _merge(self, ids: np.ndarray, values: np.ndarray) -> None:
-        self._keys, self._values = _applied(self._keys, self._values, ids, values)
+            self._keys, self._values = self.items()
+            self._changes, self._change_arrays = {}, None
 
     def keys(self) -> np.ndarray:
         """The ids in the map, sorted."""
